@@ -1,0 +1,59 @@
+"""Domain errors: each subclasses a built-in and carries the data a status message needs.
+
+The servicer maps them to gRPC status codes by type, in one place (``service.py``).
+"""
+
+from __future__ import annotations
+
+
+class UnknownExperiment(KeyError):
+    """No experiment of that name (NOT_FOUND)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+    def __str__(self) -> str:
+        return f"experiment {self.name!r} does not exist"
+
+
+class ExperimentExists(KeyError):
+    """The name is taken (ALREADY_EXISTS)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+    def __str__(self) -> str:
+        return f"experiment {self.name!r} already exists"
+
+
+class InvalidArgument(ValueError):
+    """A request field is wrong (INVALID_ARGUMENT); ``field`` names it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class WrongState(RuntimeError):
+    """The experiment's state forbids the action (FAILED_PRECONDITION)."""
+
+    def __init__(self, experiment: str, state: str, action: str) -> None:
+        super().__init__(f"experiment {experiment!r} is {state}: cannot {action}")
+        self.experiment = experiment
+        self.state = state
+        self.action = action
+
+
+class Overloaded(RuntimeError):
+    """Too much queued work (RESOURCE_EXHAUSTED)."""
+
+
+class Unauthenticated(PermissionError):
+    """No admin credentials were sent (UNAUTHENTICATED)."""
+
+
+class PermissionDenied(PermissionError):
+    """Admin credentials were sent but are wrong (PERMISSION_DENIED)."""

@@ -1,0 +1,304 @@
+"""Engine: registry, decisions, rewards, epochs, concurrency, snapshot/restore, errors."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from allocator.engine import (
+    AllocationMode,
+    Engine,
+    ExperimentConfig,
+    ExperimentSnapshot,
+    Shaping,
+    config_from_mapping,
+)
+from allocator.errors import ExperimentExists, InvalidArgument, UnknownExperiment, WrongState
+from allocator.policies import PolicyConfig, PolicyKind, RewardKind
+
+
+class FakeClock:
+    def __init__(self, t: float = 1_000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _engine(**kw: object) -> tuple[Engine, FakeClock]:
+    clock = FakeClock()
+    engine = Engine(clock=clock)
+    engine.create(ExperimentConfig(name="exp", variants=("a", "b", "c"), seed=7, **kw))  # type: ignore[arg-type]
+    return engine, clock
+
+
+def test_create_duplicate_and_unknown() -> None:
+    engine, _ = _engine()
+    with pytest.raises(ExperimentExists, match="already exists"):
+        engine.create(ExperimentConfig(name="exp", variants=("x",)))
+    with pytest.raises(UnknownExperiment, match="'nope' does not exist"):
+        engine.assign("nope")
+    with pytest.raises(UnknownExperiment):
+        engine.reward("nope", 0, 1.0)
+    assert engine.names() == ["exp"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"variants": ()}, "variants must not be empty"),
+        ({"variants": ("a", "a")}, "unique"),
+        ({"name": ""}, "name must be"),
+        ({"name": "bad name!"}, "name must be"),
+        ({"refresh_rewards": 0}, "refresh_rewards"),
+        ({"shaping": Shaping(control_share=0.5, floor=0.3)}, "control_share \\+ floor"),
+        ({"shaping": Shaping(cap=0.2)}, "cap \\* variants"),
+    ],
+)
+def test_config_validation(kwargs: dict[str, object], message: str) -> None:
+    base: dict[str, object] = {"name": "e", "variants": ("a", "b")}
+    base.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        ExperimentConfig(**base)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"prior_alpha": 0.0}, "prior_alpha"),
+        ({"epsilon": 1.5}, "epsilon"),
+        ({"discount": 0.0}, "discount"),
+        ({"kind": "kl_ucb", "reward": "normal"}, "kl_ucb"),
+        ({"kind": "nope"}, "nope"),
+    ],
+)
+def test_policy_config_validation(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        PolicyConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_config_from_mapping_maps_errors_to_invalid_argument() -> None:
+    cfg = config_from_mapping(
+        {"name": "m", "variants": ["a", "b"], "policy": {"kind": "ucb1"}, "shaping": {"floor": 0.1}}
+    )
+    assert cfg.policy.kind == PolicyKind.UCB1 and cfg.shaping.floor == 0.1
+    with pytest.raises(InvalidArgument) as err:
+        config_from_mapping({"name": "m", "variants": ["a", "b"], "policy": {"epsilon": 2}})
+    assert err.value.field == "spec"
+    assert ExperimentConfig.from_json(cfg.to_json()) == cfg
+
+
+def test_bad_rewards_raise_and_change_nothing() -> None:
+    engine, _ = _engine()
+    before = engine.view("exp").stats.copy()
+    with pytest.raises(InvalidArgument, match="out of range"):
+        engine.reward("exp", 3, 1.0)
+    with pytest.raises(InvalidArgument, match="not a finite number"):
+        engine.reward_batch("exp", [0, 1], [1.0, float("nan")])
+    with pytest.raises(InvalidArgument, match=r"in \[0, 1\]"):
+        engine.reward_batch("exp", [0, 1], [1.0, 2.0])
+    with pytest.raises(InvalidArgument, match="2 values for 1 variants"):
+        engine.reward_batch("exp", [0], [1.0, 0.0])
+    with pytest.raises(InvalidArgument, match="epoch"):
+        engine.reward_batch("exp", [0], [1.0], [5])
+    with pytest.raises(InvalidArgument, match="count"):
+        engine.assign_batch("exp", 0)
+    assert (engine.view("exp").stats == before).all()
+
+
+def test_assign_counts_and_rewards() -> None:
+    engine, _ = _engine()
+    d = engine.assign("exp")
+    assert d.variant == ("a", "b", "c")[d.arm]
+    assert 0.0 < d.propensity <= 1.0
+    batch = engine.assign_batch("exp", 1000)
+    assert batch.arms.shape == (1000,) and batch.propensities.shape == (1000,)
+    assert engine.view("exp").pulls.sum() == 1001
+    engine.reward_batch("exp", batch.arms[:10], np.ones(10), np.full(10, batch.epoch))
+    assert sum(engine.counts("exp").values()) == 10
+
+
+def test_same_seed_same_decisions_and_restore_continues_identically() -> None:
+    a, _ = _engine()
+    b, _ = _engine()
+    assert (a.assign_batch("exp", 500).arms == b.assign_batch("exp", 500).arms).all()
+    rng = np.random.default_rng(0)
+    arms = rng.integers(0, 3, 3000)
+    a.reward_batch("exp", arms, (rng.uniform(size=3000) < 0.3).astype(float))
+    snap = a.snapshot()["exp"]
+    c = Engine(clock=FakeClock())
+    c.restore({"exp": ExperimentSnapshot.from_bytes(snap.to_bytes())})
+    again = c.snapshot()["exp"]
+    for key, arr in snap.arrays.items():
+        assert np.array_equal(arr, again.arrays[key]), key
+    assert snap.scalars == again.scalars
+    assert (a.assign_batch("exp", 200).arms == c.assign_batch("exp", 200).arms).all()
+    assert [a.assign("exp").arm for _ in range(50)] == [c.assign("exp").arm for _ in range(50)]
+
+
+def test_thompson_learns_the_better_arm() -> None:
+    engine, clock = _engine(refresh_rewards=200)
+    env = np.random.default_rng(1)
+    rates = np.array([0.05, 0.10, 0.05])
+    for _ in range(40):
+        b = engine.assign_batch("exp", 250)
+        r = (env.uniform(size=b.arms.size) < rates[b.arms]).astype(float)
+        engine.reward_batch("exp", b.arms, r, np.full(b.arms.size, b.epoch))
+        clock.t += 1
+    pulls = engine.view("exp").pulls
+    # 10,000 decisions with a 5-point gap: Thompson puts the bulk on arm 1 (P(best) for
+    # it passes 0.99 after ~2,000 decisions here); 60% is far below where it settles.
+    assert pulls[1] > 0.6 * pulls.sum()
+    p_best, loss, _ = engine.prob_best("exp")
+    assert p_best.argmax() == 1 and loss[1] == loss.min()
+
+
+def test_epochs_open_when_allocation_moves_and_srm_expectation_tracks() -> None:
+    engine, clock = _engine(refresh_rewards=100, epoch_tv=0.05)
+    for _ in range(10):
+        b = engine.assign_batch("exp", 100)
+        engine.reward_batch("exp", b.arms, (b.arms == 2).astype(float), np.full(100, b.epoch))
+        clock.t += 1
+    view = engine.view("exp")
+    assert view.epoch >= 1
+    assert view.epoch_shares.shape == (view.epoch + 1, 3)
+    np.testing.assert_allclose(view.epoch_shares.sum(axis=1), 1.0)
+    # Expected counts are the sum over decisions of the allocation in force: they add up
+    # to the number of decisions exactly.
+    assert view.expected.sum() == pytest.approx(view.pulls.sum())
+    assert view.epoch_stats[:, :, 0].sum() == 1000
+
+
+def test_unit_ids_are_sticky_within_an_epoch() -> None:
+    engine, _ = _engine(mode=AllocationMode.TABLE)
+    first = [engine.assign("exp", unit_id=f"user-{i}").arm for i in range(200)]
+    again = [engine.assign("exp", unit_id=f"user-{i}").arm for i in range(200)]
+    assert first == again
+    assert len(set(first)) == 3
+    batch = engine.assign_batch("exp", 0, unit_ids=[f"user-{i}" for i in range(200)])
+    assert batch.arms.tolist() == first
+
+
+def test_override_sends_all_traffic_and_release_returns_to_policy() -> None:
+    engine, _ = _engine()
+    engine.set_override("exp", [0.0, 1.0, 0.0])
+    b = engine.assign_batch("exp", 500)
+    assert (b.arms == 1).all() and (b.propensities == 1.0).all()
+    with pytest.raises(InvalidArgument):
+        engine.set_override("exp", [1.0, 0.0])
+    engine.set_override("exp", None)
+    assert len(set(engine.assign_batch("exp", 500).arms.tolist())) == 3
+
+
+def test_shaping_control_share_and_floor_propensities() -> None:
+    engine, _ = _engine(shaping=Shaping(control_share=0.2, floor=0.05))
+    engine.reward_batch("exp", [1] * 500 + [2] * 500, [1.0] * 500 + [0.0] * 500)
+    engine.refresh("exp")
+    alloc = engine.view("exp").alloc
+    # Control gets at least its share plus its floor; every arm at least its floor.
+    assert alloc[0] >= 0.25 - 1e-12 and alloc.min() >= 0.05 - 1e-12
+    n = 100_000
+    arms = engine.assign_batch("exp", n).arms
+    share = np.bincount(arms, minlength=3) / n
+    # Decisions follow the mixture: share sd <= sqrt(.25/n) = 0.0016, plus P(best) MC
+    # error (2000 draws, sd <= 0.011 scaled by 0.65): 5 sd of the sum ~ 0.04.
+    np.testing.assert_allclose(share, alloc, atol=0.04)
+
+
+def test_cap_limits_every_share() -> None:
+    engine, _ = _engine(shaping=Shaping(cap=0.5))
+    engine.reward_batch("exp", [1] * 300, [1.0] * 300)
+    engine.refresh("exp")
+    alloc = engine.view("exp").alloc
+    assert alloc.max() <= 0.5 + 1e-9 and alloc.sum() == pytest.approx(1.0)
+
+
+def test_exploration_period_is_an_equal_split() -> None:
+    engine, _ = _engine(shaping=Shaping(exploration_samples=50))
+    engine.reward_batch("exp", [1] * 100, [1.0] * 100)
+    engine.refresh("exp")
+    np.testing.assert_allclose(engine.view("exp").alloc, 1 / 3)
+
+
+@pytest.mark.parametrize("kind", [k for k in PolicyKind])
+def test_every_policy_decides_and_reports_propensities(kind: PolicyKind) -> None:
+    reward = RewardKind.NORMAL if kind == PolicyKind.UCB_NORMAL else RewardKind.BERNOULLI
+    engine = Engine(clock=FakeClock())
+    engine.create(
+        ExperimentConfig(
+            name="p", variants=("a", "b"), seed=3, policy=PolicyConfig(kind=kind, reward=reward)
+        )
+    )
+    for _ in range(30):
+        b = engine.assign_batch("p", 20)
+        engine.reward_batch("p", b.arms, (b.arms == 1).astype(float) * 0.9)
+        d = engine.assign("p")
+        assert 0.0 < d.propensity <= 1.0
+    assert engine.view("p").pulls.sum() == 30 * 21
+
+
+def test_normal_rewards_thompson_finds_higher_mean() -> None:
+    engine = Engine(clock=FakeClock())
+    engine.create(
+        ExperimentConfig(
+            name="n",
+            variants=("a", "b"),
+            seed=5,
+            policy=PolicyConfig(reward=RewardKind.NORMAL),
+            refresh_rewards=100,
+        )
+    )
+    env = np.random.default_rng(2)
+    for _ in range(20):
+        b = engine.assign_batch("n", 200)
+        engine.reward_batch("n", b.arms, env.normal(10.0 + 0.5 * b.arms, 2.0))
+    p_best, _, _ = engine.prob_best("n")
+    assert p_best[1] > 0.95
+
+
+def test_add_variant_grows_arrays_and_new_epoch() -> None:
+    engine, _ = _engine()
+    engine.reward_batch("exp", [0, 1, 2], [1.0, 0.0, 1.0])
+    epoch = engine.view("exp").epoch
+    engine.add_variant("exp", "d")
+    view = engine.view("exp")
+    assert view.config.variants == ("a", "b", "c", "d")
+    assert view.stats.shape == (4, 3) and view.epoch == epoch + 1
+    assert 3 in set(engine.assign_batch("exp", 2000).arms.tolist())
+    with pytest.raises(InvalidArgument, match="already exists"):
+        engine.add_variant("exp", "d")
+
+
+def test_archived_refuses_assign() -> None:
+    engine, _ = _engine()
+    engine.archive("exp")
+    with pytest.raises(WrongState, match="archived"):
+        engine.assign("exp")
+
+
+def test_concurrent_assign_and_reward_counts_are_exact() -> None:
+    engine, _ = _engine(refresh_rewards=50)
+    per_thread = 400
+
+    def work(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        for i in range(per_thread):
+            if i % 2:
+                d = engine.assign("exp")
+                engine.reward("exp", d.arm, float(rng.uniform() < 0.5), epoch=d.epoch)
+            else:
+                b = engine.assign_batch("exp", 3)
+                engine.reward_batch("exp", b.arms, np.ones(3), np.full(3, b.epoch))
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    view = engine.view("exp")
+    decisions = 8 * (per_thread // 2 * 1 + per_thread // 2 * 3)
+    assert view.pulls.sum() == decisions
+    assert view.reward_counts.sum() == decisions
+    assert view.stats[:, 0].sum() == decisions
