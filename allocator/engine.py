@@ -48,7 +48,7 @@ from allocator.policies import (
 
 MAX_VARIANTS = 1000
 MAX_BATCH = 100_000
-_NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:/")
+_NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
 
 class AllocationMode(StrEnum):
@@ -105,12 +105,10 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "variants", tuple(self.variants))
         object.__setattr__(self, "mode", AllocationMode(self.mode))
-        if not self.name or len(self.name) > 200 or not set(self.name) <= _NAME_OK:
-            raise ValueError(
-                f"name must be 1-200 characters of [A-Za-z0-9-_.:/], got {self.name!r}"
-            )
-        if not self.variants:
-            raise ValueError("variants must not be empty")
+        if not self.name or len(self.name) > 128 or not set(self.name) <= _NAME_OK:
+            raise ValueError(f"name must be 1-128 characters of [A-Za-z0-9_.-], got {self.name!r}")
+        if len(self.variants) < 2:
+            raise ValueError(f"variants must name at least 2 variants, got {len(self.variants)}")
         if len(self.variants) > MAX_VARIANTS:
             raise ValueError(f"at most {MAX_VARIANTS} variants, got {len(self.variants)}")
         if any(not v or len(v) > 200 for v in self.variants):

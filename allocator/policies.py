@@ -68,7 +68,7 @@ class PolicyConfig:
     prior_mean: float = 0.0
     # A tiny kappa0 makes the prior on the mean nearly flat: the data decide, whatever
     # the scale of the reward.
-    prior_kappa: float = 1e-6
+    prior_kappa: float = 1e-3
     prior_shape: float = 1.0
     prior_rate: float = 1.0
     ucb_c: float = 1.0

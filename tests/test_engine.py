@@ -37,7 +37,7 @@ def _engine(**kw: object) -> tuple[Engine, FakeClock]:
 def test_create_duplicate_and_unknown() -> None:
     engine, _ = _engine()
     with pytest.raises(ExperimentExists, match="already exists"):
-        engine.create(ExperimentConfig(name="exp", variants=("x",)))
+        engine.create(ExperimentConfig(name="exp", variants=("x", "y")))
     with pytest.raises(UnknownExperiment, match="'nope' does not exist"):
         engine.assign("nope")
     with pytest.raises(UnknownExperiment):
@@ -48,7 +48,8 @@ def test_create_duplicate_and_unknown() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"variants": ()}, "variants must not be empty"),
+        ({"variants": ()}, "at least 2 variants"),
+        ({"variants": ("a",)}, "at least 2 variants"),
         ({"variants": ("a", "a")}, "unique"),
         ({"name": ""}, "name must be"),
         ({"name": "bad name!"}, "name must be"),

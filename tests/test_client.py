@@ -1,0 +1,552 @@
+"""Pure parts of the Python client, against a fake stub (real-server tests live elsewhere)."""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import pytest
+from allocator_client import (
+    AllocatorClient,
+    BatchAssignment,
+    RetryPolicy,
+    RewardBatcher,
+    batch_decision_id,
+    pb,
+    reward_batch_request,
+)
+from allocator_client.client import NO_RETRY, pushback_seconds, status_code
+
+UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
+
+
+class FakeRpcError(grpc.RpcError):
+    """What a failed unary call raises: an RpcError that is also a Call."""
+
+    def __init__(self, code: grpc.StatusCode, trailing: Sequence[tuple[str, Any]] = ()) -> None:
+        super().__init__(code.name)
+        self._code = code
+        self._trailing = tuple(trailing)
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def trailing_metadata(self) -> tuple[tuple[str, Any], ...]:
+        return self._trailing
+
+
+@dataclass(frozen=True)
+class Recorded:
+    rpc: str
+    request: Any
+    timeout: float | None
+    metadata: Any
+
+
+def _default_response(rpc: str, request: Any) -> Any:
+    if rpc == "RewardBatch":
+        n = len(request.values)
+        return pb.RewardBatchResponse(accepted=n, statuses=[pb.REWARD_STATUS_ACCEPTED] * n)
+    return getattr(pb, f"{rpc}Response")()
+
+
+class FakeStub:
+    """Records every call; ``script[rpc]`` lists outcomes (response or exception) in order."""
+
+    def __init__(self, script: dict[str, list[Any]] | None = None) -> None:
+        self.script = script or {}
+        self.calls: list[Recorded] = []
+        self.lock = threading.Lock()
+        self.on_call: Callable[[Recorded], None] = lambda call: None
+
+    def __getattr__(self, rpc: str) -> Callable[..., Any]:
+        if not rpc[:1].isupper():
+            raise AttributeError(rpc)
+
+        def method(request: Any, timeout: float | None = None, metadata: Any = None) -> Any:
+            call = Recorded(rpc, request, timeout, metadata)
+            with self.lock:
+                self.calls.append(call)
+                outcomes = self.script.get(rpc)
+                outcome = outcomes.pop(0) if outcomes else _default_response(rpc, request)
+            self.on_call(call)
+            if isinstance(outcome, BaseException):
+                raise outcome
+            return outcome
+
+        return method
+
+    def rpcs(self) -> list[str]:
+        return [call.rpc for call in self.calls]
+
+
+def make_client(stub: FakeStub, **kwargs: Any) -> tuple[AllocatorClient, list[float]]:
+    sleeps: list[float] = []
+    defaults: dict[str, Any] = {"sleep": sleeps.append, "rand": lambda: 1.0}
+    client = AllocatorClient("unused", stub=stub, **{**defaults, **kwargs})
+    return client, sleeps
+
+
+# RetryPolicy ---------------------------------------------------------------------------
+
+
+def test_backoff_schedule_is_exponential_and_capped() -> None:
+    policy = RetryPolicy(max_attempts=6, initial_backoff=0.05, max_backoff=0.3, multiplier=2.0)
+    top = [policy.backoff(n, rand=lambda: 1.0) for n in range(1, 6)]
+    assert top == pytest.approx([0.05, 0.1, 0.2, 0.3, 0.3])
+    # Full jitter scales the whole window: rand() = u gives u times the cap.
+    assert policy.backoff(3, rand=lambda: 0.25) == pytest.approx(0.05)
+    assert policy.backoff(3, rand=lambda: 0.0) == 0.0
+
+
+def test_backoff_rejects_retry_zero() -> None:
+    with pytest.raises(ValueError, match="retry"):
+        RetryPolicy().backoff(0, rand=lambda: 1.0)
+
+
+def test_delay_only_for_idempotent_calls_on_retryable_codes_within_budget() -> None:
+    policy = RetryPolicy(max_attempts=3, initial_backoff=0.1, max_backoff=1.0)
+
+    def delay(code: grpc.StatusCode | None, attempt: int, idempotent: bool = True) -> Any:
+        return policy.delay(code, attempt, idempotent=idempotent, rand=lambda: 1.0)
+
+    for code in (
+        UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ):
+        assert delay(code, 1) == pytest.approx(0.1)
+        assert delay(code, 2) == pytest.approx(0.2)
+        assert delay(code, 3) is None  # third attempt was the last
+        assert delay(code, 1, idempotent=False) is None
+    for code in (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.INTERNAL,
+        None,
+    ):
+        assert delay(code, 1) is None
+
+
+def test_delay_honours_server_pushback() -> None:
+    policy = RetryPolicy(max_attempts=3)
+    kwargs: dict[str, Any] = {"idempotent": True, "rand": lambda: 1.0}
+    assert policy.delay(UNAVAILABLE, 1, pushback=0.75, **kwargs) == 0.75
+    assert policy.delay(UNAVAILABLE, 1, pushback=-1.0, **kwargs) is None
+    assert policy.delay(UNAVAILABLE, 3, pushback=0.75, **kwargs) is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"max_attempts": 0}, ValueError),
+        ({"max_attempts": 2.0}, TypeError),
+        ({"max_attempts": True}, TypeError),
+        ({"initial_backoff": -0.1}, ValueError),
+        ({"initial_backoff": math.nan}, ValueError),
+        ({"max_backoff": 0.01, "initial_backoff": 0.1}, ValueError),
+        ({"multiplier": 0.5}, ValueError),
+        ({"multiplier": "2"}, TypeError),
+        ({"codes": frozenset({14})}, TypeError),
+    ],
+)
+def test_retry_policy_validates_itself(kwargs: dict[str, Any], error: type[Exception]) -> None:
+    with pytest.raises(error):
+        RetryPolicy(**kwargs)
+
+
+def test_pushback_and_status_code_parsing() -> None:
+    assert pushback_seconds(FakeRpcError(UNAVAILABLE, [("grpc-retry-pushback-ms", "250")])) == 0.25
+    assert pushback_seconds(FakeRpcError(UNAVAILABLE, [("grpc-retry-pushback-ms", b"0")])) == 0.0
+    assert pushback_seconds(FakeRpcError(UNAVAILABLE, [("grpc-retry-pushback-ms", "-5")])) == -1.0
+    assert pushback_seconds(FakeRpcError(UNAVAILABLE, [("other", "1")])) is None
+    assert pushback_seconds(ValueError("no metadata")) is None
+    assert status_code(FakeRpcError(grpc.StatusCode.NOT_FOUND)) is grpc.StatusCode.NOT_FOUND
+    assert status_code(grpc.RpcError()) is None
+
+
+# Client call loop ----------------------------------------------------------------------
+
+
+def test_assign_retries_unavailable_with_backoff_then_succeeds() -> None:
+    answer = pb.AssignResponse(variant="b", variant_index=1, decision_id="d1", propensity=0.7)
+    stub = FakeStub({"Assign": [FakeRpcError(UNAVAILABLE), FakeRpcError(UNAVAILABLE), answer]})
+    client, sleeps = make_client(stub, retries=RetryPolicy(initial_backoff=0.05))
+    assert client.assign("exp", unit_id="u1") == answer
+    assert stub.rpcs() == ["Assign"] * 3
+    assert sleeps == pytest.approx([0.05, 0.1])
+    assert stub.calls[0].request == pb.AssignRequest(experiment="exp", unit_id="u1")
+
+
+def test_retries_give_up_after_max_attempts_with_the_last_error() -> None:
+    errors = [FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED) for _ in range(3)]
+    stub = FakeStub({"Reward": list(errors)})
+    client, sleeps = make_client(stub, retries=RetryPolicy(max_attempts=3))
+    with pytest.raises(FakeRpcError) as caught:
+        client.reward("d1", 1.0)
+    assert caught.value is errors[-1]
+    assert len(stub.calls) == 3
+    assert len(sleeps) == 2
+
+
+def test_non_idempotent_and_non_retryable_calls_fail_at_once() -> None:
+    stub = FakeStub(
+        {
+            "CreateExperiment": [FakeRpcError(UNAVAILABLE)],
+            "Pause": [FakeRpcError(UNAVAILABLE)],
+            "Assign": [FakeRpcError(grpc.StatusCode.INVALID_ARGUMENT)],
+        }
+    )
+    client, sleeps = make_client(stub)
+    with pytest.raises(FakeRpcError):
+        client.create_experiment(pb.ExperimentSpec(name="e", variants=["a", "b"]))
+    with pytest.raises(FakeRpcError):
+        client.pause("e")
+    with pytest.raises(FakeRpcError):
+        client.assign("e")
+    assert stub.rpcs() == ["CreateExperiment", "Pause", "Assign"]
+    assert sleeps == []
+
+
+def test_no_retry_policy_makes_one_attempt() -> None:
+    stub = FakeStub({"GetReport": [FakeRpcError(UNAVAILABLE)]})
+    client, _ = make_client(stub, retries=NO_RETRY)
+    with pytest.raises(FakeRpcError):
+        client.get_report("e")
+    assert len(stub.calls) == 1
+
+
+def test_every_call_carries_a_deadline_and_only_admin_calls_the_token() -> None:
+    stub = FakeStub()
+    client, _ = make_client(stub, timeout=0.5, admin_token="s3cret")
+    client.assign("e")
+    client.get_report("e", timeout=10.0)
+    client.promote("e", "b", reason="clear winner")
+    client.rollback("e")
+    client.resume("e")
+    assert [call.timeout for call in stub.calls] == [0.5, 10.0, 0.5, 0.5, 0.5]
+    bearer = (("authorization", "Bearer s3cret"),)
+    assert [call.metadata for call in stub.calls] == [None, None, bearer, bearer, bearer]
+    assert stub.calls[2].request == pb.PromoteRequest(
+        experiment="e", variant="b", reason="clear winner"
+    )
+
+
+def test_reward_and_reward_event_build_the_oneof() -> None:
+    stub = FakeStub({"Reward": [pb.RewardResponse(status=pb.REWARD_STATUS_DUPLICATE)]})
+    client, _ = make_client(stub)
+    assert client.reward("tok.3", 1.0, prediction_score=0.9) == pb.REWARD_STATUS_DUPLICATE
+    client.reward_event("e", "b", "evt-1", 2.5, guardrails={"latency_seconds": 0.02})
+    first, second = (call.request for call in stub.calls)
+    assert first.WhichOneof("target") == "decision_id"
+    assert first.prediction_score == 0.9
+    assert second.WhichOneof("target") == "event"
+    assert not second.HasField("prediction_score")
+    assert second.event == pb.EventTarget(experiment="e", variant="b", event_id="evt-1")
+    assert dict(second.guardrails) == {"latency_seconds": 0.02}
+
+
+def test_add_variant_sets_weight_only_when_given() -> None:
+    stub = FakeStub()
+    client, _ = make_client(stub)
+    client.add_variant("e", "c")
+    client.add_variant("e", "d", weight=2.0, reason="retrained")
+    assert not stub.calls[0].request.HasField("weight")
+    assert stub.calls[1].request.weight == 2.0
+
+
+def test_list_experiments_follows_pages() -> None:
+    page1 = pb.ListExperimentsResponse(
+        experiments=[pb.Experiment(spec=pb.ExperimentSpec(name="a"))], next_page_token="p2"
+    )
+    page2 = pb.ListExperimentsResponse(
+        experiments=[pb.Experiment(spec=pb.ExperimentSpec(name="b"))]
+    )
+    stub = FakeStub({"ListExperiments": [page1, page2]})
+    client, _ = make_client(stub)
+    names = [e.spec.name for e in client.list_experiments([pb.EXPERIMENT_STATE_RUNNING])]
+    assert names == ["a", "b"]
+    assert [call.request.page_token for call in stub.calls] == ["", "p2"]
+
+
+class FakeStream:
+    def __init__(self, events: Sequence[pb.Event]) -> None:
+        self.responses = [pb.WatchEventsResponse(event=e) for e in events]
+        self.cancelled = False
+
+    def __iter__(self) -> Iterator[pb.WatchEventsResponse]:
+        return iter(self.responses)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def test_watch_events_yields_events_and_cancels_the_call() -> None:
+    events = [pb.Event(sequence=i, type=pb.EVENT_TYPE_PROMOTED) for i in (7, 8)]
+    stream = FakeStream(events)
+    stub = FakeStub({"WatchEvents": [stream]})
+    client, _ = make_client(stub)
+    watch = client.watch_events("e", types=[pb.EVENT_TYPE_PROMOTED], after_sequence=6)
+    assert next(watch).sequence == 7
+    watch.close()
+    assert stream.cancelled
+    request = stub.calls[0].request
+    assert (request.experiment, list(request.types), request.after_sequence) == (
+        "e",
+        [pb.EVENT_TYPE_PROMOTED],
+        6,
+    )
+    assert stub.calls[0].timeout is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"timeout": 0.0}, ValueError),
+        ({"timeout": math.inf}, ValueError),
+        ({"admin_token": ""}, ValueError),
+        ({"retries": 3}, TypeError),
+    ],
+)
+def test_client_validates_its_settings(kwargs: dict[str, Any], error: type[Exception]) -> None:
+    with pytest.raises(error):
+        AllocatorClient("localhost:1", stub=FakeStub(), **kwargs)
+
+
+def test_client_owns_and_closes_a_real_channel() -> None:
+    # Channels connect lazily, so nothing listens on these ports and nothing is dialled.
+    with AllocatorClient("localhost:1") as plain:
+        assert plain.stub is not None
+    tls = AllocatorClient("localhost:1", credentials=grpc.ssl_channel_credentials())
+    tls.close()
+    tls.close()
+
+
+# Batch decisions -----------------------------------------------------------------------
+
+
+def test_batch_decision_id_expansion() -> None:
+    assert batch_decision_id("tok", 0) == "tok.0"
+    assert batch_decision_id("a.b", 12) == "a.b.12"
+    with pytest.raises(ValueError, match="batch_token"):
+        batch_decision_id("", 0)
+    with pytest.raises(ValueError, match="index"):
+        batch_decision_id("tok", -1)
+    with pytest.raises(TypeError, match="index"):
+        batch_decision_id("tok", True)
+
+
+def test_assign_batch_returns_plain_columns_and_lazy_decision_ids() -> None:
+    response = pb.AssignBatchResponse(
+        variants=["a", "b", "c"],
+        variant_indices=[2, 0, 2],
+        propensities=[0.5, 0.25, 0.5],
+        batch_token="T",
+        state=pb.EXPERIMENT_STATE_RUNNING,
+        allocation_epoch=4,
+    )
+    stub = FakeStub({"AssignBatch": [response]})
+    client, _ = make_client(stub)
+    batch = client.assign_batch("e", 3)
+    assert isinstance(batch, BatchAssignment)
+    assert len(batch) == 3
+    assert batch.variants == ["c", "a", "c"]
+    assert batch.variant(1) == "a"
+    assert batch.propensities == [0.5, 0.25, 0.5]
+    assert type(batch.variant_indices) is list and type(batch.propensities) is list
+    assert batch.decision_id(2) == "T.2"
+    assert batch.decision_ids() == ["T.0", "T.1", "T.2"]
+    assert (batch.state, batch.allocation_epoch) == (pb.EXPERIMENT_STATE_RUNNING, 4)
+    with pytest.raises(IndexError):
+        batch.decision_id(3)
+    with pytest.raises(IndexError):
+        batch.decision_id(-1)
+    assert stub.calls[0].request == pb.AssignBatchRequest(experiment="e", count=3)
+
+
+# RewardBatch requests ------------------------------------------------------------------
+
+
+def test_reward_batch_request_addressing_forms() -> None:
+    by_id = reward_batch_request("e", [1.0, 0.0], decision_ids=["d1", "T.4"])
+    assert list(by_id.decision_ids) == ["d1", "T.4"] and list(by_id.values) == [1.0, 0.0]
+    by_token = reward_batch_request(
+        "e", [1.0], batch_token="T", indices=[4], prediction_scores=[0.3]
+    )
+    assert (by_token.batch_token, list(by_token.indices)) == ("T", [4])
+    assert list(by_token.prediction_scores) == [0.3]
+    by_event = reward_batch_request("e", [2.0], event_ids=["x"], variant_indices=[1])
+    assert (list(by_event.event_ids), list(by_event.variant_indices)) == (["x"], [1])
+    assert list(by_event.variants) == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({}, "exactly one"),
+        ({"decision_ids": ["d"], "batch_token": "T", "indices": [0]}, "exactly one"),
+        ({"decision_ids": ["d", "e"]}, "decision_ids has 2"),
+        ({"batch_token": "T"}, "indices"),
+        ({"batch_token": "", "indices": [0]}, "non-empty batch_token"),
+        ({"event_ids": ["x"]}, "one of variants"),
+        ({"event_ids": ["x"], "variants": ["a"], "variant_indices": [0]}, "one of variants"),
+        ({"variants": ["a"]}, "event_ids"),
+        ({"decision_ids": ["d"], "prediction_scores": [0.1, 0.2]}, "prediction_scores has 2"),
+    ],
+)
+def test_reward_batch_request_rejects_bad_addressing(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        reward_batch_request("e", [1.0], **kwargs)
+
+
+def test_reward_batch_is_sent_as_built() -> None:
+    stub = FakeStub()
+    client, _ = make_client(stub)
+    result = client.reward_batch("e", [1.0, 0.0], batch_token="T", indices=[0, 1])
+    assert result.accepted == 2
+    assert stub.calls[0].request.batch_token == "T"
+
+
+# RewardBatcher -------------------------------------------------------------------------
+
+
+def sent_items(stub: FakeStub) -> list[tuple[str, ...]]:
+    """One tuple of ids per RewardBatch request, in send order."""
+    return [
+        tuple(call.request.decision_ids) or tuple(call.request.event_ids)
+        for call in stub.calls
+        if call.rpc == "RewardBatch"
+    ]
+
+
+def test_batcher_flushes_by_count_in_the_adding_thread() -> None:
+    stub = FakeStub()
+    client, _ = make_client(stub)
+    with RewardBatcher(client, "e", max_items=3, max_delay_ms=60_000) as batcher:
+        for i in range(7):
+            batcher.add(f"d{i}", float(i % 2))
+        # Synchronous: the third and sixth add sent their batch before returning.
+        assert sent_items(stub) == [("d0", "d1", "d2"), ("d3", "d4", "d5")]
+    assert sent_items(stub)[-1] == ("d6",)
+    assert list(stub.calls[0].request.values) == [0.0, 1.0, 0.0]
+    assert all(call.request.experiment == "e" for call in stub.calls)
+
+
+def test_batcher_flushes_everything_on_close_and_splits_addressing() -> None:
+    stub = FakeStub()
+    client, _ = make_client(stub)
+    batcher = RewardBatcher(client, "e", max_items=100, max_delay_ms=60_000)
+    batcher.add("d1", 1.0, prediction_score=0.8)
+    batcher.add_event("b", "evt-1", 0.0)
+    batcher.add("d2", 0.0)
+    assert stub.calls == []
+    batcher.close()
+    batcher.close()  # idempotent
+    assert sent_items(stub) == [("d1", "d2"), ("evt-1",)]
+    by_id, by_event = (call.request for call in stub.calls)
+    scores = list(by_id.prediction_scores)
+    assert scores[0] == 0.8 and math.isnan(scores[1])  # NaN marks "no score"
+    assert list(by_event.variants) == ["b"] and list(by_event.prediction_scores) == []
+    with pytest.raises(RuntimeError, match="closed"):
+        batcher.add("d3", 1.0)
+
+
+def test_batcher_flushes_by_time_in_the_background() -> None:
+    stub = FakeStub()
+    sent = threading.Event()
+    stub.on_call = lambda call: sent.set()
+    client, _ = make_client(stub)
+    with RewardBatcher(client, "e", max_items=1000, max_delay_ms=20) as batcher:
+        batcher.add("d1", 1.0)
+        # 20 ms deadline; 5 s only bounds a hung test, it is not a tolerance.
+        assert sent.wait(5.0)
+        assert sent_items(stub) == [("d1",)]
+
+
+def test_batcher_hands_failed_batches_to_on_error() -> None:
+    error = FakeRpcError(grpc.StatusCode.INVALID_ARGUMENT)
+    stub = FakeStub({"RewardBatch": [error]})
+    client, _ = make_client(stub)
+    failures: list[tuple[BaseException, pb.RewardBatchRequest]] = []
+    with RewardBatcher(
+        client,
+        "e",
+        max_items=2,
+        max_delay_ms=60_000,
+        on_error=lambda exc, req: failures.append((exc, req)),
+    ) as batcher:
+        batcher.add("d1", 1.0)
+        batcher.add("d2", 1.0)  # first batch fails
+        batcher.add("d3", 1.0)
+        batcher.add("d4", 1.0)  # second batch goes through
+    assert len(failures) == 1
+    assert failures[0][0] is error
+    assert list(failures[0][1].decision_ids) == ["d1", "d2"]
+    assert sent_items(stub) == [("d1", "d2"), ("d3", "d4")]
+
+
+def test_batcher_is_thread_safe() -> None:
+    stub = FakeStub()
+    client, _ = make_client(stub)
+    batcher = RewardBatcher(client, "e", max_items=64, max_delay_ms=5)
+
+    def produce(worker: int) -> None:
+        for i in range(250):
+            batcher.add(f"w{worker}-{i}", 1.0)
+
+    threads = [threading.Thread(target=produce, args=(w,)) for w in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    batcher.close()
+    ids = [item for batch in sent_items(stub) for item in batch]
+    assert len(ids) == 1000
+    assert len(set(ids)) == 1000
+    assert all(len(batch) <= 64 for batch in sent_items(stub))
+
+
+@pytest.mark.parametrize(
+    ("call", "error"),
+    [
+        (lambda b: b.add("", 1.0), ValueError),
+        (lambda b: b.add("d", math.nan), ValueError),
+        (lambda b: b.add("d", "1"), TypeError),
+        (lambda b: b.add("d", 1.0, prediction_score=math.inf), ValueError),
+        (lambda b: b.add_event("", "evt", 1.0), ValueError),
+        (lambda b: b.add_event("b", "", 1.0), ValueError),
+    ],
+)
+def test_batcher_rejects_bad_rewards_before_buffering(
+    call: Callable[[RewardBatcher], None], error: type[Exception]
+) -> None:
+    stub = FakeStub()
+    client, _ = make_client(stub)
+    with (
+        RewardBatcher(client, "e", max_items=1, max_delay_ms=60_000) as batcher,
+        pytest.raises(error),
+    ):
+        call(batcher)
+    assert stub.calls == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"experiment": ""}, ValueError),
+        ({"max_items": 0}, ValueError),
+        ({"max_items": 1.5}, TypeError),
+        ({"max_delay_ms": 0.0}, ValueError),
+        ({"max_delay_ms": math.nan}, ValueError),
+    ],
+)
+def test_batcher_validates_its_settings(kwargs: dict[str, Any], error: type[Exception]) -> None:
+    client, _ = make_client(FakeStub())
+    settings: dict[str, Any] = {"experiment": "e", **kwargs}
+    with pytest.raises(error):
+        RewardBatcher(client, **settings)
