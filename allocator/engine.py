@@ -227,7 +227,7 @@ class _Experiment:
         self.set_config(config)
         k = config.n_arms
         self.stats = np.zeros((k, 3), dtype=np.float64)
-        self.rng = kernels.seed_state(config.seed or int.from_bytes(np.random.bytes(8), "little"))
+        self.rng = kernels.seed_state(np.uint64(config.seed))
         # P(best) and reports draw from their own stream, so refreshing on a timer never
         # perturbs the sequence of decisions that a seed reproduces.
         self.mc_rng = self.rng.copy()
@@ -249,6 +249,7 @@ class _Experiment:
         self.expected = np.zeros(k)
         self.pending = 0  # decisions since the last refresh, folded into `expected`
         self.rewards_since = 0
+        self.rewards_total = 0
         self.last_refresh = now
         self.unit_prob = np.ones(k)
         self.unit_alias = np.arange(k, dtype=np.int64)
@@ -428,6 +429,7 @@ class _Experiment:
             "epoch": self.epoch,
             "pending": self.pending,
             "rewards_since": self.rewards_since,
+            "rewards_total": self.rewards_total,
             "last_refresh": self.last_refresh,
             "archived": self.archived,
         }
@@ -465,6 +467,7 @@ class _Experiment:
         self.expected = a["expected"].astype(np.float64, copy=True)
         self.pending = int(snap.scalars["pending"])
         self.rewards_since = int(snap.scalars["rewards_since"])
+        self.rewards_total = int(snap.scalars["rewards_total"])
         self.last_refresh = float(snap.scalars["last_refresh"])
         self._bind()
 
@@ -522,7 +525,13 @@ class Engine:
 
     # -- registry ------------------------------------------------------------------------
     def create(self, config: ExperimentConfig) -> ExperimentConfig:
-        """Register a new experiment; ``ExperimentExists`` if the name is taken."""
+        """Register a new experiment; ``ExperimentExists`` if the name is taken.
+
+        A seed of 0 is replaced by a random one and returned in the config, so what is
+        persisted replays the same decision stream after a restart.
+        """
+        if config.seed == 0:
+            config = replace(config, seed=int.from_bytes(np.random.bytes(8), "little") | 1)
         with self._lock:
             if config.name in self._experiments:
                 raise ExperimentExists(config.name)
@@ -662,8 +671,12 @@ class Engine:
             e = np.ascontiguousarray(np.asarray(epochs, dtype=np.int64))
             if e.shape != a.shape:
                 raise InvalidArgument("epochs", f"{e.size} epochs for {a.size} variants")
-            if e.size and (e.min() < 0 or e.max() > exp.epoch):
-                raise InvalidArgument("epochs", f"allocation epoch out of range [0, {exp.epoch}]")
+            if e.size and e.min() < 0:
+                raise InvalidArgument("epochs", "allocation epoch must be >= 0")
+            # A signed decision id can name an epoch this engine has not opened (another
+            # replica's, or one lost with the last snapshot): count it in the current one.
+            if e.size and e.max() > exp.epoch:
+                e = np.minimum(e, exp.epoch)
         return a, v, e
 
     def reward_batch(
@@ -681,7 +694,12 @@ class Engine:
                 e = np.full(a.shape, exp.epoch, dtype=np.int64)
             kernels.update_epochs(exp.stats, exp.epoch_stats, a, e, v, exp.gamma)
             exp.rewards_since += a.size
-            if exp.rewards_since >= exp.config.refresh_rewards:
+            exp.rewards_total += a.size
+            # Early on one reward moves the posterior a lot, so the estimate of the allocation
+            # in force (propensities, SRM expectations) is refreshed once the data grew by 2%,
+            # not only every refresh_rewards rewards.
+            due = min(exp.config.refresh_rewards, max(1, exp.rewards_total // 50))
+            if exp.rewards_since >= due:
                 exp.refresh(self._clock())
 
     # -- allocation ----------------------------------------------------------------------

@@ -103,10 +103,23 @@ def test_bad_rewards_raise_and_change_nothing() -> None:
     with pytest.raises(InvalidArgument, match="2 values for 1 variants"):
         engine.reward_batch("exp", [0], [1.0, 0.0])
     with pytest.raises(InvalidArgument, match="epoch"):
-        engine.reward_batch("exp", [0], [1.0], [5])
+        engine.reward_batch("exp", [0], [1.0], [-1])
     with pytest.raises(InvalidArgument, match="count"):
         engine.assign_batch("exp", 0)
     assert (engine.view("exp").stats == before).all()
+
+
+def test_reward_for_unknown_later_epoch_counts_in_current() -> None:
+    engine, _ = _engine()
+    engine.reward_batch("exp", [1], [1.0], [99])
+    # Counted in epoch 0, the one current when it arrived (the reward may open epoch 1).
+    assert engine.view("exp").epoch_stats[0, 1, 0] == 1.0
+
+
+def test_random_seed_is_fixed_at_create() -> None:
+    engine = Engine()
+    cfg = engine.create(ExperimentConfig(name="r", variants=("a", "b")))
+    assert cfg.seed != 0 and engine.config("r").seed == cfg.seed
 
 
 def test_assign_counts_and_rewards() -> None:

@@ -1,0 +1,766 @@
+"""The allocator application: engine + store + tokens + lifecycle + events, wired.
+
+The servicer translates messages and calls this; this validates, decides and persists.
+The engine (arrays, kernels) stays free of I/O; this layer owns the store, the group
+commit writer, decision ids, the lifecycle of each experiment and the event fan-out.
+
+>>> # see tests/test_service.py for a server built on it; in code:
+>>> # app = Allocator.open(ServerConfig(database_url="sqlite:///x.sqlite")); app.start()
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+
+import numpy as np
+from allocator_client.v1 import allocator_pb2 as pb
+
+from allocator.config import ServerConfig
+from allocator.convert import spec_from_json, spec_to_config, spec_to_json
+from allocator.durable import Recovery, RewardWriter
+from allocator.engine import BatchDecision, Decision, Engine, ExperimentConfig
+from allocator.errors import (
+    ExperimentExists,
+    InvalidArgument,
+    Overloaded,
+    UnknownExperiment,
+    WrongState,
+)
+from allocator.lifecycle import Action, Event, EventType, IllegalTransition, Lifecycle, State
+from allocator.metrics import Metrics
+from allocator.store import (
+    AlreadyExists,
+    AuditRecord,
+    EventRecord,
+    ExperimentRow,
+    RewardRow,
+    SqlStore,
+    Store,
+    StoreConfig,
+    StoreUnavailable,
+)
+from allocator.tokens import (
+    Batch,
+    ExpiredToken,
+    InvalidToken,
+    TokenSigner,
+    event_key,
+    load_or_create_secret,
+)
+
+log = logging.getLogger("allocator.app")
+
+ACCEPTED, DUPLICATE, EXPIRED = "accepted", "duplicate", "expired"
+_LEADER_LOCK_KEY = 0x616C6C6F63  # "alloc": one promoter at a time across replicas
+
+
+@dataclass
+class Record:
+    """One experiment as the application knows it (the engine holds its arrays)."""
+
+    id: int
+    spec: pb.ExperimentSpec
+    config: ExperimentConfig
+    lifecycle: Lifecycle
+    created_at: float
+    updated_at: float
+    version: int
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def name(self) -> str:
+        """The experiment's name."""
+        return self.config.name
+
+    @property
+    def window_s(self) -> float:
+        """Attribution window of its decision ids."""
+        spec = self.spec
+        return (
+            float(spec.attribution_window_seconds)
+            if spec.HasField("attribution_window_seconds")
+            else 86_400.0
+        )
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    """An event with its store sequence number."""
+
+    seq: int
+    event: Event
+
+
+class EventHub:
+    """Fans events out to WatchEvents subscribers; bounded queues drop slow watchers."""
+
+    def __init__(self) -> None:
+        self._subs: list[queue.Queue[StoredEvent | None]] = []
+        self._lock = threading.Lock()
+
+    def publish(self, item: StoredEvent) -> None:
+        """Deliver to every live subscriber."""
+        with self._lock:
+            subs = list(self._subs)
+        for q in subs:
+            try:
+                q.put_nowait(item)
+            except queue.Full:
+                log.warning("dropping a slow WatchEvents subscriber")
+                self.unsubscribe(q)
+                q.put(None)
+
+    def subscribe(self) -> queue.Queue[StoredEvent | None]:
+        """A queue that receives every event from now on (None: closed)."""
+        q: queue.Queue[StoredEvent | None] = queue.Queue(maxsize=10_000)
+        with self._lock:
+            self._subs.append(q)
+        return q
+
+    def unsubscribe(self, q: queue.Queue[StoredEvent | None]) -> None:
+        """Stop delivering to ``q``."""
+        with self._lock:
+            if q in self._subs:
+                self._subs.remove(q)
+
+    def close(self) -> None:
+        """End every subscription."""
+        with self._lock:
+            subs, self._subs = self._subs, []
+        for q in subs:
+            q.put(None)
+
+
+class Allocator:
+    """Application service behind the gRPC servicer."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        store: Store,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.metrics = metrics
+        self.clock = clock
+        self.engine = Engine(clock=clock)
+        self.replica_id = config.effective_replica_id
+        secret = (
+            config.token_secret.encode() if config.token_secret else load_or_create_secret(store)
+        )
+        self.signer = TokenSigner(secret, ttl_seconds=float(config.attribution_window_s))
+        self.records: dict[str, Record] = {}
+        self.by_id: dict[int, Record] = {}
+        self._records_lock = threading.Lock()
+        self.events = EventHub()
+        self._last_event_seq = 0
+        self.hooks: list[Callable[[Record, np.ndarray, np.ndarray], None]] = []
+        self.tick_hooks: list[Callable[[], None]] = []
+        self.last_decisions: dict[str, pb.PromotionStatus] = {}
+        self._load()
+        self.writer = RewardWriter(
+            store,
+            self.engine,
+            self.replica_id,
+            metrics,
+            ids=lambda: {name: r.id for name, r in self.records.items()},
+            positions=self._positions,
+            max_rows=config.flush_max_rows,
+            max_delay_ms=config.flush_max_delay_ms,
+            max_queue=config.max_queue,
+            sync_interval_s=config.sync_interval_s,
+            snapshot_interval_s=config.snapshot_interval_s,
+            on_applied=self._on_applied,
+            on_tick=self._tick,
+        )
+        self._stop = threading.Event()
+        self._refresher = threading.Thread(target=self._refresh_loop, name="refresh", daemon=True)
+
+    @classmethod
+    def open(cls, config: ServerConfig, metrics: Metrics) -> Allocator:
+        """Open (and migrate) the store, recover state."""
+        store = SqlStore.open(StoreConfig(config.database_url))
+        return cls(config, store, metrics)
+
+    # -- start-up / shutdown ---------------------------------------------------------------
+    def _load(self) -> None:
+        rows = self.store.list_experiments()
+        configs: dict[str, ExperimentConfig] = {}
+        ids: dict[str, int] = {}
+        for row in rows:
+            rec = self._record_from_row(row)
+            self.records[rec.name] = rec
+            self.by_id[rec.id] = rec
+            configs[rec.name] = rec.config
+            ids[rec.name] = rec.id
+        self._positions = Recovery(self.store, self.engine).load(ids, configs)
+        for rec in self.records.values():
+            self._apply_state(rec)
+        self._last_event_seq = self._max_event_seq()
+
+    def _max_event_seq(self) -> int:
+        seq = 0
+        while True:
+            batch = self.store.events_after(seq, limit=10_000)
+            if not batch:
+                return seq
+            seq = max(e.seq or 0 for e in batch)
+
+    def _record_from_row(self, row: ExperimentRow) -> Record:
+        spec = spec_from_json(row.config_json)
+        config = spec_to_config(spec)
+        if row.lifecycle_json and row.lifecycle_json != "{}":
+            lifecycle = Lifecycle.from_dict(json.loads(row.lifecycle_json))
+        else:
+            lifecycle = Lifecycle(spec.name, n_variants=len(spec.variants))
+        return Record(
+            id=row.id,
+            spec=spec,
+            config=config,
+            lifecycle=lifecycle,
+            created_at=row.created_at,
+            updated_at=row.updated_at,
+            version=row.version,
+        )
+
+    def start(self) -> None:
+        """Start the writer and the allocation refresher."""
+        self.writer.start()
+        self._refresher.start()
+
+    def stop(self) -> None:
+        """Flush queued rewards, snapshot, close the store."""
+        self._stop.set()
+        self.writer.stop()
+        self._refresher.join(timeout=2)
+        self.events.close()
+        self.store.close()
+
+    def _refresh_loop(self) -> None:
+        while not self._stop.wait(0.05):
+            try:
+                self.engine.refresh_due()
+            except Exception:
+                log.exception("allocation refresh failed")
+
+    @property
+    def healthy(self) -> bool:
+        """False while the store is unreachable."""
+        return self.writer.healthy
+
+    # -- experiments -----------------------------------------------------------------------
+    def get(self, name: str) -> Record:
+        """The record of ``name``; ``UnknownExperiment`` otherwise."""
+        if not name:
+            raise InvalidArgument("experiment", "is required")
+        rec = self.records.get(name)
+        if rec is None:
+            raise UnknownExperiment(name)
+        return rec
+
+    def create(self, spec: pb.ExperimentSpec, actor: str = "api") -> Record:
+        """Validate, persist and start serving a new experiment."""
+        config = spec_to_config(spec)
+        if spec.name in self.records:
+            raise ExperimentExists(spec.name)
+        if len(self.records) >= self.config.max_experiments:
+            raise Overloaded(f"at most {self.config.max_experiments} experiments per server")
+        stored_spec = pb.ExperimentSpec()
+        stored_spec.CopyFrom(spec)
+        lifecycle = Lifecycle(spec.name, n_variants=len(spec.variants))
+        with self._records_lock:
+            try:
+                config = self.engine.create(config)
+            except ExperimentExists:
+                raise
+            stored_spec.seed = config.seed
+            now = self.clock()
+            try:
+                row = self.store.create_experiment(
+                    spec.name,
+                    spec_to_json(stored_spec),
+                    State.RUNNING.value,
+                    now,
+                    json.dumps(lifecycle.to_dict()),
+                )
+            except AlreadyExists:
+                self.engine.remove(spec.name)
+                raise ExperimentExists(spec.name) from None
+            except BaseException:
+                self.engine.remove(spec.name)
+                raise
+            rec = Record(row.id, stored_spec, config, lifecycle, now, now, row.version)
+            self.records[rec.name] = rec
+            self.by_id[rec.id] = rec
+        self._wire_lifecycle(rec)
+        self.store.append_audit(
+            AuditRecord(
+                experiment_id=rec.id,
+                action="CREATE",
+                actor=actor,
+                at=now,
+                to_state=State.RUNNING.value,
+                reason="created",
+            )
+        )
+        return rec
+
+    def experiments(self, states: Sequence[State] = ()) -> list[Record]:
+        """Experiments ordered by name, optionally filtered by state."""
+        out = sorted(self.records.values(), key=lambda r: r.name)
+        if states:
+            out = [r for r in out if r.lifecycle.state in states]
+        return out
+
+    def transition(
+        self,
+        name: str,
+        action: Action,
+        *,
+        actor: str,
+        reason: str,
+        variant: str = "",
+    ) -> Record:
+        """Apply a lifecycle action, persist it, and change the allocation to match."""
+        rec = self.get(name)
+        with rec.lock:
+            index: int | None = None
+            if variant:
+                if variant not in rec.config.variants:
+                    raise InvalidArgument("variant", f"{variant!r} is not a variant of {name!r}")
+                index = rec.config.variants.index(variant)
+            before = rec.lifecycle.to_dict()
+            p_best, loss, _ = self.engine.prob_best(name)
+            summary = {
+                "p_best": [float(x) for x in p_best],
+                "expected_loss": [float(x) for x in loss],
+            }
+            pending: list[Event] = []
+            unsubscribe = rec.lifecycle.subscribe(pending.append)
+            try:
+                audit = rec.lifecycle.apply(
+                    action,
+                    actor=actor,
+                    reason=reason,
+                    now=self.clock(),
+                    variant=index,
+                    summary=summary,
+                )
+            except IllegalTransition as err:
+                raise WrongState(name, rec.lifecycle.state.value, action.value.lower()) from err
+            finally:
+                unsubscribe()
+            try:
+                self._persist_state(rec, audit.from_state.value, action, actor, reason, summary)
+            except BaseException:
+                rec.lifecycle = Lifecycle.from_dict(before)
+                self._wire_lifecycle(rec)
+                raise
+            self._apply_state(rec)
+        for event in pending:
+            self._record_event(rec, event)
+        return rec
+
+    def add_variant(self, name: str, variant: str, *, actor: str, reason: str) -> Record:
+        """Add a variant; a promoted experiment starts a new round (REOPENED)."""
+        rec = self.get(name)
+        if not variant:
+            raise InvalidArgument("variant", "is required")
+        with rec.lock:
+            if rec.lifecycle.state in (State.ARCHIVED, State.PAUSED):
+                raise WrongState(name, rec.lifecycle.state.value, "add a variant")
+            if variant in rec.config.variants:
+                raise InvalidArgument("variant", f"{variant!r} already exists in {name!r}")
+            new_spec = pb.ExperimentSpec()
+            new_spec.CopyFrom(rec.spec)
+            new_spec.variants.append(variant)
+            if new_spec.weights:
+                new_spec.weights.append(1.0)
+            spec_to_config(new_spec)  # validates before anything changes
+            pending: list[Event] = []
+            unsubscribe = rec.lifecycle.subscribe(pending.append)
+            try:
+                audit = rec.lifecycle.apply(
+                    Action.ADD_VARIANT,
+                    actor=actor,
+                    reason=reason or f"added {variant}",
+                    now=self.clock(),
+                )
+            except IllegalTransition as err:
+                raise WrongState(name, rec.lifecycle.state.value, "add a variant") from err
+            finally:
+                unsubscribe()
+            config = self.engine.add_variant(name, variant)
+            rec.spec = new_spec
+            rec.config = config
+            self._persist_state(rec, audit.from_state.value, Action.ADD_VARIANT, actor, reason, {})
+            self._apply_state(rec)
+        for event in pending:
+            self._record_event(rec, event)
+        return rec
+
+    def _persist_state(
+        self,
+        rec: Record,
+        from_state: str,
+        action: Action,
+        actor: str,
+        reason: str,
+        summary: dict[str, list[float]],
+    ) -> None:
+        now = self.clock()
+        # State, spec and audit row commit in one transaction.
+        row = self.store.update_state(
+            rec.name,
+            state=rec.lifecycle.state.value,
+            champion=rec.lifecycle.champion,
+            lifecycle_json=json.dumps(rec.lifecycle.to_dict()),
+            expected_version=rec.version,
+            now=now,
+            config_json=spec_to_json(rec.spec),
+            audit=AuditRecord(
+                experiment_id=rec.id,
+                action=action.value,
+                actor=actor,
+                at=now,
+                from_state=from_state,
+                to_state=rec.lifecycle.state.value,
+                reason=reason,
+                summary_json=json.dumps(summary),
+            ),
+        )
+        rec.version = row.version
+        rec.updated_at = now
+
+    def _apply_state(self, rec: Record) -> None:
+        """Make the engine's allocation follow the lifecycle state."""
+        lc = rec.lifecycle
+        name = rec.name
+        k = rec.config.n_arms
+        state = lc.state
+        if state == State.ARCHIVED:
+            self.engine.archive(name)
+            return
+        if state in (State.PROMOTED, State.ROLLED_BACK) and lc.champion is not None:
+            shares = np.zeros(k)
+            holdout = rec.spec.monitoring.holdout_share if state == State.PROMOTED else 0.0
+            prev = lc.previous_champion
+            if holdout > 0 and prev is not None and prev != lc.champion:
+                shares[prev] = holdout
+                shares[lc.champion] = 1.0 - holdout
+            else:
+                shares[lc.champion] = 1.0
+            self.engine.set_override(name, shares)
+        elif state == State.PAUSED:
+            self.engine.set_override(name, self.engine.view(name).alloc)
+        else:
+            if self.engine.view(name).override is not None:
+                self.engine.set_override(name, None)
+
+    def _wire_lifecycle(self, rec: Record) -> None:
+        """Lifecycle events emitted outside ``transition`` (monitor, promotion) get stored."""
+
+    def _record_event(self, rec: Record, event: Event) -> None:
+        seq = self.store.append_event(
+            EventRecord(
+                experiment_id=rec.id,
+                type=event.type.value,
+                at=event.at,
+                variant=event.variant,
+                reason=event.reason,
+                details_json=json.dumps(dict(event.details), default=str),
+            )
+        )
+        self.metrics.events.labels(type=event.type.value).inc()
+        self._last_event_seq = max(self._last_event_seq, seq)
+        self.events.publish(StoredEvent(seq, event))
+
+    def emit(
+        self,
+        rec: Record,
+        type_: EventType,
+        reason: str,
+        variant: int | None = None,
+        details: dict[str, object] | None = None,
+    ) -> None:
+        """Record and publish an event that is not a state change (drift, SRM, ...)."""
+        self._record_event(
+            rec, Event(type_, rec.name, variant, self.clock(), reason, details or {})
+        )
+
+    def stored_events(self, after: int) -> Iterator[StoredEvent]:
+        """Events from the store after sequence ``after`` (for WatchEvents replay)."""
+        seq = after
+        while True:
+            batch = self.store.events_after(seq, limit=1000)
+            if not batch:
+                return
+            for e in batch:
+                rec = self.by_id.get(e.experiment_id or -1)
+                yield StoredEvent(
+                    e.seq or 0,
+                    Event(
+                        EventType(e.type),
+                        rec.name if rec else "",
+                        e.variant,
+                        e.at,
+                        e.reason,
+                        json.loads(e.details_json or "{}"),
+                    ),
+                )
+                seq = max(seq, e.seq or 0)
+
+    # -- decisions -------------------------------------------------------------------------
+    def assign(self, name: str, unit_id: str = "") -> tuple[Record, Decision, str]:
+        """One decision and its signed id."""
+        rec = self.get(name)
+        with self.metrics.decision_seconds.time():
+            d = self.engine.assign(name, unit_id or None)
+        token = self.signer.issue(rec.id, d.arm, d.epoch, self.clock())
+        return rec, d, token
+
+    def assign_batch(
+        self, name: str, count: int, unit_ids: Sequence[str] = ()
+    ) -> tuple[Record, BatchDecision, str]:
+        """Many decisions, one signature over all of them."""
+        rec = self.get(name)
+        if unit_ids and count and count != len(unit_ids):
+            raise InvalidArgument("count", f"is {count} but {len(unit_ids)} unit_ids were given")
+        if any(not u for u in unit_ids):
+            raise InvalidArgument("unit_ids", "must not contain empty strings")
+        with self.metrics.decision_seconds.time():
+            b = self.engine.assign_batch(name, count, list(unit_ids) or None)
+        token = self.signer.issue_batch(rec.id, b.arms, b.epoch, self.clock())
+        return rec, b, token
+
+    # -- rewards ---------------------------------------------------------------------------
+    def _resolve_decisions(
+        self, ids: Sequence[str], experiment: str, field: str
+    ) -> tuple[Record | None, list[tuple[int, int, str] | None]]:
+        """Verify decision ids: (arm, epoch, dedup key) per item, None when expired.
+
+        The record is None only when every id expired and no experiment was named.
+        """
+        now = self.clock()
+        out: list[tuple[int, int, str] | None] = []
+        rec: Record | None = self.get(experiment) if experiment else None
+        batches: dict[str, Batch | None] = {}
+        for i, token in enumerate(ids):
+            where = f"{field}[{i}]" if field.endswith("s") else field
+            try:
+                body, dot, index = token.rpartition(".")
+                if dot and body:
+                    if body not in batches:
+                        try:
+                            batches[body] = self.signer.verify_batch(body, now)
+                        except ExpiredToken:
+                            batches[body] = None
+                    batch = batches[body]
+                    if batch is None:
+                        out.append(None)
+                        continue
+                    if not index.isdigit():
+                        raise InvalidToken("batch item index must be a decimal number")
+                    d = batch.decision(int(index))
+                else:
+                    d = self.signer.verify(token, now)
+            except ExpiredToken:
+                out.append(None)
+                continue
+            except InvalidToken as err:
+                raise InvalidArgument(where, f"invalid decision id: {err}") from None
+            owner = self.by_id.get(int(d.experiment)) if isinstance(d.experiment, int) else None
+            if owner is None:
+                raise InvalidArgument(where, "decision id names an unknown experiment")
+            if rec is None:
+                rec = owner
+            elif owner is not rec:
+                raise InvalidArgument(
+                    where, f"decision id belongs to {owner.name!r}, not {rec.name!r}"
+                )
+            out.append((d.variant, d.epoch, d.key))
+        return rec, out
+
+    def reward(
+        self,
+        *,
+        experiment: str,
+        values: Sequence[float],
+        decision_ids: Sequence[str] = (),
+        event_ids: Sequence[str] = (),
+        variants: Sequence[str] = (),
+        variant_indices: Sequence[int] = (),
+        scores: Sequence[float] = (),
+        guardrails: Sequence[dict[str, float]] = (),
+        field: str = "decision_ids",
+        timeout: float = 30.0,
+    ) -> list[str]:
+        """Record rewards durably; per item ACCEPTED / DUPLICATE / EXPIRED.
+
+        Validated as a whole first: one malformed item rejects the batch and nothing is
+        written. Returns only after the accepted rewards are committed.
+        """
+        n = len(values)
+        if n == 0:
+            raise InvalidArgument("values", "at least one reward is required")
+        if decision_ids and event_ids:
+            raise InvalidArgument(field, "send decision ids or event ids, not both")
+        if scores and len(scores) != n:
+            raise InvalidArgument("prediction_scores", f"{len(scores)} scores for {n} values")
+        resolved: list[tuple[int, int, str] | None]
+        if decision_ids:
+            if len(decision_ids) != n:
+                raise InvalidArgument("values", f"{n} values for {len(decision_ids)} decision ids")
+            found, resolved = self._resolve_decisions(decision_ids, experiment, field)
+            if found is None:
+                self.metrics.rewards.labels(status=EXPIRED).inc(n)
+                return [EXPIRED] * n
+            rec = found
+        elif event_ids:
+            rec = self.get(experiment)
+            if len(event_ids) != n:
+                raise InvalidArgument("values", f"{n} values for {len(event_ids)} event ids")
+            arms = self._event_arms(rec, variants, variant_indices, n)
+            epoch = self.engine.view(rec.name).epoch
+            resolved = []
+            for i, eid in enumerate(event_ids):
+                if not eid or len(eid) > 256:
+                    raise InvalidArgument(f"event_ids[{i}]", "must be 1-256 characters")
+                resolved.append((arms[i], epoch, event_key(rec.id, eid)))
+        else:
+            raise InvalidArgument(field, "decision ids or event ids are required")
+        if rec.lifecycle.state == State.ARCHIVED:
+            raise WrongState(rec.name, "ARCHIVED", "record rewards")
+        live = [i for i, r in enumerate(resolved) if r is not None]
+        arms_arr = np.array([resolved[i][0] for i in live], dtype=np.int64)  # type: ignore[index]
+        vals = np.asarray([values[i] for i in live], dtype=np.float64)
+        self.engine.validate_rewards(rec.name, arms_arr, vals)
+        now = self.clock()
+        rows = []
+        for j, i in enumerate(live):
+            arm, epoch, key = resolved[i]  # type: ignore[misc]
+            score = scores[i] if scores else None
+            rows.append(
+                RewardRow(
+                    dedup_key=key,
+                    experiment_id=rec.id,
+                    arm=arm,
+                    value=float(vals[j]),
+                    epoch=epoch,
+                    received_at=now,
+                    prediction_score=None if score is None or np.isnan(score) else float(score),
+                    guardrails_json=json.dumps(guardrails[i]) if guardrails else None,
+                )
+            )
+        flags: list[bool] = []
+        if rows:
+            fut = self.writer.submit(rec.name, rows)
+            try:
+                flags = fut.result(timeout=timeout)
+            except FutureTimeout:
+                raise StoreUnavailable("commit", "group commit timed out; retry") from None
+        statuses = [EXPIRED] * n
+        for j, i in enumerate(live):
+            statuses[i] = ACCEPTED if flags[j] else DUPLICATE
+        for s in (ACCEPTED, DUPLICATE, EXPIRED):
+            c = statuses.count(s)
+            if c:
+                self.metrics.rewards.labels(status=s).inc(c)
+        return statuses
+
+    def _event_arms(
+        self, rec: Record, variants: Sequence[str], indices: Sequence[int], n: int
+    ) -> list[int]:
+        k = rec.config.n_arms
+        if variants and indices:
+            raise InvalidArgument("variants", "send variants or variant_indices, not both")
+        if variants:
+            if len(variants) != n:
+                raise InvalidArgument("variants", f"{len(variants)} variants for {n} values")
+            lookup = {v: i for i, v in enumerate(rec.config.variants)}
+            out = []
+            for i, v in enumerate(variants):
+                if v not in lookup:
+                    raise InvalidArgument(
+                        f"variants[{i}]", f"{v!r} is not a variant of {rec.name!r}"
+                    )
+                out.append(lookup[v])
+            return out
+        if len(indices) != n:
+            raise InvalidArgument("variant_indices", f"{len(indices)} indices for {n} values")
+        for i, idx in enumerate(indices):
+            if not 0 <= idx < k:
+                raise InvalidArgument(f"variant_indices[{i}]", f"{idx} out of range [0, {k})")
+        return list(indices)
+
+    def _on_applied(self, name: str, arms: np.ndarray, values: np.ndarray) -> None:
+        rec = self.records.get(name)
+        if rec is None:
+            return
+        for hook in self.hooks:
+            hook(rec, arms, values)
+
+    def _tick(self) -> None:
+        """Writer-thread housekeeping: pick up experiments other replicas changed."""
+        if self.store.shared:
+            self._sync_experiments()
+        for hook in self.tick_hooks:
+            hook()
+
+    def _sync_experiments(self) -> None:
+        for row in self.store.list_experiments():
+            rec = self.records.get(row.name)
+            if rec is None:
+                rec = self._record_from_row(row)
+                with self._records_lock:
+                    if row.name not in self.records:
+                        self.engine.create(rec.config)
+                        self.records[rec.name] = rec
+                        self.by_id[rec.id] = rec
+                        self._apply_state(rec)
+            elif row.version > rec.version:
+                fresh = self._record_from_row(row)
+                with rec.lock:
+                    for v in fresh.config.variants[len(rec.config.variants) :]:
+                        self.engine.add_variant(rec.name, v)
+                    rec.spec, rec.config = fresh.spec, self.engine.config(rec.name)
+                    rec.lifecycle = fresh.lifecycle
+                    rec.version, rec.updated_at = row.version, row.updated_at
+                    self._apply_state(rec)
+        for e in self.store.events_after(self._last_event_seq, limit=1000):
+            self._last_event_seq = max(self._last_event_seq, e.seq or 0)
+            rec = self.by_id.get(e.experiment_id or -1)
+            self.events.publish(
+                StoredEvent(
+                    e.seq or 0,
+                    Event(
+                        EventType(e.type),
+                        rec.name if rec else "",
+                        e.variant,
+                        e.at,
+                        e.reason,
+                        json.loads(e.details_json or "{}"),
+                    ),
+                )
+            )
+
+    def promotion_status(self, rec: Record) -> pb.PromotionStatus | None:
+        """Where the promotion rule stands for ``rec`` (None until evaluated)."""
+        return self.last_decisions.get(rec.name)
+
+    def power(self, rec: Record) -> pb.PowerAnalysis | None:
+        """Power analysis for ``rec`` when a minimum effect is configured."""
+        return None
+
+    def leader(self) -> bool:
+        """Whether this replica may run promotion now (PostgreSQL advisory lock)."""
+        return self.store.try_leader_lock(_LEADER_LOCK_KEY)

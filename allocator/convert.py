@@ -1,0 +1,150 @@
+"""Between the wire (allocator.v1 messages) and the domain (configs, decisions, reports).
+
+Every check of a request field raises :class:`InvalidArgument` naming that field, so the
+servicer can answer INVALID_ARGUMENT with a message a caller can act on.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from allocator_client.v1 import allocator_pb2 as pb
+from google.protobuf import json_format
+
+from allocator.engine import AllocationMode, ExperimentConfig, Shaping
+from allocator.errors import InvalidArgument
+from allocator.lifecycle import EventType, State
+from allocator.policies import PolicyConfig, PolicyKind, RewardKind
+
+_POLICY = {
+    pb.POLICY_UNSPECIFIED: PolicyKind.THOMPSON,
+    pb.POLICY_THOMPSON: PolicyKind.THOMPSON,
+    pb.POLICY_UCB1: PolicyKind.UCB1,
+    pb.POLICY_KL_UCB: PolicyKind.KL_UCB,
+    pb.POLICY_UCB_NORMAL: PolicyKind.UCB_NORMAL,
+    pb.POLICY_EPSILON_GREEDY: PolicyKind.EPSILON_GREEDY,
+    pb.POLICY_FIXED_SPLIT: PolicyKind.FIXED_SPLIT,
+}
+_REWARD = {
+    pb.REWARD_TYPE_UNSPECIFIED: RewardKind.BERNOULLI,
+    pb.REWARD_TYPE_BERNOULLI: RewardKind.BERNOULLI,
+    pb.REWARD_TYPE_NORMAL: RewardKind.NORMAL,
+}
+_MODE = {
+    pb.ALLOCATION_MODE_UNSPECIFIED: AllocationMode.EXACT,
+    pb.ALLOCATION_MODE_EXACT: AllocationMode.EXACT,
+    pb.ALLOCATION_MODE_TABLE: AllocationMode.TABLE,
+}
+STATE_TO_PB = {
+    State.RUNNING: pb.EXPERIMENT_STATE_RUNNING,
+    State.PAUSED: pb.EXPERIMENT_STATE_PAUSED,
+    State.PROMOTED: pb.EXPERIMENT_STATE_PROMOTED,
+    State.REOPENED: pb.EXPERIMENT_STATE_REOPENED,
+    State.ROLLED_BACK: pb.EXPERIMENT_STATE_ROLLED_BACK,
+    State.ARCHIVED: pb.EXPERIMENT_STATE_ARCHIVED,
+}
+PB_TO_STATE = {v: k for k, v in STATE_TO_PB.items()}
+EVENT_TO_PB = {t: getattr(pb, f"EVENT_TYPE_{t.value}") for t in EventType}
+PB_TO_EVENT = {v: k for k, v in EVENT_TO_PB.items()}
+
+
+def _opt(msg: Any, field: str, default: float) -> float:
+    return float(getattr(msg, field)) if msg.HasField(field) else default
+
+
+def _check_enum(value: int, table: dict[int, Any], field: str) -> Any:
+    if value not in table:
+        raise InvalidArgument(field, f"unknown value {value}")
+    return table[value]
+
+
+def spec_to_config(spec: pb.ExperimentSpec) -> ExperimentConfig:
+    """The engine configuration of a spec; ``InvalidArgument`` names the bad field."""
+    if not spec.name:
+        raise InvalidArgument("spec.name", "is required")
+    if len(spec.variants) < 2:
+        raise InvalidArgument("spec.variants", "at least 2 variants are required")
+    kind = _check_enum(spec.policy, _POLICY, "spec.policy")
+    reward = _check_enum(spec.reward_type, _REWARD, "spec.reward_type")
+    mode = _check_enum(spec.allocation_mode, _MODE, "spec.allocation_mode")
+    if spec.weights and kind != PolicyKind.FIXED_SPLIT:
+        raise InvalidArgument("spec.weights", "only POLICY_FIXED_SPLIT takes weights")
+    for field in (
+        "prior_alpha",
+        "prior_beta",
+        "prior_mean",
+        "prior_kappa",
+        "prior_shape",
+        "prior_rate",
+        "epsilon",
+        "discount",
+    ):
+        if spec.HasField(field) and not math.isfinite(getattr(spec, field)):
+            raise InvalidArgument(f"spec.{field}", "must be a finite number")
+    try:
+        policy = PolicyConfig(
+            kind=kind,
+            reward=reward,
+            prior_alpha=_opt(spec, "prior_alpha", 1.0),
+            prior_beta=_opt(spec, "prior_beta", 1.0),
+            prior_mean=_opt(spec, "prior_mean", 0.0),
+            prior_kappa=_opt(spec, "prior_kappa", 1e-3),
+            prior_shape=_opt(spec, "prior_shape", 1.0),
+            prior_rate=_opt(spec, "prior_rate", 1.0),
+            epsilon=_opt(spec, "epsilon", 0.1),
+            weights=tuple(spec.weights),
+            discount=_opt(spec, "discount", 1.0),
+        )
+    except ValueError as err:
+        raise InvalidArgument(f"spec.{_field_of(err)}", str(err)) from None
+    traffic = spec.traffic
+    try:
+        shaping = Shaping(
+            control_share=_opt(traffic, "control_share", 0.0),
+            floor=_opt(traffic, "floor", 0.0),
+            cap=_opt(traffic, "cap", 1.0),
+            exploration_samples=int(traffic.exploration_samples)
+            if traffic.HasField("exploration_samples")
+            else 0,
+        )
+    except ValueError as err:
+        raise InvalidArgument(f"spec.{_field_of(err)}", str(err)) from None
+    try:
+        return ExperimentConfig(
+            name=spec.name,
+            variants=tuple(spec.variants),
+            policy=policy,
+            mode=mode,
+            refresh_rewards=int(spec.table_refresh_rewards)
+            if spec.HasField("table_refresh_rewards")
+            else 1000,
+            refresh_ms=int(spec.table_refresh_ms) if spec.HasField("table_refresh_ms") else 1000,
+            seed=int(spec.seed),
+            shaping=shaping,
+        )
+    except ValueError as err:
+        raise InvalidArgument(f"spec.{_field_of(err)}", str(err)) from None
+
+
+_TRAFFIC = {"control_share", "floor", "cap", "exploration_samples"}
+
+
+def _field_of(err: ValueError) -> str:
+    """The spec field a settings error message starts with (``'epsilon must be ...'``)."""
+    word = str(err).split(" ", 1)[0]
+    if word in _TRAFFIC:
+        return f"traffic.{word}"
+    return word if word.isidentifier() else "spec"
+
+
+def spec_to_json(spec: pb.ExperimentSpec) -> str:
+    """Canonical JSON of a spec, for the store."""
+    return json_format.MessageToJson(spec, sort_keys=True, indent=None)
+
+
+def spec_from_json(text: str) -> pb.ExperimentSpec:
+    """Inverse of :func:`spec_to_json`."""
+    spec = pb.ExperimentSpec()
+    json_format.Parse(text, spec)
+    return spec

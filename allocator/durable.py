@@ -1,0 +1,412 @@
+"""Durability: group commit of rewards, snapshots, recovery and replica sync.
+
+One writer thread owns every write of rewards to the store and every application of
+rewards to the engine, so the engine sees rewards in exactly the order of the log:
+
+1. ``submit`` queues validated rows and returns a future.
+2. The writer takes up to ``max_rows`` queued rows (or what arrived within
+   ``max_delay_ms``), writes them in ONE transaction (``Store.append_rewards``), and only
+   after the commit applies the new (non-duplicate) rows to the engine and resolves the
+   futures. A reward is acknowledged only once it is durable; a store failure fails the
+   futures (the client retries) and changes nothing in memory. If such a failed commit did
+   in fact happen, the store reports the retried rows as new (not duplicates), so they are
+   applied exactly once.
+3. Between commits the same thread pulls other replicas' rows (PostgreSQL), flushes
+   assignment counts and allocation epochs, and snapshots the posteriors with the log
+   positions they cover. Recovery = latest snapshot + replay of the log after it, in log
+   order, which reproduces the posterior arrays exactly.
+
+What a crash can lose: assignment counts and epoch records since the last flush (they are
+written asynchronously so Assign never waits on the database), never a reward.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import numpy as np
+
+from allocator.engine import Engine, ExperimentConfig, ExperimentSnapshot
+from allocator.errors import Overloaded
+from allocator.metrics import Metrics
+from allocator.store import (
+    AllocationEpoch,
+    AssignmentCount,
+    LoggedReward,
+    RewardRow,
+    Store,
+    StoreUnavailable,
+)
+
+log = logging.getLogger("allocator.durable")
+
+
+@dataclass
+class _Job:
+    name: str
+    rows: list[RewardRow]
+    future: Future[list[bool]]
+
+
+class Recovery:
+    """Rebuilds engine state from the store: configs, snapshots, then the reward log."""
+
+    def __init__(self, store: Store, engine: Engine) -> None:
+        self.store = store
+        self.engine = engine
+
+    def load(self, ids: dict[str, int], configs: dict[str, ExperimentConfig]) -> dict[str, int]:
+        """Restore every experiment; returns the log positions now applied, per replica."""
+        positions_by_exp: dict[str, dict[str, int]] = {}
+        for name, config in configs.items():
+            snap = self.store.latest_snapshot(ids[name])
+            if snap is None:
+                if name not in self.engine:
+                    self.engine.create(config)
+                positions_by_exp[name] = {}
+            else:
+                restored = ExperimentSnapshot.from_bytes(snap.payload)
+                self.engine.restore({name: restored})
+                positions_by_exp[name] = dict(snap.positions)
+        # Replay from the smallest position any experiment needs, filtering per experiment.
+        start: dict[str, int] = {}
+        replicas = set(self.store.replica_positions())
+        for replica in replicas:
+            start[replica] = min((p.get(replica, 0) for p in positions_by_exp.values()), default=0)
+        by_id = {v: k for k, v in ids.items()}
+        applied = dict(start)
+        while True:
+            rows = self.store.rewards_since(applied, exclude_replica=None, limit=50_000)
+            if not rows:
+                break
+            apply_logged(self.engine, rows, by_id, positions_by_exp)
+            for row in rows:
+                applied[row.replica_id] = max(applied.get(row.replica_id, 0), row.replica_seq)
+        return applied
+
+
+def apply_logged(
+    engine: Engine,
+    rows: Sequence[LoggedReward],
+    names_by_id: dict[int, str],
+    skip_until: dict[str, dict[str, int]] | None = None,
+) -> int:
+    """Apply logged rewards in log order, grouped into runs per experiment; returns count."""
+    applied = 0
+    run_name: str | None = None
+    arms: list[int] = []
+    values: list[float] = []
+    epochs: list[int] = []
+
+    def flush() -> None:
+        nonlocal applied
+        if run_name is not None and arms and run_name in engine:
+            engine.reward_batch(run_name, arms, values, epochs)
+            applied += len(arms)
+        arms.clear()
+        values.clear()
+        epochs.clear()
+
+    for row in rows:
+        name = names_by_id.get(row.experiment_id)
+        if name is None:
+            continue
+        if skip_until is not None and row.replica_seq <= skip_until.get(name, {}).get(
+            row.replica_id, 0
+        ):
+            continue
+        if name != run_name:
+            flush()
+            run_name = name
+        arms.append(row.arm)
+        values.append(row.value)
+        epochs.append(row.epoch)
+    flush()
+    return applied
+
+
+class RewardWriter:
+    """The group-commit thread. ``submit`` is safe from any thread."""
+
+    def __init__(
+        self,
+        store: Store,
+        engine: Engine,
+        replica_id: str,
+        metrics: Metrics,
+        *,
+        ids: Callable[[], dict[str, int]],
+        positions: dict[str, int],
+        max_rows: int = 20_000,
+        max_delay_ms: float = 2.0,
+        max_queue: int = 200_000,
+        sync_interval_s: float = 0.5,
+        snapshot_interval_s: float = 5.0,
+        on_pulled: Callable[[Sequence[LoggedReward]], None] | None = None,
+        on_applied: Callable[[str, np.ndarray, np.ndarray], None] | None = None,
+        on_tick: Callable[[], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.engine = engine
+        self.replica_id = replica_id
+        self.metrics = metrics
+        self.ids = ids
+        self.positions = dict(positions)
+        self.max_rows = max_rows
+        self.max_delay = max_delay_ms / 1000.0
+        self.max_queue = max_queue
+        self.sync_interval = sync_interval_s
+        self.snapshot_interval = snapshot_interval_s
+        self.on_pulled = on_pulled
+        self.on_applied = on_applied
+        self.on_tick = on_tick
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._queued_rows = 0
+        self._count_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="reward-writer", daemon=True)
+        self._flushed_pulls: dict[str, np.ndarray] = {}
+        self._flushed_epochs: dict[str, int] = {}
+        self.healthy = True
+        self.last_error = ""
+        self.positions.pop(replica_id, None)
+
+    # -- API -------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the writer thread."""
+        self._thread.start()
+
+    def submit(self, name: str, rows: list[RewardRow]) -> Future[list[bool]]:
+        """Queue rows of one experiment; the future gives, per row, True=new False=dup."""
+        fut: Future[list[bool]] = Future()
+        if not rows:
+            fut.set_result([])
+            return fut
+        if self._stop.is_set():
+            raise StoreUnavailable("submit", "server is shutting down")
+        with self._count_lock:
+            if self._queued_rows + len(rows) > self.max_queue:
+                raise Overloaded(
+                    f"{self._queued_rows} rewards already queued (max {self.max_queue}); retry"
+                )
+            self._queued_rows += len(rows)
+        self.metrics.queue_depth.set(self._queued_rows)
+        self._queue.put(_Job(name, rows, fut))
+        return fut
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Drain what is queued, snapshot, and stop."""
+        self._stop.set()
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    # -- the thread ------------------------------------------------------------------------
+    def _run(self) -> None:
+        next_sync = time.monotonic()
+        next_snapshot = time.monotonic() + self.snapshot_interval
+        while True:
+            timeout = max(0.0, min(next_sync, next_snapshot) - time.monotonic())
+            jobs = self._take(timeout)
+            if jobs:
+                self._commit(jobs)
+            now = time.monotonic()
+            stopping = self._stop.is_set() and self._queue.empty()
+            if now >= next_sync or stopping:
+                self._housekeeping()
+                next_sync = now + self.sync_interval
+            if now >= next_snapshot or stopping:
+                self._snapshot()
+                next_snapshot = now + self.snapshot_interval
+            if stopping:
+                return
+
+    def _take(self, timeout: float) -> list[_Job]:
+        """Block up to ``timeout`` for a first job, then gather more for ``max_delay``."""
+        try:
+            first = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return []
+        if first is None:
+            return self._drain_nowait()
+        jobs = [first]
+        rows = len(first.rows)
+        deadline = time.monotonic() + self.max_delay
+        while rows < self.max_rows:
+            remaining = deadline - time.monotonic()
+            try:
+                job = (
+                    self._queue.get(timeout=remaining)
+                    if remaining > 0
+                    else self._queue.get_nowait()
+                )
+            except queue.Empty:
+                break
+            if job is None:
+                jobs.extend(self._drain_nowait())
+                break
+            jobs.append(job)
+            rows += len(job.rows)
+        return jobs
+
+    def _drain_nowait(self) -> list[_Job]:
+        jobs: list[_Job] = []
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                return jobs
+            if job is not None:
+                jobs.append(job)
+
+    def _commit(self, jobs: list[_Job]) -> None:
+        rows = [r for job in jobs for r in job.rows]
+        try:
+            with self.metrics.flush_seconds.time():
+                flags = self.store.append_rewards(self.replica_id, rows)
+        except Exception as err:
+            self._mark_down(err)
+            for job in jobs:
+                job.future.set_exception(
+                    err
+                    if isinstance(err, StoreUnavailable)
+                    else StoreUnavailable("commit", str(err))
+                )
+            self._release(len(rows))
+            return
+        self._mark_up()
+        self.metrics.flush_rows.inc(sum(flags))
+        i = 0
+        for job in jobs:
+            mine = flags[i : i + len(job.rows)]
+            i += len(job.rows)
+            new = [r for r, f in zip(job.rows, mine, strict=True) if f]
+            if new and job.name in self.engine:
+                arms = np.fromiter((r.arm for r in new), dtype=np.int64, count=len(new))
+                values = np.fromiter((r.value for r in new), dtype=np.float64, count=len(new))
+                epochs = np.fromiter((r.epoch for r in new), dtype=np.int64, count=len(new))
+                self.engine.reward_batch(job.name, arms, values, epochs)
+                if self.on_applied is not None:
+                    self.on_applied(job.name, arms, values)
+            job.future.set_result(mine)
+        self._release(len(rows))
+
+    def _release(self, n: int) -> None:
+        with self._count_lock:
+            self._queued_rows -= n
+            depth = self._queued_rows
+        self.metrics.queue_depth.set(depth)
+
+    def _mark_down(self, err: BaseException) -> None:
+        if self.healthy:
+            log.error("store unavailable: %s", err)
+        self.healthy = False
+        self.last_error = str(err)
+        self.metrics.store_up.set(0)
+
+    def _mark_up(self) -> None:
+        if not self.healthy:
+            log.info("store reachable again")
+        self.healthy = True
+        self.last_error = ""
+        self.metrics.store_up.set(1)
+
+    def _housekeeping(self) -> None:
+        try:
+            self.pull()
+            self.flush_counts()
+            if self.on_tick is not None:
+                self.on_tick()
+            self.store.ping()
+            self._mark_up()
+        except Exception as err:
+            self._mark_down(err)
+
+    def pull(self) -> int:
+        """Apply other replicas' rewards committed since we last looked."""
+        if not self.store.shared:
+            return 0
+        ids = self.ids()
+        names_by_id = {v: k for k, v in ids.items()}
+        total = 0
+        while True:
+            rows = self.store.rewards_since(
+                self.positions, exclude_replica=self.replica_id, limit=50_000
+            )
+            if not rows:
+                return total
+            total += apply_logged(self.engine, rows, names_by_id)
+            for row in rows:
+                self.positions[row.replica_id] = max(
+                    self.positions.get(row.replica_id, 0), row.replica_seq
+                )
+            if self.on_pulled is not None:
+                self.on_pulled(rows)
+
+    def flush_counts(self) -> None:
+        """Write assignment-count deltas and newly opened epochs.
+
+        The flushed marks move only after the writes succeed, so an outage delays counts
+        but never drops them.
+        """
+        ids = self.ids()
+        counts: list[AssignmentCount] = []
+        epochs: list[AllocationEpoch] = []
+        marks: list[tuple[str, np.ndarray, int]] = []
+        for name in self.engine.names():
+            if name not in ids:
+                continue
+            view = self.engine.view(name)
+            pulls = view.epoch_pulls
+            delta = pulls.copy()
+            before = self._flushed_pulls.get(name)
+            if before is not None:
+                e, k = before.shape
+                delta[:e, :k] -= before
+            for e, k in zip(*np.nonzero(delta), strict=True):
+                counts.append(
+                    AssignmentCount(
+                        experiment_id=ids[name], epoch=int(e), arm=int(k), count=int(delta[e, k])
+                    )
+                )
+            for e in range(self._flushed_epochs.get(name, 0), view.epoch + 1):
+                epochs.append(
+                    AllocationEpoch(
+                        experiment_id=ids[name],
+                        epoch=e,
+                        started_at=float(view.epoch_started[e]),
+                        shares=tuple(float(x) for x in view.epoch_shares[e]),
+                    )
+                )
+            marks.append((name, pulls, view.epoch + 1))
+        if counts:
+            self.store.add_assignment_counts(counts)
+        for ep in epochs:
+            self.store.record_allocation_epoch(ep)
+        for name, pulls, n_epochs in marks:
+            self._flushed_pulls[name] = pulls
+            self._flushed_epochs[name] = n_epochs
+
+    def _snapshot(self) -> None:
+        try:
+            self.snapshot_now()
+        except Exception as err:
+            self._mark_down(err)
+
+    def snapshot_now(self, names: Iterable[str] | None = None) -> None:
+        """Snapshot posteriors with the log positions they include (writer thread only)."""
+        ids = self.ids()
+        # Between commits on the only thread that writes our rows, every row of ours in the
+        # log has been applied, except rows of a commit that reported failure but happened;
+        # the store reports those as new when the client retries them (and they are then
+        # applied), and a reward whose client never retried was never acknowledged.
+        own = self.store.replica_positions().get(self.replica_id, 0)
+        positions = {**self.positions, self.replica_id: own}
+        for name, snap in self.engine.snapshot(names).items():
+            if name in ids:
+                self.store.save_snapshot(ids[name], positions, snap.to_bytes(), time.time())

@@ -1,0 +1,1 @@
+"""Alembic migrations for the allocator store (applied by `SqlStore.open`)."""

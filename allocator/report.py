@@ -1,0 +1,123 @@
+"""GetReport: Bayesian and frequentist summary of one experiment, as a message.
+
+Which estimate is which (also sent in ``notes``):
+
+* ``mean`` / ``ci_*``: pooled mean of all rewards of the variant and a 95% credible
+  interval from its posterior (Beta or Normal-Gamma).
+* ``p_best`` / ``expected_loss``: Monte Carlo over the posterior.
+* ``stratified_mean``: epoch-stratified, the estimate to trust when the allocation moved
+  (pooled means can be flipped by Simpson's paradox when base rates drift while traffic
+  shifts); ``ipw_mean``: Hajek inverse-propensity estimate over the same strata.
+* ``lift``: pooled difference to control with a Welch interval.
+* Tests: chi-square (Bernoulli) or Welch t (continuous) vs control, fixed-horizon
+  semantics: under adaptive allocation with continuous looks, their p-values are not
+  always-valid; the promotion rule does not use them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from allocator_client.v1 import allocator_pb2 as pb
+
+from allocator import stats
+from allocator.engine import Engine
+from allocator.policies import RewardKind
+
+NOTES = (
+    "mean/ci: pooled mean and 95% posterior credible interval. p_best/expected_loss: Monte "
+    "Carlo over the posterior. stratified_mean/se: within-epoch means combined with "
+    "epoch-traffic weights common to all variants - safe under changing allocation "
+    "(Simpson's paradox). ipw_mean: Hajek inverse-propensity-weighted estimate using the "
+    "shares in force per epoch. lift: pooled difference vs control, Welch interval. "
+    "Tests are fixed-horizon tests on pooled data: informative, not always-valid under "
+    "continuous monitoring; promotion uses the posterior rule. SRM: chi-square of "
+    "assignments against the allocation in force in each epoch."
+)
+
+
+def _f(x: float) -> float:
+    return float(x) if math.isfinite(x) else float("nan")
+
+
+def build_report(engine: Engine, name: str, alpha: float = 0.05) -> pb.GetReportResponse:
+    """Everything GetReport returns except the experiment and promotion status."""
+    view = engine.view(name)
+    cfg = view.config
+    k = cfg.n_arms
+    p_best, loss, draws = engine.prob_best(name)
+    intervals = stats.credible_interval(draws, level=1 - alpha)
+    es = view.epoch_stats  # E x K x 3, undiscounted
+    n = es[:, :, 0].sum(axis=0)
+    s = es[:, :, 1].sum(axis=0)
+    ss = es[:, :, 2].sum(axis=0)
+    moments = [stats.moments(n[i], s[i], ss[i]) for i in range(k)]
+    strat = stats.stratified_means(es[:, :, 1], es[:, :, 0], es[:, :, 2])
+    resp = pb.GetReportResponse(interval_level=1 - alpha, notes=NOTES)
+    # Hajek IPW over strata: each epoch's arm mean weighted by epoch traffic / share.
+    ipw = _ipw(view.epoch_shares, view.epoch_pulls, es)
+    control = moments[0]
+    for i, variant in enumerate(cfg.variants):
+        m = moments[i]
+        row = pb.VariantReport(
+            name=variant,
+            assignments=int(view.pulls[i]),
+            rewards=int(n[i]),
+            mean=_f(m.mean),
+            ci_low=_f(intervals[i].lower),
+            ci_high=_f(intervals[i].upper),
+            p_best=float(p_best[i]),
+            expected_loss=float(loss[i]),
+            stratified_mean=_f(strat.mean[i]),
+            stratified_se=_f(strat.se[i]),
+            ipw_mean=_f(ipw[i]),
+        )
+        if i > 0 and m.n >= 2 and control.n >= 2:
+            lift = stats.lift(m.mean, m.var, m.n, control.mean, control.var, control.n, alpha)
+            row.lift = _f(lift.absolute.estimate)
+            row.lift_ci_low = _f(lift.absolute.lower)
+            row.lift_ci_high = _f(lift.absolute.upper)
+        resp.variants.append(row)
+    for i in range(1, k):
+        if n[i] < 2 or n[0] < 2:
+            continue
+        if cfg.policy.reward == RewardKind.BERNOULLI:
+            t = stats.chi_square([s[0], s[i]], [n[0], n[i]])
+        else:
+            t = stats.welch_t(
+                moments[i].mean,
+                moments[i].var,
+                moments[i].n,
+                control.mean,
+                control.var,
+                control.n,
+            )
+        resp.tests.append(
+            pb.TestResult(
+                name=t.name,
+                variant=cfg.variants[i],
+                statistic=_f(t.statistic),
+                p_value=_f(t.p_value),
+            )
+        )
+    if view.pulls.sum() > 0:
+        # Expected counts: the sum over decisions of the allocation in force when each was
+        # made (the engine folds decisions x shares at every refresh), not a fixed split.
+        total = float(view.expected.sum())
+        srm = stats.srm_check(view.pulls, [view.expected / total], [total])
+        resp.srm.p_value = _f(srm.p_value)
+        resp.srm.flagged = bool(srm.flagged)
+    for e in range(view.epoch + 1):
+        snap = resp.allocation_history.add(epoch=e, shares=[float(x) for x in view.epoch_shares[e]])
+        snap.time.FromNanoseconds(int(view.epoch_started[e] * 1e9))
+    return resp
+
+
+def _ipw(shares: np.ndarray, pulls: np.ndarray, es: np.ndarray) -> np.ndarray:
+    """Hajek estimate per arm: sum_e (sum of rewards / share) / sum_e (count / share)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        w = np.where(shares > 0, 1.0 / shares, 0.0)
+        num = (es[:, :, 1] * w).sum(axis=0)
+        den = (es[:, :, 0] * w).sum(axis=0)
+        return np.where(den > 0, num / np.maximum(den, 1e-300), np.nan)

@@ -1,0 +1,243 @@
+"""Process wiring: gRPC server, health, reflection, HTTP metrics, graceful shutdown.
+
+``create_server`` builds and starts a server on the configured address (port 0 picks a
+free one) and returns it with its port, so tests can run a real server and call it
+through a real stub; ``serve`` adds signal handling and blocks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import FrameType
+
+import grpc
+from allocator_client.v1 import allocator_pb2 as pb
+from allocator_client.v1 import allocator_pb2_grpc as pb_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from allocator.app import Allocator
+from allocator.config import ServerConfig
+from allocator.metrics import EngineCollector, Metrics
+from allocator.service import AllocatorServicer
+
+log = logging.getLogger("allocator.server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Allocator"].full_name
+# Reported NOT_SERVING while the store is unreachable: Assign still works from memory,
+# rewards are refused with UNAVAILABLE until it is back.
+STORE_HEALTH = "allocator.v1.Allocator/store"
+
+
+@dataclass
+class Running:
+    """A started server and what stops it."""
+
+    server: grpc.Server
+    port: int
+    app: Allocator
+    health: health.HealthServicer
+    http: ThreadingHTTPServer | None
+    http_port: int
+    _watch: threading.Thread
+    _stop: threading.Event
+
+    def stop(self, grace: float = 5.0) -> None:
+        """NOT_SERVING, drain in-flight RPCs, flush rewards, close the store."""
+        self.health.enter_graceful_shutdown()
+        self._stop.set()
+        self.server.stop(grace).wait(grace + 1)
+        self.app.stop()
+        if self.http is not None:
+            self.http.shutdown()
+            self.http.server_close()
+
+
+def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    if not config.tls_cert:
+        return None
+    chain = Path(config.tls_cert).read_bytes()
+    key = Path(config.tls_key).read_bytes()
+    if config.tls_client_ca:
+        return grpc.ssl_server_credentials(
+            [(key, chain)],
+            root_certificates=Path(config.tls_client_ca).read_bytes(),
+            require_client_auth=True,
+        )
+    return grpc.ssl_server_credentials([(key, chain)])
+
+
+def _http_server(
+    config: ServerConfig, registry: CollectorRegistry, app: Allocator
+) -> ThreadingHTTPServer:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path.startswith("/metrics"):
+                body = generate_latest(registry)
+                self._send(200, CONTENT_TYPE_LATEST, body)
+            elif self.path.startswith("/healthz"):
+                ok = app.healthy
+                body = json.dumps(
+                    {
+                        "serving": True,
+                        "store": "up" if ok else "down",
+                        "error": app.writer.last_error,
+                    }
+                ).encode()
+                self._send(200 if ok else 503, "application/json", body)
+            else:
+                self._send(404, "text/plain", b"see /metrics and /healthz\n")
+
+        def _send(self, code: int, ctype: str, body: bytes) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            return
+
+    server = ThreadingHTTPServer((config.http_host, config.http_port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+    return server
+
+
+def create_server(
+    config: ServerConfig, app: Allocator | None = None, registry: CollectorRegistry | None = None
+) -> Running:
+    """Open the store, recover, and start serving; returns the running server."""
+    registry = registry if registry is not None else CollectorRegistry()
+    metrics = Metrics(registry)
+    if app is None:
+        app = Allocator.open(config, metrics)
+    registry.register(
+        EngineCollector(
+            app.engine,
+            lambda: {n: r.lifecycle.state.value for n, r in app.records.items()},
+            config.metrics_max_experiments,
+        )
+    )
+    app.start()
+    server = grpc.server(
+        _executor(config.max_workers),
+        options=[
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    pb_grpc.add_AllocatorServicer_to_server(
+        AllocatorServicer(app, metrics, config.admin_token), server
+    )
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    creds = _credentials(config)
+    if creds is None:
+        port = server.add_insecure_port(config.listen)
+    else:
+        port = server.add_secure_port(config.listen, creds)
+    if port == 0:
+        raise RuntimeError(f"could not bind {config.listen}")
+    server.start()
+    for name in ("", SERVICE_NAME, STORE_HEALTH):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    http = (
+        _http_server(config, registry, app) if config.http_port or config.http_port == 0 else None
+    )
+    http_port = http.server_address[1] if http is not None else 0
+    stop = threading.Event()
+
+    def watch_store() -> None:
+        serving = True
+        while not stop.wait(0.2):
+            ok = app.healthy
+            if ok != serving:
+                serving = ok
+                health_servicer.set(
+                    STORE_HEALTH,
+                    health_pb2.HealthCheckResponse.SERVING
+                    if ok
+                    else health_pb2.HealthCheckResponse.NOT_SERVING,
+                )
+
+    watcher = threading.Thread(target=watch_store, name="health", daemon=True)
+    watcher.start()
+    return Running(server, port, app, health_servicer, http, int(http_port), watcher, stop)
+
+
+def _executor(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc")
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "ts": round(record.created, 6),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def setup_logging(config: ServerConfig) -> None:
+    """Structured (JSON lines) or plain logs on stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        _JsonFormatter()
+        if config.log_json
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(config.log_level.upper())
+
+
+def serve(config: ServerConfig) -> int:
+    """Run until SIGTERM/SIGINT; then drain, flush and exit 0."""
+    setup_logging(config)
+    running = create_server(config)
+    log.info(
+        "allocator serving gRPC on %s (port %d), metrics on http://%s:%d/metrics, store %s",
+        config.listen,
+        running.port,
+        config.http_host,
+        running.http_port,
+        config.database_url.split("@")[-1],
+    )
+    print(
+        f"allocator: gRPC listening on {config.listen.rpartition(':')[0]}:{running.port}; "
+        f"metrics at http://{config.http_host}:{running.http_port}/metrics",
+        flush=True,
+    )
+    done = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("signal %d: draining", signum)
+        done.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while not done.wait(1.0):
+        pass
+    t0 = time.monotonic()
+    running.stop(config.grace_s)
+    log.info("stopped cleanly in %.2f s", time.monotonic() - t0)
+    return 0

@@ -1,0 +1,1356 @@
+"""Persistence: SQLAlchemy 2 Core over SQLite (default, one replica) or PostgreSQL (replicas).
+
+The engine depends only on the `Store` protocol; `SqlStore` is the implementation. Every
+public method is one transaction, and database connectivity failures surface as
+`StoreUnavailable` so the service can answer UNAVAILABLE.
+
+Reward log and replication. Each replica writes its rewards under its own `replica_id`
+with a `replica_seq` that it increments itself, from one writer, one commit after another.
+So for any replica, rows become visible in `replica_seq` order, and a reader that has
+applied everything up to `positions[replica]` resumes with `replica_seq > positions[...]`
+and never skips a row. A single global BIGSERIAL would not give that in PostgreSQL: ids are
+drawn at insert time but become visible at commit time, so id 101 can commit after a reader
+already moved past 102, and that reader would never see 101.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import functools
+import json
+import math
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, ParamSpec, Protocol, TypeVar
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.script.revision import RevisionError
+from alembic.util import CommandError
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects import postgresql as pg_dialect
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.pool import StaticPool
+
+__all__ = [
+    "AllocationEpoch",
+    "AlreadyExists",
+    "AssignmentCount",
+    "AuditRecord",
+    "EventRecord",
+    "ExperimentRow",
+    "LoggedReward",
+    "NotFound",
+    "ReplicaConflict",
+    "RewardRow",
+    "SchemaTooNew",
+    "SnapshotRow",
+    "SqlStore",
+    "Store",
+    "StoreConfig",
+    "StoreLocked",
+    "StoreUnavailable",
+    "VersionConflict",
+    "metadata",
+    "normalize_url",
+]
+
+MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+MAX_DEDUP_KEY_CHARS = 128
+MAX_REPLICA_ID_CHARS = 64
+# Arbitrary fixed key ("ALLOCMIG") so replicas starting together migrate one at a time.
+_MIGRATION_LOCK_KEY = 0x414C4C4F434D4947
+_UNACKED_CAP = 1_000_000
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+# ---------------------------------------------------------------- errors
+
+
+class StoreUnavailable(ConnectionError):
+    """The database can't be reached or refused the operation for transient reasons."""
+
+    def __init__(self, operation: str, detail: str) -> None:
+        super().__init__(f"store unavailable during {operation}: {detail}")
+        self.operation = operation
+        self.detail = detail
+
+
+class StoreLocked(RuntimeError):
+    """Another process holds the SQLite database (SQLite serves a single replica)."""
+
+    def __init__(self, path: str, holder: str) -> None:
+        super().__init__(
+            f"SQLite database {path} is already in use by another allocator process "
+            f"({holder}); SQLite supports one server replica, use PostgreSQL for several"
+        )
+        self.path = path
+        self.holder = holder
+
+
+class SchemaTooNew(RuntimeError):
+    """The database carries a schema revision this code does not know."""
+
+    def __init__(self, db_revision: str, code_head: str | None) -> None:
+        super().__init__(
+            f"database schema revision {db_revision!r} is unknown to this allocator "
+            f"(newest known revision: {code_head!r}); it was probably written by a newer "
+            "version, so upgrade this server instead of running it against that database"
+        )
+        self.db_revision = db_revision
+        self.code_head = code_head
+
+
+class AlreadyExists(KeyError):
+    """An experiment with this name exists."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+    def __str__(self) -> str:
+        return f"experiment {self.name!r} already exists"
+
+
+class NotFound(KeyError):
+    """No experiment with this name."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+    def __str__(self) -> str:
+        return f"experiment {self.name!r} not found"
+
+
+class VersionConflict(RuntimeError):
+    """Optimistic concurrency: the experiment changed since it was read."""
+
+    def __init__(self, name: str, expected: int, actual: int) -> None:
+        super().__init__(f"experiment {name!r} is at version {actual}, not the expected {expected}")
+        self.name = name
+        self.expected = expected
+        self.actual = actual
+
+
+class ReplicaConflict(RuntimeError):
+    """Two live processes write rewards under the same replica id."""
+
+    def __init__(self, replica_id: str) -> None:
+        super().__init__(
+            f"another process is writing rewards as replica {replica_id!r}; "
+            "replica ids must be unique per running server"
+        )
+        self.replica_id = replica_id
+
+
+# ---------------------------------------------------------------- records
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RewardRow:
+    """One reward to log; `dedup_key` is unique across the whole log."""
+
+    dedup_key: str
+    experiment_id: int
+    arm: int
+    value: float
+    epoch: int
+    received_at: float
+    prediction_score: float | None = None
+    guardrails_json: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LoggedReward(RewardRow):
+    """A reward read back from the log, with its position in its replica's stream."""
+
+    replica_id: str
+    replica_seq: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExperimentRow:
+    """An experiment as stored; `version` increases by one on every update."""
+
+    id: int
+    name: str
+    config_json: str
+    state: str
+    champion: int | None
+    version: int
+    created_at: float
+    updated_at: float
+    lifecycle_json: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AssignmentCount:
+    """Assignments of one arm in one allocation epoch (a delta when written)."""
+
+    experiment_id: int
+    epoch: int
+    arm: int
+    count: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AllocationEpoch:
+    """The traffic shares in force from `started_at` (sample-ratio checks compare to these)."""
+
+    experiment_id: int
+    epoch: int
+    started_at: float
+    shares: tuple[float, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SnapshotRow:
+    """Engine state covering the reward log up to `positions` ({replica_id: replica_seq})."""
+
+    id: int
+    experiment_id: int
+    created_at: float
+    positions: dict[str, int]
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuditRecord:
+    """Who changed an experiment's state, when and why; `seq` is set when read back."""
+
+    experiment_id: int | None
+    action: str
+    actor: str
+    at: float
+    from_state: str | None = None
+    to_state: str | None = None
+    reason: str = ""
+    summary_json: str = "{}"
+    seq: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EventRecord:
+    """A lifecycle event for watchers (PROMOTED, ROLLED_BACK, ...); `seq` set when read."""
+
+    experiment_id: int | None
+    type: str
+    at: float
+    variant: int | None = None
+    reason: str = ""
+    details_json: str = "{}"
+    seq: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    """How to reach the database.
+
+    >>> StoreConfig("sqlite:///allocator.sqlite").dialect
+    'sqlite'
+    """
+
+    url: str
+    busy_timeout_seconds: float = 30.0
+    connect_timeout_seconds: float = 5.0
+    pool_size: int = 5
+    snapshots_kept: int = 3
+
+    def __post_init__(self) -> None:
+        normalize_url(self.url)
+        if not (math.isfinite(self.busy_timeout_seconds) and self.busy_timeout_seconds >= 0):
+            raise ValueError(f"busy_timeout_seconds must be >= 0, got {self.busy_timeout_seconds}")
+        if not (math.isfinite(self.connect_timeout_seconds) and self.connect_timeout_seconds > 0):
+            raise ValueError(f"connect_timeout_seconds must be > 0: {self.connect_timeout_seconds}")
+        if self.pool_size < 1:
+            raise ValueError(f"pool_size must be >= 1, got {self.pool_size}")
+        if self.snapshots_kept < 1:
+            raise ValueError(f"snapshots_kept must be >= 1, got {self.snapshots_kept}")
+
+    @property
+    def dialect(self) -> Literal["sqlite", "postgresql"]:
+        """Which database family the URL names."""
+        return "sqlite" if normalize_url(self.url).get_backend_name() == "sqlite" else "postgresql"
+
+
+# ---------------------------------------------------------------- protocol
+
+
+class Store(Protocol):
+    """What the engine needs from persistence (implemented by `SqlStore`)."""
+
+    @property
+    def shared(self) -> bool:
+        """True when several replicas may use this database (PostgreSQL)."""
+        ...
+
+    def close(self) -> None:
+        """Release connections and locks."""
+        ...
+
+    def ping(self) -> None:
+        """Round-trip to the database; StoreUnavailable if it is down."""
+        ...
+
+    def create_experiment(
+        self, name: str, config_json: str, state: str, now: float, lifecycle_json: str = "{}"
+    ) -> ExperimentRow:
+        """Insert a new experiment at version 1; AlreadyExists if the name is taken."""
+        ...
+
+    def get_experiment(self, name: str) -> ExperimentRow | None:
+        """The experiment called `name`, if any."""
+        ...
+
+    def get_experiment_by_id(self, experiment_id: int) -> ExperimentRow | None:
+        """The experiment with this id, if any."""
+        ...
+
+    def list_experiments(self, states: Collection[str] | None = None) -> list[ExperimentRow]:
+        """Experiments ordered by id, optionally only those in `states`."""
+        ...
+
+    def update_state(
+        self,
+        name: str,
+        *,
+        state: str,
+        champion: int | None,
+        lifecycle_json: str,
+        expected_version: int,
+        now: float,
+        config_json: str | None = None,
+        audit: AuditRecord | None = None,
+        events: Sequence[EventRecord] = (),
+    ) -> ExperimentRow:
+        """Compare-and-set the experiment, with its audit row and events, atomically."""
+        ...
+
+    def append_rewards(self, replica_id: str, rows: Sequence[RewardRow]) -> list[bool]:
+        """Durably log new rewards in one commit; per row True if new, False if duplicate."""
+        ...
+
+    def rewards_since(
+        self,
+        positions: Mapping[str, int],
+        exclude_replica: str | None = None,
+        limit: int = 10_000,
+        experiment_id: int | None = None,
+    ) -> list[LoggedReward]:
+        """Rows past `positions` (replicas missing from it: from the start)."""
+        ...
+
+    def replica_positions(self) -> dict[str, int]:
+        """Highest logged replica_seq per replica."""
+        ...
+
+    def add_assignment_counts(self, rows: Sequence[AssignmentCount]) -> None:
+        """Add the deltas to the stored counts."""
+        ...
+
+    def assignment_counts(self, experiment_id: int) -> list[AssignmentCount]:
+        """Stored counts ordered by (epoch, arm)."""
+        ...
+
+    def record_allocation_epoch(self, epoch: AllocationEpoch) -> bool:
+        """Store an epoch's shares; False if that epoch was already recorded."""
+        ...
+
+    def allocation_epochs(self, experiment_id: int) -> list[AllocationEpoch]:
+        """All epochs of an experiment, oldest first."""
+        ...
+
+    def save_snapshot(
+        self, experiment_id: int, positions: Mapping[str, int], payload: bytes, now: float
+    ) -> int:
+        """Store a snapshot and prune old ones; returns its id."""
+        ...
+
+    def latest_snapshot(self, experiment_id: int) -> SnapshotRow | None:
+        """The newest snapshot of an experiment, if any."""
+        ...
+
+    def append_audit(self, record: AuditRecord) -> int:
+        """Append an audit row; returns its seq."""
+        ...
+
+    def list_audit(self, experiment_id: int | None = None, limit: int = 1000) -> list[AuditRecord]:
+        """The newest `limit` audit rows, oldest first."""
+        ...
+
+    def append_event(self, record: EventRecord) -> int:
+        """Append an event; returns its seq."""
+        ...
+
+    def events_after(
+        self, seq: int, experiment_id: int | None = None, limit: int = 1000
+    ) -> list[EventRecord]:
+        """Events with seq > `seq`, oldest first."""
+        ...
+
+    def get_meta(self, key: str) -> str | None:
+        """A metadata value."""
+        ...
+
+    def set_meta(self, key: str, value: str) -> None:
+        """Insert or overwrite a metadata value."""
+        ...
+
+    def set_meta_if_absent(self, key: str, value: str) -> str:
+        """Store `value` unless `key` exists; return the value in force (race-safe)."""
+        ...
+
+    def try_leader_lock(self, key: int) -> bool:
+        """Take or confirm the cluster-wide lock `key`; False if another replica holds it."""
+        ...
+
+    def release_leader_lock(self, key: int | None = None) -> None:
+        """Give up one leader lock (or all)."""
+        ...
+
+
+# ---------------------------------------------------------------- schema
+
+# Kept identical to the Alembic revisions (a test compares them); migrations are the truth
+# for the database, these Table objects are what the queries are written against.
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+experiments = sa.Table(
+    "experiments",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("name", sa.String(200), nullable=False, unique=True),
+    sa.Column("config_json", sa.Text, nullable=False),
+    sa.Column("state", sa.String(32), nullable=False, index=True),
+    sa.Column("champion", sa.Integer, nullable=True),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Column("updated_at", sa.Double, nullable=False),
+    sa.Column("lifecycle_json", sa.Text, nullable=False),
+)
+
+rewards = sa.Table(
+    "rewards",
+    metadata,
+    sa.Column("replica_id", sa.String(MAX_REPLICA_ID_CHARS), primary_key=True),
+    sa.Column("replica_seq", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("dedup_key", sa.String(MAX_DEDUP_KEY_CHARS), nullable=False, unique=True),
+    sa.Column("experiment_id", sa.Integer, sa.ForeignKey("experiments.id"), nullable=False),
+    sa.Column("arm", sa.Integer, nullable=False),
+    sa.Column("value", sa.Double, nullable=False),
+    sa.Column("prediction_score", sa.Double, nullable=True),
+    sa.Column("guardrails_json", sa.Text, nullable=True),
+    sa.Column("epoch", sa.Integer, nullable=False),
+    sa.Column("received_at", sa.Double, nullable=False),
+    sa.Index(None, "experiment_id", "replica_id", "replica_seq"),
+)
+
+assignment_counts = sa.Table(
+    "assignment_counts",
+    metadata,
+    sa.Column(
+        "experiment_id",
+        sa.Integer,
+        sa.ForeignKey("experiments.id"),
+        primary_key=True,
+        autoincrement=False,
+    ),
+    sa.Column("epoch", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("arm", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("count", sa.BigInteger, nullable=False),
+)
+
+allocation_epochs = sa.Table(
+    "allocation_epochs",
+    metadata,
+    sa.Column(
+        "experiment_id",
+        sa.Integer,
+        sa.ForeignKey("experiments.id"),
+        primary_key=True,
+        autoincrement=False,
+    ),
+    sa.Column("epoch", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("started_at", sa.Double, nullable=False),
+    sa.Column("shares_json", sa.Text, nullable=False),
+)
+
+snapshots = sa.Table(
+    "snapshots",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("experiment_id", sa.Integer, sa.ForeignKey("experiments.id"), nullable=False),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Column("positions_json", sa.Text, nullable=False),
+    sa.Column("payload", sa.LargeBinary, nullable=False),
+    sa.Index(None, "experiment_id", "id"),
+)
+
+audit = sa.Table(
+    "audit",
+    metadata,
+    sa.Column("seq", sa.Integer, primary_key=True),
+    sa.Column("experiment_id", sa.Integer, sa.ForeignKey("experiments.id"), nullable=True),
+    sa.Column("from_state", sa.String(32), nullable=True),
+    sa.Column("to_state", sa.String(32), nullable=True),
+    sa.Column("action", sa.String(64), nullable=False),
+    sa.Column("actor", sa.String(200), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("at", sa.Double, nullable=False),
+    sa.Column("summary_json", sa.Text, nullable=False),
+    sa.Index(None, "experiment_id", "seq"),
+)
+
+events = sa.Table(
+    "events",
+    metadata,
+    sa.Column("seq", sa.Integer, primary_key=True),
+    sa.Column("experiment_id", sa.Integer, sa.ForeignKey("experiments.id"), nullable=True),
+    sa.Column("type", sa.String(64), nullable=False),
+    sa.Column("variant", sa.Integer, nullable=True),
+    sa.Column("at", sa.Double, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("details_json", sa.Text, nullable=False),
+    sa.Index(None, "experiment_id", "seq"),
+)
+
+meta = sa.Table(
+    "meta",
+    metadata,
+    sa.Column("key", sa.String(200), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def normalize_url(url: str) -> sa.URL:
+    """Parse a store URL; bare postgresql:// URLs get the psycopg 3 driver."""
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    if backend in ("postgresql", "postgres"):
+        if parsed.drivername in ("postgresql", "postgres"):
+            parsed = parsed.set(drivername="postgresql+psycopg")
+        return parsed
+    if backend == "sqlite":
+        return parsed
+    raise ValueError(f"unsupported store URL scheme {parsed.drivername!r} (sqlite or postgresql)")
+
+
+def _guard(fn: Callable[P, R]) -> Callable[P, R]:
+    """Turn connectivity failures into StoreUnavailable, naming the operation."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except (sa_exc.OperationalError, sa_exc.InterfaceError) as e:
+            raise StoreUnavailable(fn.__name__, _detail(e)) from e
+        except sa_exc.DBAPIError as e:
+            if e.connection_invalidated:
+                raise StoreUnavailable(fn.__name__, _detail(e)) from e
+            raise
+        except (sa_exc.DisconnectionError, sa_exc.TimeoutError) as e:
+            raise StoreUnavailable(fn.__name__, str(e)) from e
+
+    return wrapper
+
+
+def _detail(e: sa_exc.DBAPIError) -> str:
+    # The driver's message only: SQLAlchemy's str() appends the SQL and its parameters.
+    return " ".join(str(e.orig).split()) or type(e.orig).__name__
+
+
+def _experiment(row: sa.Row[Any]) -> ExperimentRow:
+    return ExperimentRow(
+        id=row.id,
+        name=row.name,
+        config_json=row.config_json,
+        state=row.state,
+        champion=row.champion,
+        version=row.version,
+        # float(): SQLite's RETURNING hands back integral REALs as ints.
+        created_at=float(row.created_at),
+        updated_at=float(row.updated_at),
+        lifecycle_json=row.lifecycle_json,
+    )
+
+
+def _audit_values(record: AuditRecord) -> dict[str, Any]:
+    values = dataclasses.asdict(record)
+    del values["seq"]
+    return values
+
+
+def _event_values(record: EventRecord) -> dict[str, Any]:
+    values = dataclasses.asdict(record)
+    del values["seq"]
+    return values
+
+
+class _FileLock:
+    """An exclusive flock held for the process lifetime; the kernel drops it on kill -9."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            self._fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise StoreUnavailable("open", f"cannot open lock file {path}: {e}") from e
+        try:
+            # flock, not lockf: POSIX record locks are per process, so a second opener in
+            # the same process would silently share the lock.
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self._fd)
+            self._fd = None
+            raise StoreLocked(path.removesuffix(".lock"), holder) from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"pid {os.getpid()}".encode(), 0)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+# ---------------------------------------------------------------- store
+
+
+class SqlStore:
+    """The SQL implementation of `Store`.
+
+    >>> import tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "a.sqlite")
+    >>> with SqlStore.open(f"sqlite:///{path}") as store:
+    ...     store.create_experiment("checkout", "{}", "RUNNING", now=0.0).version
+    1
+    """
+
+    def __init__(self, engine: Engine, config: StoreConfig, lock: _FileLock | None) -> None:
+        self._engine = engine
+        self._config = config
+        self._file_lock = lock
+        self._sqlite = engine.dialect.name == "sqlite"
+        self._insert = sqlite_dialect.insert if self._sqlite else pg_dialect.insert
+        self._next_seq: dict[str, int] = {}
+        # Keys of a batch whose commit raised: it may have committed anyway. If the same key
+        # comes back and the stored row is ours, nobody has acknowledged it yet, so it is new.
+        self._unacked: dict[str, OrderedDict[str, None]] = {}
+        self._writer_locks: dict[str, threading.Lock] = {}
+        self._state_lock = threading.Lock()
+        self._leader_conns: dict[int, Connection] = {}
+        self._closed = False
+
+    @classmethod
+    @_guard
+    def open(cls, config: StoreConfig | str) -> SqlStore:
+        """Connect, lock (SQLite), and migrate to the newest schema revision."""
+        if isinstance(config, str):
+            config = StoreConfig(config)
+        url = normalize_url(config.url)
+        lock = None
+        if url.get_backend_name() == "sqlite":
+            database = url.database or ""
+            if database not in ("", ":memory:") and not database.startswith("file:"):
+                lock = _FileLock(f"{database}.lock")
+        try:
+            engine = _create_engine(url, config)
+            store = cls(engine, config, lock)
+            store._migrate()
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        return store
+
+    @property
+    def shared(self) -> bool:
+        """True when several replicas may use this database (PostgreSQL)."""
+        return not self._sqlite
+
+    @property
+    def dialect(self) -> str:
+        """'sqlite' or 'postgresql'."""
+        return self._engine.dialect.name
+
+    def __enter__(self) -> SqlStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release leader locks, connections and the SQLite file lock (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(StoreUnavailable):
+            self.release_leader_lock()
+        self._engine.dispose()
+        if self._file_lock is not None:
+            self._file_lock.release()
+
+    # ------------------------------------------------------------ plumbing
+
+    @contextlib.contextmanager
+    def _tx(self, *, write: bool) -> Iterator[Connection]:
+        with self._engine.connect() as conn:
+            if write:
+                conn.execution_options(allocator_write=True)
+            with conn.begin():
+                yield conn
+
+    def _migrate(self) -> None:
+        cfg = AlembicConfig()
+        cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+        script = ScriptDirectory.from_config(cfg)
+        head = script.get_current_head()
+        with self._tx(write=True) as conn:
+            if not self._sqlite:
+                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_MIGRATION_LOCK_KEY)))
+            current = MigrationContext.configure(conn).get_current_revision()
+            if current is not None:
+                try:
+                    script.get_revision(current)
+                except (CommandError, RevisionError) as e:
+                    raise SchemaTooNew(current, head) from e
+            if current != head:
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, "head")
+
+    @_guard
+    def ping(self) -> None:
+        """Round-trip to the database; StoreUnavailable if it is down."""
+        with self._engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+
+    # ------------------------------------------------------------ experiments
+
+    @_guard
+    def create_experiment(
+        self, name: str, config_json: str, state: str, now: float, lifecycle_json: str = "{}"
+    ) -> ExperimentRow:
+        """Insert a new experiment at version 1; AlreadyExists if the name is taken."""
+        stmt = (
+            self._insert(experiments)
+            .values(
+                name=name,
+                config_json=config_json,
+                state=state,
+                champion=None,
+                version=1,
+                created_at=now,
+                updated_at=now,
+                lifecycle_json=lifecycle_json,
+            )
+            .on_conflict_do_nothing(index_elements=["name"])
+            .returning(*experiments.c)
+        )
+        with self._tx(write=True) as conn:
+            row = conn.execute(stmt).first()
+        if row is None:
+            raise AlreadyExists(name)
+        return _experiment(row)
+
+    @_guard
+    def get_experiment(self, name: str) -> ExperimentRow | None:
+        """The experiment called `name`, if any."""
+        with self._tx(write=False) as conn:
+            row = conn.execute(sa.select(experiments).where(experiments.c.name == name)).first()
+        return None if row is None else _experiment(row)
+
+    @_guard
+    def get_experiment_by_id(self, experiment_id: int) -> ExperimentRow | None:
+        """The experiment with this id, if any."""
+        with self._tx(write=False) as conn:
+            row = conn.execute(
+                sa.select(experiments).where(experiments.c.id == experiment_id)
+            ).first()
+        return None if row is None else _experiment(row)
+
+    @_guard
+    def list_experiments(self, states: Collection[str] | None = None) -> list[ExperimentRow]:
+        """Experiments ordered by id, optionally only those in `states`."""
+        query = sa.select(experiments).order_by(experiments.c.id)
+        if states is not None:
+            query = query.where(experiments.c.state.in_(list(states)))
+        with self._tx(write=False) as conn:
+            return [_experiment(row) for row in conn.execute(query)]
+
+    @_guard
+    def update_state(
+        self,
+        name: str,
+        *,
+        state: str,
+        champion: int | None,
+        lifecycle_json: str,
+        expected_version: int,
+        now: float,
+        config_json: str | None = None,
+        audit: AuditRecord | None = None,
+        events: Sequence[EventRecord] = (),
+    ) -> ExperimentRow:
+        """Compare-and-set the experiment, with its audit row and events, atomically.
+
+        NotFound if no such experiment, VersionConflict if its version is not
+        `expected_version`; either way nothing is written.
+        """
+        values: dict[str, Any] = {
+            "state": state,
+            "champion": champion,
+            "lifecycle_json": lifecycle_json,
+            "version": experiments.c.version + 1,
+            "updated_at": now,
+        }
+        if config_json is not None:
+            values["config_json"] = config_json
+        stmt = (
+            sa.update(experiments)
+            .where(experiments.c.name == name, experiments.c.version == expected_version)
+            .values(values)
+            .returning(*experiments.c)
+        )
+        with self._tx(write=True) as conn:
+            row = conn.execute(stmt).first()
+            if row is None:
+                actual = conn.execute(
+                    sa.select(experiments.c.version).where(experiments.c.name == name)
+                ).scalar()
+                if actual is None:
+                    raise NotFound(name)
+                raise VersionConflict(name, expected_version, actual)
+            updated = _experiment(row)
+            if audit is not None:
+                record = dataclasses.replace(audit, experiment_id=updated.id)
+                self._insert_audit(conn, record)
+            for event in events:
+                self._insert_event(conn, dataclasses.replace(event, experiment_id=updated.id))
+        return updated
+
+    # ------------------------------------------------------------ reward log
+
+    def _writer_lock(self, replica_id: str) -> threading.Lock:
+        with self._state_lock:
+            return self._writer_locks.setdefault(replica_id, threading.Lock())
+
+    @_guard
+    def append_rewards(self, replica_id: str, rows: Sequence[RewardRow]) -> list[bool]:
+        """Durably log new rewards in one commit; per row True if new, False if duplicate.
+
+        A key repeated inside `rows` counts at its first occurrence only. When this returns
+        the commit is durable (SQLite WAL with synchronous=FULL; PostgreSQL with its
+        default synchronous_commit=on).
+        """
+        if not 0 < len(replica_id) <= MAX_REPLICA_ID_CHARS:
+            raise ValueError(f"replica_id must be 1..{MAX_REPLICA_ID_CHARS} characters")
+        result = [False] * len(rows)
+        first: dict[str, int] = {}
+        for i, row in enumerate(rows):
+            if not 0 < len(row.dedup_key) <= MAX_DEDUP_KEY_CHARS:
+                raise ValueError(f"dedup_key must be 1..{MAX_DEDUP_KEY_CHARS} characters")
+            first.setdefault(row.dedup_key, i)
+        if not first:
+            return result
+        # One writer per replica id keeps its commits in replica_seq order (see module doc).
+        with self._writer_lock(replica_id):
+            new_keys = self._append_locked(replica_id, rows, first)
+        for key, i in first.items():
+            result[i] = key in new_keys
+        return result
+
+    def _append_locked(
+        self, replica_id: str, rows: Sequence[RewardRow], first: dict[str, int]
+    ) -> set[str]:
+        keys = list(first)
+        start = self._next_seq.get(replica_id)
+        try:
+            with self._tx(write=True) as conn:
+                if start is None:
+                    start = self._max_seq(conn, replica_id) + 1
+                params = [
+                    {
+                        "replica_id": replica_id,
+                        "replica_seq": start + j,
+                        "dedup_key": key,
+                        "experiment_id": rows[i].experiment_id,
+                        "arm": rows[i].arm,
+                        "value": rows[i].value,
+                        "prediction_score": rows[i].prediction_score,
+                        "guardrails_json": rows[i].guardrails_json,
+                        "epoch": rows[i].epoch,
+                        "received_at": rows[i].received_at,
+                    }
+                    for j, (key, i) in enumerate(first.items())
+                ]
+                stmt = (
+                    self._insert(rewards)
+                    .on_conflict_do_nothing(index_elements=["dedup_key"])
+                    .returning(rewards.c.dedup_key)
+                )
+                new_keys = set(conn.execute(stmt, params).scalars())
+                unacked = self._unacked.get(replica_id)
+                if unacked:
+                    new_keys |= self._reclaim(conn, replica_id, keys, new_keys, unacked)
+        except sa_exc.IntegrityError:
+            self._next_seq.pop(replica_id, None)
+            with self._tx(write=False) as conn:
+                stored_max = self._max_seq(conn, replica_id)
+            if start is not None and stored_max >= start:
+                raise ReplicaConflict(replica_id) from None
+            raise
+        except BaseException:
+            # The commit may or may not have happened: re-read the sequence next time and
+            # remember the keys so a retry of this batch is not mistaken for duplicates.
+            self._next_seq.pop(replica_id, None)
+            unacked = self._unacked.setdefault(replica_id, OrderedDict())
+            unacked.update(dict.fromkeys(keys))
+            while len(unacked) > _UNACKED_CAP:
+                unacked.popitem(last=False)
+            raise
+        self._next_seq[replica_id] = start + len(keys)
+        unacked = self._unacked.get(replica_id)
+        if unacked:
+            for key in keys:
+                unacked.pop(key, None)
+        return new_keys
+
+    @staticmethod
+    def _reclaim(
+        conn: Connection,
+        replica_id: str,
+        keys: Sequence[str],
+        new_keys: set[str],
+        unacked: Mapping[str, None],
+    ) -> set[str]:
+        doubtful = [k for k in keys if k not in new_keys and k in unacked]
+        if not doubtful:
+            return set()
+        return set(
+            conn.execute(
+                sa.select(rewards.c.dedup_key).where(
+                    rewards.c.dedup_key.in_(doubtful), rewards.c.replica_id == replica_id
+                )
+            ).scalars()
+        )
+
+    @staticmethod
+    def _max_seq(conn: Connection, replica_id: str) -> int:
+        value = conn.execute(
+            sa.select(sa.func.max(rewards.c.replica_seq)).where(rewards.c.replica_id == replica_id)
+        ).scalar()
+        return 0 if value is None else int(value)
+
+    @_guard
+    def rewards_since(
+        self,
+        positions: Mapping[str, int],
+        exclude_replica: str | None = None,
+        limit: int = 10_000,
+        experiment_id: int | None = None,
+    ) -> list[LoggedReward]:
+        """Rows past `positions` (replicas missing from it: from the start).
+
+        Ordered by (replica_id, replica_seq); page by advancing `positions` to the last row
+        seen per replica and calling again until the result is shorter than `limit`.
+        """
+        if limit < 1:
+            raise ValueError(f"limit must be >= 1, got {limit}")
+        c = rewards.c
+        query = sa.select(rewards).order_by(c.replica_id, c.replica_seq).limit(limit)
+        if positions:
+            query = query.where(
+                sa.or_(
+                    *(
+                        sa.and_(c.replica_id == rid, c.replica_seq > seq)
+                        for rid, seq in positions.items()
+                    ),
+                    c.replica_id.not_in(list(positions)),
+                )
+            )
+        if exclude_replica is not None:
+            query = query.where(c.replica_id != exclude_replica)
+        if experiment_id is not None:
+            query = query.where(c.experiment_id == experiment_id)
+        with self._tx(write=False) as conn:
+            return [
+                LoggedReward(
+                    replica_id=r.replica_id,
+                    replica_seq=r.replica_seq,
+                    dedup_key=r.dedup_key,
+                    experiment_id=r.experiment_id,
+                    arm=r.arm,
+                    value=float(r.value),
+                    prediction_score=(
+                        None if r.prediction_score is None else float(r.prediction_score)
+                    ),
+                    guardrails_json=r.guardrails_json,
+                    epoch=r.epoch,
+                    received_at=float(r.received_at),
+                )
+                for r in conn.execute(query)
+            ]
+
+    @_guard
+    def replica_positions(self) -> dict[str, int]:
+        """Highest logged replica_seq per replica."""
+        query = sa.select(rewards.c.replica_id, sa.func.max(rewards.c.replica_seq)).group_by(
+            rewards.c.replica_id
+        )
+        with self._tx(write=False) as conn:
+            return {rid: int(seq) for rid, seq in conn.execute(query)}
+
+    # ------------------------------------------------------------ counts and epochs
+
+    @_guard
+    def add_assignment_counts(self, rows: Sequence[AssignmentCount]) -> None:
+        """Add the deltas to the stored counts (rows for the same cell are summed first)."""
+        totals: dict[tuple[int, int, int], int] = {}
+        for r in rows:
+            cell = (r.experiment_id, r.epoch, r.arm)
+            totals[cell] = totals.get(cell, 0) + r.count
+        if not totals:
+            return
+        # Sorted so concurrent replicas lock rows in one order and cannot deadlock; and one
+        # row per cell, since PostgreSQL refuses to upsert the same row twice in a statement.
+        params = [
+            {"experiment_id": e, "epoch": ep, "arm": a, "count": n}
+            for (e, ep, a), n in sorted(totals.items())
+        ]
+        stmt = self._insert(assignment_counts)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["experiment_id", "epoch", "arm"],
+            set_={"count": assignment_counts.c.count + stmt.excluded.count},
+        )
+        with self._tx(write=True) as conn:
+            conn.execute(stmt, params)
+
+    @_guard
+    def assignment_counts(self, experiment_id: int) -> list[AssignmentCount]:
+        """Stored counts ordered by (epoch, arm)."""
+        c = assignment_counts.c
+        # Unpacked by position: a Row is a tuple, and `row.count` is tuple.count.
+        query = (
+            sa.select(c.epoch, c.arm, c.count)
+            .where(c.experiment_id == experiment_id)
+            .order_by(c.epoch, c.arm)
+        )
+        with self._tx(write=False) as conn:
+            return [
+                AssignmentCount(experiment_id=experiment_id, epoch=epoch, arm=arm, count=int(n))
+                for epoch, arm, n in conn.execute(query)
+            ]
+
+    @_guard
+    def record_allocation_epoch(self, epoch: AllocationEpoch) -> bool:
+        """Store an epoch's shares; False if that epoch was already recorded."""
+        stmt = (
+            self._insert(allocation_epochs)
+            .values(
+                experiment_id=epoch.experiment_id,
+                epoch=epoch.epoch,
+                started_at=epoch.started_at,
+                shares_json=json.dumps(list(epoch.shares)),
+            )
+            .on_conflict_do_nothing(index_elements=["experiment_id", "epoch"])
+            .returning(allocation_epochs.c.epoch)
+        )
+        with self._tx(write=True) as conn:
+            return conn.execute(stmt).first() is not None
+
+    @_guard
+    def allocation_epochs(self, experiment_id: int) -> list[AllocationEpoch]:
+        """All epochs of an experiment, oldest first."""
+        c = allocation_epochs.c
+        query = (
+            sa.select(allocation_epochs).where(c.experiment_id == experiment_id).order_by(c.epoch)
+        )
+        with self._tx(write=False) as conn:
+            return [
+                AllocationEpoch(
+                    experiment_id=r.experiment_id,
+                    epoch=r.epoch,
+                    started_at=r.started_at,
+                    shares=tuple(float(x) for x in json.loads(r.shares_json)),
+                )
+                for r in conn.execute(query)
+            ]
+
+    # ------------------------------------------------------------ snapshots
+
+    @_guard
+    def save_snapshot(
+        self, experiment_id: int, positions: Mapping[str, int], payload: bytes, now: float
+    ) -> int:
+        """Store a snapshot and keep only the newest `snapshots_kept`; returns its id."""
+        c = snapshots.c
+        with self._tx(write=True) as conn:
+            snapshot_id = conn.execute(
+                sa.insert(snapshots)
+                .values(
+                    experiment_id=experiment_id,
+                    created_at=now,
+                    positions_json=json.dumps(dict(positions), sort_keys=True),
+                    payload=payload,
+                )
+                .returning(c.id)
+            ).scalar_one()
+            kept = (
+                sa.select(c.id)
+                .where(c.experiment_id == experiment_id)
+                .order_by(c.id.desc())
+                .limit(self._config.snapshots_kept)
+            )
+            conn.execute(
+                sa.delete(snapshots).where(
+                    c.experiment_id == experiment_id, c.id.not_in(kept.scalar_subquery())
+                )
+            )
+        return int(snapshot_id)
+
+    @_guard
+    def latest_snapshot(self, experiment_id: int) -> SnapshotRow | None:
+        """The newest snapshot of an experiment, if any."""
+        c = snapshots.c
+        query = (
+            sa.select(snapshots)
+            .where(c.experiment_id == experiment_id)
+            .order_by(c.id.desc())
+            .limit(1)
+        )
+        with self._tx(write=False) as conn:
+            r = conn.execute(query).first()
+        if r is None:
+            return None
+        return SnapshotRow(
+            id=r.id,
+            experiment_id=r.experiment_id,
+            created_at=r.created_at,
+            positions={str(k): int(v) for k, v in json.loads(r.positions_json).items()},
+            payload=bytes(r.payload),
+        )
+
+    # ------------------------------------------------------------ audit and events
+
+    def _serialize_appends(self, conn: Connection, table: sa.Table) -> None:
+        # seq comes from a sequence: without this lock a writer holding seq 7 could commit
+        # after another committed seq 8, and a watcher polling events_after(7) would skip 7.
+        # Appends are rare (state changes), so serializing them costs nothing.
+        if not self._sqlite:
+            conn.execute(sa.text(f"LOCK TABLE {table.name} IN SHARE ROW EXCLUSIVE MODE"))
+
+    def _insert_audit(self, conn: Connection, record: AuditRecord) -> int:
+        self._serialize_appends(conn, audit)
+        stmt = sa.insert(audit).values(_audit_values(record)).returning(audit.c.seq)
+        return int(conn.execute(stmt).scalar_one())
+
+    def _insert_event(self, conn: Connection, record: EventRecord) -> int:
+        self._serialize_appends(conn, events)
+        stmt = sa.insert(events).values(_event_values(record)).returning(events.c.seq)
+        return int(conn.execute(stmt).scalar_one())
+
+    @_guard
+    def append_audit(self, record: AuditRecord) -> int:
+        """Append an audit row; returns its seq."""
+        with self._tx(write=True) as conn:
+            return self._insert_audit(conn, record)
+
+    @_guard
+    def list_audit(self, experiment_id: int | None = None, limit: int = 1000) -> list[AuditRecord]:
+        """The newest `limit` audit rows (of one experiment, or all), oldest first."""
+        query = sa.select(audit).order_by(audit.c.seq.desc()).limit(limit)
+        if experiment_id is not None:
+            query = query.where(audit.c.experiment_id == experiment_id)
+        with self._tx(write=False) as conn:
+            rows = list(conn.execute(query))
+        return [
+            AuditRecord(
+                seq=r.seq,
+                experiment_id=r.experiment_id,
+                action=r.action,
+                actor=r.actor,
+                at=r.at,
+                from_state=r.from_state,
+                to_state=r.to_state,
+                reason=r.reason,
+                summary_json=r.summary_json,
+            )
+            for r in reversed(rows)
+        ]
+
+    @_guard
+    def append_event(self, record: EventRecord) -> int:
+        """Append an event; returns its seq."""
+        with self._tx(write=True) as conn:
+            return self._insert_event(conn, record)
+
+    @_guard
+    def events_after(
+        self, seq: int, experiment_id: int | None = None, limit: int = 1000
+    ) -> list[EventRecord]:
+        """Events with seq > `seq` (of one experiment, or all), oldest first."""
+        query = sa.select(events).where(events.c.seq > seq).order_by(events.c.seq).limit(limit)
+        if experiment_id is not None:
+            query = query.where(events.c.experiment_id == experiment_id)
+        with self._tx(write=False) as conn:
+            return [
+                EventRecord(
+                    seq=r.seq,
+                    experiment_id=r.experiment_id,
+                    type=r.type,
+                    at=r.at,
+                    variant=r.variant,
+                    reason=r.reason,
+                    details_json=r.details_json,
+                )
+                for r in conn.execute(query)
+            ]
+
+    # ------------------------------------------------------------ meta
+
+    @_guard
+    def get_meta(self, key: str) -> str | None:
+        """A metadata value."""
+        with self._tx(write=False) as conn:
+            value = conn.execute(sa.select(meta.c.value).where(meta.c.key == key)).scalar()
+        return None if value is None else str(value)
+
+    @_guard
+    def set_meta(self, key: str, value: str) -> None:
+        """Insert or overwrite a metadata value."""
+        stmt = self._insert(meta).values(key=key, value=value)
+        stmt = stmt.on_conflict_do_update(index_elements=["key"], set_={"value": value})
+        with self._tx(write=True) as conn:
+            conn.execute(stmt)
+
+    @_guard
+    def set_meta_if_absent(self, key: str, value: str) -> str:
+        """Store `value` unless `key` exists; return the value in force (race-safe)."""
+        stmt = self._insert(meta).values(key=key, value=value)
+        stmt = stmt.on_conflict_do_nothing(index_elements=["key"])
+        with self._tx(write=True) as conn:
+            conn.execute(stmt)
+            # READ COMMITTED: this new statement sees the winner's row even if it was a
+            # concurrent transaction that the insert above waited for.
+            stored = conn.execute(sa.select(meta.c.value).where(meta.c.key == key)).scalar_one()
+        return str(stored)
+
+    # ------------------------------------------------------------ leadership
+
+    def try_leader_lock(self, key: int) -> bool:
+        """Take or confirm the cluster-wide lock `key`; False if another replica holds it.
+
+        PostgreSQL: a session advisory lock on a dedicated autocommit connection, so the
+        lock lives exactly as long as that session (a crashed leader's lock is freed by the
+        server). Confirming runs a query on that session, which fails if it died. Raises
+        StoreUnavailable when the database is unreachable: treat that as "not leader".
+        SQLite: always True (one replica by construction).
+        """
+        if self._sqlite:
+            return True
+        return self._try_pg_lock(key)
+
+    @_guard
+    def _try_pg_lock(self, key: int) -> bool:
+        held = self._leader_conns.get(key)
+        if held is not None:
+            try:
+                held.execute(sa.text("SELECT 1"))
+                return True
+            except sa_exc.DBAPIError:
+                self._drop_leader_conn(key)
+        conn = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        try:
+            got = bool(conn.execute(sa.select(sa.func.pg_try_advisory_lock(key))).scalar())
+        except BaseException:
+            conn.invalidate()
+            conn.close()
+            raise
+        if not got:
+            conn.close()
+            return False
+        self._leader_conns[key] = conn
+        return True
+
+    def release_leader_lock(self, key: int | None = None) -> None:
+        """Give up one leader lock (or all); a no-op for locks not held."""
+        for k in [key] if key is not None else list(self._leader_conns):
+            conn = self._leader_conns.get(k)
+            if conn is None:
+                continue
+            with contextlib.suppress(sa_exc.DBAPIError):
+                conn.execute(sa.select(sa.func.pg_advisory_unlock(k)))
+            self._drop_leader_conn(k)
+
+    def _drop_leader_conn(self, key: int) -> None:
+        conn = self._leader_conns.pop(key)
+        with contextlib.suppress(sa_exc.DBAPIError):
+            # Closing the session is what guarantees the server frees the lock.
+            conn.invalidate()
+        conn.close()
+
+
+def _create_engine(url: sa.URL, config: StoreConfig) -> Engine:
+    if url.get_backend_name() != "sqlite":
+        return sa.create_engine(
+            url,
+            pool_pre_ping=True,
+            pool_size=config.pool_size,
+            max_overflow=config.pool_size,
+            connect_args={
+                "connect_timeout": max(1, round(config.connect_timeout_seconds)),
+                "application_name": "allocator",
+            },
+        )
+    memory = url.database in (None, "", ":memory:")
+    engine = sa.create_engine(
+        url,
+        connect_args={"check_same_thread": False, "timeout": config.busy_timeout_seconds},
+        poolclass=StaticPool if memory else None,
+    )
+    busy_ms = round(config.busy_timeout_seconds * 1000)
+
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # We emit BEGIN ourselves (pysqlite's implicit transactions are not SERIALIZABLE
+        # reads); WAL lets readers run beside the writer, synchronous=FULL fsyncs the WAL on
+        # every commit so an acknowledged reward survives kill -9 and power loss.
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=FULL")
+        cur.execute(f"PRAGMA busy_timeout={busy_ms}")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        # Writers take the write lock up front: a deferred transaction that reads first and
+        # then writes fails with SQLITE_BUSY at once instead of waiting out busy_timeout.
+        immediate = conn.get_execution_options().get("allocator_write", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    return engine

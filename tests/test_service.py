@@ -1,0 +1,394 @@
+"""Every RPC and every documented status code, against a real server on port 0."""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from allocator_client import AllocatorClient
+from allocator_client.v1 import allocator_pb2 as pb
+from allocator_client.v1 import allocator_pb2_grpc as pb_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from allocator.server import STORE_HEALTH, Running
+from tests.conftest import ADMIN_TOKEN
+
+
+def _spec(
+    name: str = "exp", variants: tuple[str, ...] = ("a", "b", "c"), **kw: object
+) -> pb.ExperimentSpec:
+    return pb.ExperimentSpec(name=name, variants=list(variants), seed=11, **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def stub(server: Running) -> Iterator[pb_grpc.AllocatorStub]:
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        yield pb_grpc.AllocatorStub(ch)
+
+
+def _code(fn: object, *args: object, **kw: object) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as err:
+        fn(*args, **kw)  # type: ignore[operator]
+    return err.value.code(), err.value.details()  # type: ignore[attr-defined]
+
+
+ADMIN = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
+
+
+def test_create_get_list_archive(client: AllocatorClient, stub: pb_grpc.AllocatorStub) -> None:
+    exp = client.create_experiment(_spec())
+    assert exp.state == pb.EXPERIMENT_STATE_RUNNING and exp.version >= 1
+    assert client.get_experiment("exp").spec.variants == ["a", "b", "c"]
+    client.create_experiment(_spec("other"))
+    assert [e.spec.name for e in client.list_experiments()] == ["exp", "other"]
+    page = stub.ListExperiments(pb.ListExperimentsRequest(page_size=1))
+    assert [e.spec.name for e in page.experiments] == ["exp"] and page.next_page_token
+    archived = client.archive_experiment("other", reason="done")
+    assert archived.state == pb.EXPERIMENT_STATE_ARCHIVED
+    code, details = _code(client.assign, "other")
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "archived" in details
+
+
+def test_create_errors_name_the_field(client: AllocatorClient, stub: pb_grpc.AllocatorStub) -> None:
+    client.create_experiment(_spec())
+    code, details = _code(stub.CreateExperiment, pb.CreateExperimentRequest(spec=_spec()))
+    assert code == grpc.StatusCode.ALREADY_EXISTS and "'exp'" in details
+    bad = [
+        (_spec("x", ("a",)), "spec.variants"),
+        (_spec("", ("a", "b")), "spec.name"),
+        (_spec("x", ("a", "a")), "unique"),
+        (_spec("bad name", ("a", "b")), "name"),
+        (_spec("x", policy=pb.POLICY_EPSILON_GREEDY, epsilon=3.0), "spec.epsilon"),
+        (_spec("x", weights=[1.0, 2.0, 3.0]), "spec.weights"),
+        (_spec("x", prior_alpha=-1.0), "spec.prior_alpha"),
+        (_spec("x", traffic=pb.TrafficSettings(floor=0.5)), "spec.traffic"),
+    ]
+    for spec, field in bad:
+        code, details = _code(stub.CreateExperiment, pb.CreateExperimentRequest(spec=spec))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (spec, details)
+        assert field in details, details
+    assert [e.spec.name for e in client.list_experiments()] == ["exp"]
+
+
+def test_unknown_experiment_is_not_found(stub: pb_grpc.AllocatorStub) -> None:
+    for call, req in [
+        (stub.GetExperiment, pb.GetExperimentRequest(experiment="nope")),
+        (stub.Assign, pb.AssignRequest(experiment="nope")),
+        (stub.AssignBatch, pb.AssignBatchRequest(experiment="nope", count=3)),
+        (stub.GetReport, pb.GetReportRequest(experiment="nope")),
+    ]:
+        code, details = _code(call, req)
+        assert code == grpc.StatusCode.NOT_FOUND and "'nope'" in details
+    code, details = _code(stub.Assign, pb.AssignRequest())
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "experiment" in details
+
+
+def test_assign_and_reward_with_duplicates(client: AllocatorClient, server: Running) -> None:
+    client.create_experiment(_spec())
+    d = client.assign("exp")
+    assert d.variant in ("a", "b", "c") and 0 < d.propensity <= 1
+    assert client.reward(d.decision_id, 1.0) == pb.REWARD_STATUS_ACCEPTED
+    assert client.reward(d.decision_id, 1.0) == pb.REWARD_STATUS_DUPLICATE
+    assert sum(server.app.engine.counts("exp").values()) == 1
+    ev = client.reward_event("exp", "b", "order-17", 0.0)
+    assert ev == pb.REWARD_STATUS_ACCEPTED
+    assert client.reward_event("exp", "b", "order-17", 0.0) == pb.REWARD_STATUS_DUPLICATE
+    assert server.app.engine.counts("exp")["b"] >= 1
+
+
+def test_unit_id_is_sticky(client: AllocatorClient) -> None:
+    client.create_experiment(_spec())
+    first = [client.assign("exp", unit_id=f"u{i}").variant for i in range(30)]
+    assert first == [client.assign("exp", unit_id=f"u{i}").variant for i in range(30)]
+
+
+def test_reward_errors_change_nothing(
+    client: AllocatorClient, stub: pb_grpc.AllocatorStub, server: Running
+) -> None:
+    client.create_experiment(_spec())
+    d = client.assign("exp")
+    forged = d.decision_id[:-3] + ("AAA" if not d.decision_id.endswith("AAA") else "BBB")
+    for req, field in [
+        (pb.RewardRequest(decision_id=forged, value=1.0), "decision_id"),
+        (pb.RewardRequest(decision_id="garbage", value=1.0), "decision_id"),
+        (pb.RewardRequest(decision_id=d.decision_id, value=float("nan")), "values"),
+        (pb.RewardRequest(decision_id=d.decision_id, value=2.0), "values"),
+        (pb.RewardRequest(value=1.0), "target"),
+        (
+            pb.RewardRequest(
+                event=pb.EventTarget(experiment="exp", variant="zzz", event_id="e"), value=1
+            ),
+            "variants",
+        ),
+        (
+            pb.RewardRequest(
+                event=pb.EventTarget(experiment="exp", variant="a", event_id=""), value=1
+            ),
+            "event_ids",
+        ),
+    ]:
+        code, details = _code(stub.Reward, req)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+        assert field in details, details
+    b = client.assign_batch("exp", 10)
+    bad_batch = pb.RewardBatchRequest(
+        experiment="exp", batch_token=b.batch_token, indices=[0, 1, 99], values=[1, 1, 1]
+    )
+    code, details = _code(stub.RewardBatch, bad_batch)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "indices[2]" in details
+    mixed = pb.RewardBatchRequest(
+        experiment="exp", decision_ids=[d.decision_id, "junk"], values=[1.0, 1.0]
+    )
+    code, details = _code(stub.RewardBatch, mixed)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "decision_ids[1]" in details
+    # Nothing of the failed batches was applied.
+    assert sum(server.app.engine.counts("exp").values()) == 0
+    assert client.reward(d.decision_id, 1.0) == pb.REWARD_STATUS_ACCEPTED
+
+
+def test_decision_of_another_experiment_is_rejected(
+    client: AllocatorClient, stub: pb_grpc.AllocatorStub
+) -> None:
+    client.create_experiment(_spec("one"))
+    client.create_experiment(_spec("two"))
+    d = client.assign("one")
+    req = pb.RewardBatchRequest(experiment="two", decision_ids=[d.decision_id], values=[1.0])
+    code, details = _code(stub.RewardBatch, req)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "belongs to 'one'" in details
+
+
+def test_expired_decision_is_reported_expired(tmp_path: object, registry: object) -> None:
+    from pathlib import Path
+
+    from allocator.server import create_server
+    from tests.conftest import server_config
+
+    running = create_server(
+        server_config(f"sqlite:///{Path(str(tmp_path)) / 'e.sqlite'}", attribution_window_s=1),
+        registry=registry,  # type: ignore[arg-type]
+    )
+    try:
+        with AllocatorClient(f"127.0.0.1:{running.port}", timeout=5) as c:
+            c.create_experiment(_spec())
+            d = c.assign("exp")
+            time.sleep(1.3)
+            assert c.reward(d.decision_id, 1.0) == pb.REWARD_STATUS_EXPIRED
+            assert sum(running.app.engine.counts("exp").values()) == 0
+    finally:
+        running.stop(1.0)
+
+
+def test_batch_and_streams(
+    client: AllocatorClient, stub: pb_grpc.AllocatorStub, server: Running
+) -> None:
+    client.create_experiment(_spec())
+    b = client.assign_batch("exp", 500)
+    assert len(b.variant_indices) == 500 and len(b.propensities) == 500
+    resp = client.reward_batch(
+        "exp", [1.0] * 500, batch_token=b.batch_token, indices=list(range(500))
+    )
+    assert resp.accepted == 500 and resp.duplicates == 0
+    again = client.reward_batch("exp", [1.0] * 2, decision_ids=[b.decision_id(0), b.decision_id(1)])
+    assert again.duplicates == 2
+    reqs = [
+        pb.AssignStreamRequest(
+            request_id=i, batch=pb.AssignBatchRequest(experiment="exp", count=50)
+        )
+        for i in range(5)
+    ]
+    out = list(stub.AssignStream(iter(reqs)))
+    assert [r.request_id for r in out] == list(range(5))
+    rreqs = [
+        pb.RewardStreamRequest(
+            request_id=i,
+            batch=pb.RewardBatchRequest(
+                experiment="exp",
+                batch_token=r.batch.batch_token,
+                indices=list(range(50)),
+                values=[0.0] * 50,
+            ),
+        )
+        for i, r in enumerate(out)
+    ]
+    rout = list(stub.RewardStream(iter(rreqs)))
+    assert [r.batch.accepted for r in rout] == [50] * 5
+    assert sum(server.app.engine.counts("exp").values()) == 750
+    bad = iter(
+        [
+            pb.AssignStreamRequest(
+                request_id=1, batch=pb.AssignBatchRequest(experiment="zz", count=1)
+            )
+        ]
+    )
+    code, _ = _code(lambda: list(stub.AssignStream(bad)))
+    assert code == grpc.StatusCode.NOT_FOUND
+
+
+def test_report_has_both_statistics(client: AllocatorClient, server: Running) -> None:
+    client.create_experiment(_spec())
+    for _ in range(5):
+        b = client.assign_batch("exp", 400)
+        values = [
+            1.0 if (v == 1 and i % 3 == 0) or i % 10 == 0 else 0.0
+            for i, v in enumerate(b.variant_indices)
+        ]
+        client.reward_batch("exp", values, batch_token=b.batch_token, indices=list(range(400)))
+    rep = client.get_report("exp")
+    assert [v.name for v in rep.variants] == ["a", "b", "c"]
+    assert sum(v.assignments for v in rep.variants) == 2000
+    assert sum(v.rewards for v in rep.variants) == 2000
+    assert abs(sum(v.p_best for v in rep.variants) - 1.0) < 1e-9
+    assert rep.variants[1].p_best > 0.9
+    assert {t.variant for t in rep.tests} == {"b", "c"}
+    assert all(0 <= t.p_value <= 1 for t in rep.tests)
+    # Adaptive allocation, honestly logged: no sample-ratio mismatch.
+    assert not rep.srm.flagged
+    assert rep.allocation_history and "stratified" in rep.notes
+    for v in rep.variants:
+        assert v.ci_low <= v.mean <= v.ci_high or v.rewards == 0
+
+
+def test_admin_needs_token_and_transitions(server: Running, stub: pb_grpc.AllocatorStub) -> None:
+    stub.CreateExperiment(pb.CreateExperimentRequest(spec=_spec()))
+    req = pb.PromoteRequest(experiment="exp", variant="b", reason="test")
+    code, details = _code(stub.Promote, req)
+    assert code == grpc.StatusCode.UNAUTHENTICATED and "Bearer" in details
+    code, _ = _code(stub.Promote, req, metadata=(("authorization", "Bearer wrong"),))
+    assert code == grpc.StatusCode.PERMISSION_DENIED
+    code, details = _code(
+        stub.Promote, pb.PromoteRequest(experiment="exp", variant="zz"), metadata=ADMIN
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "variant" in details
+    promoted = stub.Promote(req, metadata=ADMIN).experiment
+    assert promoted.state == pb.EXPERIMENT_STATE_PROMOTED and promoted.champion == "b"
+    batch = stub.AssignBatch(pb.AssignBatchRequest(experiment="exp", count=200))
+    assert set(batch.variant_indices) == {1}
+    code, details = _code(stub.Promote, req, metadata=ADMIN)
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "PROMOTED" in details
+    paused = stub.Pause(pb.PauseRequest(experiment="exp", reason="incident"), metadata=ADMIN)
+    assert paused.experiment.state == pb.EXPERIMENT_STATE_PAUSED
+    resumed = stub.Resume(pb.ResumeRequest(experiment="exp"), metadata=ADMIN)
+    assert resumed.experiment.state == pb.EXPERIMENT_STATE_PROMOTED
+    back = stub.Rollback(pb.RollbackRequest(experiment="exp", reason="regressed"), metadata=ADMIN)
+    assert (
+        back.experiment.state == pb.EXPERIMENT_STATE_ROLLED_BACK and back.experiment.champion == "a"
+    )
+    batch = stub.AssignBatch(pb.AssignBatchRequest(experiment="exp", count=200))
+    assert set(batch.variant_indices) == {0}
+    added = stub.AddVariant(pb.AddVariantRequest(experiment="exp", variant="d", reason="retrained"))
+    assert added.experiment.state == pb.EXPERIMENT_STATE_REOPENED
+    assert list(added.experiment.spec.variants) == ["a", "b", "c", "d"]
+    audit = server.app.store.list_audit(server.app.records["exp"].id)
+    assert [a.action for a in audit] == [
+        "CREATE",
+        "PROMOTE",
+        "PAUSE",
+        "RESUME",
+        "ROLLBACK",
+        "ADD_VARIANT",
+    ]
+
+
+def test_watch_events_live_and_replay(server: Running, stub: pb_grpc.AllocatorStub) -> None:
+    stub.CreateExperiment(pb.CreateExperimentRequest(spec=_spec()))
+    # Two events first, so the replay below starts after a real sequence number (0 = live).
+    stub.Pause(pb.PauseRequest(experiment="exp"), metadata=ADMIN)
+    stub.Resume(pb.ResumeRequest(experiment="exp"), metadata=ADMIN)
+    got: list[pb.Event] = []
+    call = stub.WatchEvents(pb.WatchEventsRequest(experiment="exp"))
+
+    def read() -> None:
+        for resp in call:
+            got.append(resp.event)
+            if len(got) == 2:
+                return
+
+    t = threading.Thread(target=read)
+    t.start()
+    time.sleep(0.5)
+    stub.Promote(pb.PromoteRequest(experiment="exp", variant="c"), metadata=ADMIN)
+    stub.Rollback(pb.RollbackRequest(experiment="exp"), metadata=ADMIN)
+    t.join(10)
+    call.cancel()
+    assert [e.type for e in got] == [pb.EVENT_TYPE_PROMOTED, pb.EVENT_TYPE_ROLLED_BACK]
+    assert got[0].variant == "c" and got[0].sequence < got[1].sequence
+    replay = stub.WatchEvents(
+        pb.WatchEventsRequest(after_sequence=got[0].sequence - 1), timeout=1.5
+    )
+    seen = []
+    with pytest.raises(grpc.RpcError):
+        for resp in replay:
+            seen.append(resp.event.type)
+    assert seen[:2] == [pb.EVENT_TYPE_PROMOTED, pb.EVENT_TYPE_ROLLED_BACK]
+    code, _ = _code(lambda: list(stub.WatchEvents(pb.WatchEventsRequest(experiment="nope"))))
+    assert code == grpc.StatusCode.NOT_FOUND
+
+
+def test_health_reflection_and_shutdown(server: Running) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        health = health_pb2_grpc.HealthStub(ch)
+        for service in ("", "allocator.v1.Allocator", STORE_HEALTH):
+            resp = health.Check(health_pb2.HealthCheckRequest(service=service))
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+        refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+        out = list(
+            refl.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+            )
+        )
+        names = {s.name for s in out[0].list_services_response.service}
+        assert {"allocator.v1.Allocator", "grpc.health.v1.Health"} <= names
+        server.health.enter_graceful_shutdown()
+        resp = health.Check(health_pb2.HealthCheckRequest(service=""))
+        assert resp.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def test_metrics_endpoint_parses_and_has_documented_series(
+    client: AllocatorClient, server: Running
+) -> None:
+    client.create_experiment(_spec())
+    d = client.assign("exp")
+    client.reward(d.decision_id, 1.0)
+    with pytest.raises(grpc.RpcError):
+        client.assign("missing")
+    body = (
+        urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/metrics", timeout=5)
+        .read()
+        .decode()
+    )
+    families = {f.name: f for f in text_string_to_metric_families(body)}
+    for name in (
+        "allocator_requests",
+        "allocator_request_duration_seconds",
+        "allocator_decision_duration_seconds",
+        "allocator_assignments",
+        "allocator_rewards",
+        "allocator_allocation_share",
+        "allocator_reward_items",
+        "allocator_store_flush_duration_seconds",
+        "allocator_store_queue_depth",
+        "allocator_store_up",
+        "allocator_experiments",
+        "allocator_events",
+    ):
+        assert name in families, name
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in families.values()
+        for s in f.samples
+    }
+    assert samples[("allocator_requests_total", (("code", "OK"), ("rpc", "Assign")))] == 1
+    assert samples[("allocator_requests_total", (("code", "NOT_FOUND"), ("rpc", "Assign")))] == 1
+    assert (
+        samples[("allocator_assignments_total", (("experiment", "exp"), ("variant", d.variant)))]
+        == 1
+    )
+    assert samples[("allocator_reward_items_total", (("status", "accepted"),))] == 1
+    health = urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/healthz", timeout=5)
+    assert health.status == 200

@@ -1,0 +1,668 @@
+"""Tests for allocator.store on SQLite and on a real PostgreSQL (fresh database per test).
+
+Needs the fixtures of tests/conftest_pg.py (registered as a plugin by tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import exc as sa_exc
+
+from allocator.store import (
+    AllocationEpoch,
+    AlreadyExists,
+    AssignmentCount,
+    AuditRecord,
+    EventRecord,
+    NotFound,
+    ReplicaConflict,
+    RewardRow,
+    SchemaTooNew,
+    SqlStore,
+    Store,
+    StoreConfig,
+    StoreLocked,
+    StoreUnavailable,
+    VersionConflict,
+    metadata,
+    normalize_url,
+)
+
+HEAD = "0001"
+
+
+@pytest.fixture
+def store(any_store_url: str) -> Iterator[SqlStore]:
+    s = SqlStore.open(any_store_url)
+    yield s
+    s.close()
+
+
+def _reward(key: str, experiment_id: int, arm: int = 0, value: float = 1.0) -> RewardRow:
+    return RewardRow(
+        dedup_key=key, experiment_id=experiment_id, arm=arm, value=value, epoch=0, received_at=5.0
+    )
+
+
+def _new_experiment(store: SqlStore, name: str = "exp") -> int:
+    return store.create_experiment(name, '{"arms": 2}', "RUNNING", now=1.0).id
+
+
+# ---------------------------------------------------------------- schema and opening
+
+
+def test_fresh_database_is_migrated_to_head(any_store_url: str) -> None:
+    with SqlStore.open(any_store_url):
+        pass
+    engine = sa.create_engine(normalize_url(any_store_url))
+    try:
+        with engine.connect() as conn:
+            assert MigrationContext.configure(conn).get_current_revision() == HEAD
+            tables = set(sa.inspect(conn).get_table_names())
+            # The hand-written migration and the query-side Table objects must agree.
+            diffs = compare_metadata(MigrationContext.configure(conn), metadata)
+    finally:
+        engine.dispose()
+    assert tables >= {"experiments", "rewards", "assignment_counts", "snapshots", "meta"}
+    assert diffs == []
+
+
+def test_reopening_keeps_data(any_store_url: str) -> None:
+    with SqlStore.open(any_store_url) as s:
+        _new_experiment(s)
+    with SqlStore.open(any_store_url) as s:
+        assert [e.name for e in s.list_experiments()] == ["exp"]
+
+
+def test_unknown_newer_revision_is_refused(any_store_url: str) -> None:
+    with SqlStore.open(any_store_url):
+        pass
+    engine = sa.create_engine(normalize_url(any_store_url))
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = '0099_from_future'"))
+    engine.dispose()
+    with pytest.raises(SchemaTooNew) as info:
+        SqlStore.open(any_store_url)
+    assert info.value.db_revision == "0099_from_future"
+    assert info.value.code_head == HEAD
+    assert "0099_from_future" in str(info.value)
+    assert repr(HEAD) in str(info.value)
+
+
+def test_sqlite_pragmas_make_commits_durable(tmp_path: Path) -> None:
+    # Private access on purpose: the pragmas are per connection, so ask the store's own.
+    with (
+        SqlStore.open(f"sqlite:///{tmp_path / 'a.sqlite'}") as s,
+        s._engine.connect() as conn,
+    ):
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30_000
+
+
+def test_sqlite_second_opener_is_refused(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'a.sqlite'}"
+    first = SqlStore.open(url)
+    with pytest.raises(StoreLocked) as info:
+        SqlStore.open(url)
+    assert info.value.path == str(tmp_path / "a.sqlite")
+    assert f"pid {os.getpid()}" in str(info.value)
+    assert "PostgreSQL" in str(info.value)
+    first.close()
+    SqlStore.open(url).close()  # released on close
+
+
+def test_sqlite_lock_is_freed_when_holder_is_killed(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'a.sqlite'}"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _CHILD_HOLD.format(url=url)],
+        stdout=subprocess.PIPE,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == b"open"
+        with pytest.raises(StoreLocked):
+            SqlStore.open(url)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+    SqlStore.open(url).close()
+
+
+_CHILD_HOLD = textwrap.dedent(
+    """
+    import sys, time
+    from allocator.store import SqlStore
+    store = SqlStore.open("{url}")
+    print("open", flush=True)
+    time.sleep(60)
+    """
+)
+
+
+def test_acknowledged_rewards_survive_kill_9(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'a.sqlite'}"
+    with SqlStore.open(url) as s:
+        exp = _new_experiment(s)
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD_APPEND.format(url=url, exp=exp)],
+        stdout=subprocess.PIPE,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    try:
+        assert child.stdout is not None
+        acked = int(child.stdout.readline())
+    finally:
+        child.send_signal(signal.SIGKILL)  # right after the acknowledgement, mid-run
+        child.wait(timeout=30)
+    with SqlStore.open(url) as s:
+        logged = s.rewards_since({}, limit=100_000)
+    assert len(logged) >= acked == 500
+
+
+_CHILD_APPEND = textwrap.dedent(
+    """
+    from allocator.store import RewardRow, SqlStore
+    store = SqlStore.open("{url}")
+    n = 0
+    while True:
+        rows = [RewardRow(dedup_key=f"k{{n + i}}", experiment_id={exp}, arm=0, value=1.0,
+                          epoch=0, received_at=0.0) for i in range(100)]
+        n += sum(store.append_rewards("r1", rows))
+        if n == 500:
+            print(n, flush=True)
+    """
+)
+
+
+def test_postgres_unreachable_raises_store_unavailable() -> None:
+    with pytest.raises(StoreUnavailable) as info:
+        SqlStore.open("postgresql+psycopg://postgres@127.0.0.1:1/none")
+    assert info.value.operation == "open"
+    assert "127.0.0.1" in str(info.value)
+    assert isinstance(info.value, ConnectionError)
+
+
+@pytest.mark.postgres
+def test_postgres_going_away_raises_store_unavailable(pg_url: str) -> None:
+    s = SqlStore.open(pg_url)
+    s._engine.dispose()
+    # Repoint the pool at a closed port: every new connection attempt is refused.
+    s._engine = sa.create_engine(
+        normalize_url(pg_url).set(port=1), pool_pre_ping=True, connect_args={"connect_timeout": 1}
+    )
+    with pytest.raises(StoreUnavailable):
+        s.get_experiment("x")
+    with pytest.raises(StoreUnavailable):
+        s.ping()
+    with pytest.raises(StoreUnavailable):
+        s.append_rewards("r1", [_reward("k", 1)])
+    with pytest.raises(StoreUnavailable):
+        s.try_leader_lock(1)
+    s.close()
+
+
+def test_sqlite_missing_directory_raises_store_unavailable(tmp_path: Path) -> None:
+    with pytest.raises(StoreUnavailable, match="lock file"):
+        SqlStore.open(f"sqlite:///{tmp_path / 'missing' / 'a.sqlite'}")
+
+
+def test_in_memory_sqlite_works() -> None:
+    with SqlStore.open("sqlite://") as s:
+        exp = _new_experiment(s)
+        assert s.append_rewards("r", [_reward("a", exp)]) == [True]
+
+
+@pytest.mark.parametrize(
+    ("url", "driver"),
+    [
+        ("postgresql://u@h/db", "postgresql+psycopg"),
+        ("postgres://u@h/db", "postgresql+psycopg"),
+        ("postgresql+psycopg://u@h/db", "postgresql+psycopg"),
+        ("sqlite:///x.db", "sqlite"),
+    ],
+)
+def test_normalize_url(url: str, driver: str) -> None:
+    assert normalize_url(url).drivername == driver
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"url": "mysql://u@h/db"},
+        {"url": "sqlite://", "busy_timeout_seconds": -1},
+        {"url": "sqlite://", "connect_timeout_seconds": 0},
+        {"url": "sqlite://", "pool_size": 0},
+        {"url": "sqlite://", "snapshots_kept": 0},
+    ],
+)
+def test_store_config_validates(kwargs: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        StoreConfig(**kwargs)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- experiments
+
+
+def test_experiment_crud(store: SqlStore) -> None:
+    created = store.create_experiment("a", '{"k": 1}', "RUNNING", now=10.0)
+    assert (created.version, created.champion, created.created_at) == (1, None, 10.0)
+    assert type(created.created_at) is float
+    store.create_experiment("b", "{}", "PAUSED", now=11.0)
+    with pytest.raises(AlreadyExists) as info:
+        store.create_experiment("a", "{}", "RUNNING", now=12.0)
+    assert info.value.name == "a"
+    assert "already exists" in str(info.value)
+    assert store.get_experiment("a") == created
+    assert store.get_experiment_by_id(created.id) == created
+    assert store.get_experiment("zzz") is None
+    assert store.get_experiment_by_id(999) is None
+    assert [e.name for e in store.list_experiments()] == ["a", "b"]
+    assert [e.name for e in store.list_experiments(states={"PAUSED"})] == ["b"]
+
+
+def test_update_state_is_compare_and_set(store: SqlStore) -> None:
+    exp = store.create_experiment("a", "{}", "RUNNING", now=1.0)
+    audit = AuditRecord(
+        experiment_id=None,
+        action="promote",
+        actor="ops",
+        at=2.0,
+        from_state="RUNNING",
+        to_state="PROMOTED",
+        reason="P(best)=0.97",
+    )
+    event = EventRecord(experiment_id=None, type="PROMOTED", at=2.0, variant=1)
+    updated = store.update_state(
+        "a",
+        state="PROMOTED",
+        champion=1,
+        lifecycle_json='{"x": 1}',
+        expected_version=1,
+        now=2.0,
+        audit=audit,
+        events=[event],
+    )
+    assert (updated.state, updated.champion, updated.version) == ("PROMOTED", 1, 2)
+    assert updated.updated_at == 2.0 and updated.created_at == 1.0
+    assert [a.reason for a in store.list_audit(exp.id)] == ["P(best)=0.97"]
+    assert [(e.type, e.experiment_id) for e in store.events_after(0)] == [("PROMOTED", exp.id)]
+
+    with pytest.raises(VersionConflict) as info:
+        store.update_state(
+            "a",
+            state="RUNNING",
+            champion=None,
+            lifecycle_json="{}",
+            expected_version=1,
+            now=3.0,
+            audit=audit,
+            events=[event],
+        )
+    assert (info.value.expected, info.value.actual) == (1, 2)
+    # Nothing of the refused transition was written.
+    assert store.get_experiment("a") == updated
+    assert len(store.list_audit()) == 1
+    assert len(store.events_after(0)) == 1
+
+    with pytest.raises(NotFound):
+        store.update_state(
+            "nope",
+            state="RUNNING",
+            champion=None,
+            lifecycle_json="{}",
+            expected_version=1,
+            now=3.0,
+        )
+
+
+def test_update_state_can_replace_config(store: SqlStore) -> None:
+    store.create_experiment("a", '{"v": 1}', "RUNNING", now=1.0)
+    updated = store.update_state(
+        "a",
+        state="RUNNING",
+        champion=None,
+        lifecycle_json="{}",
+        expected_version=1,
+        now=2.0,
+        config_json='{"v": 2}',
+    )
+    assert updated.config_json == '{"v": 2}'
+
+
+# ---------------------------------------------------------------- reward log
+
+
+def test_duplicates_within_and_across_batches_count_once(store: SqlStore) -> None:
+    exp = _new_experiment(store)
+    first = store.append_rewards("r1", [_reward(k, exp) for k in ["a", "b", "a", "c", "b"]])
+    assert first == [True, True, False, True, False]
+    second = store.append_rewards("r1", [_reward(k, exp) for k in ["c", "d", "a", "d"]])
+    assert second == [False, True, False, False]
+    assert store.append_rewards("r2", [_reward("d", exp)]) == [False]  # other replica too
+    logged = store.rewards_since({})
+    assert sorted(r.dedup_key for r in logged) == ["a", "b", "c", "d"]
+    seqs = [r.replica_seq for r in logged]
+    assert seqs == sorted(seqs) and len(set(seqs)) == 4
+
+
+def test_large_batch_with_interleaved_duplicates(store: SqlStore) -> None:
+    # > 1000 rows crosses SQLAlchemy's insertmanyvalues page size: RETURNING must still
+    # report every page.
+    exp = _new_experiment(store)
+    store.append_rewards("r1", [_reward(f"k{i}", exp) for i in range(0, 5000, 2)])
+    rows = [_reward(f"k{i}", exp) for i in range(5000)]
+    assert store.append_rewards("r1", rows) == [i % 2 == 1 for i in range(5000)]
+    assert len(store.rewards_since({}, limit=10_000)) == 5000
+
+
+def test_dedup_survives_reopen(any_store_url: str) -> None:
+    with SqlStore.open(any_store_url) as s:
+        exp = _new_experiment(s)
+        assert s.append_rewards("r1", [_reward("a", exp), _reward("b", exp)]) == [True, True]
+    with SqlStore.open(any_store_url) as s:
+        assert s.append_rewards("r1", [_reward("b", exp), _reward("c", exp)]) == [False, True]
+        logged = s.rewards_since({})
+    # The sequence resumes after the stored maximum (a skipped duplicate may leave a gap).
+    assert [r.dedup_key for r in logged] == ["a", "b", "c"]
+    assert logged[2].replica_seq > logged[1].replica_seq == 2
+
+
+def test_logged_reward_round_trips_all_fields(store: SqlStore) -> None:
+    exp = _new_experiment(store)
+    row = RewardRow(
+        dedup_key="k",
+        experiment_id=exp,
+        arm=3,
+        value=0.25,
+        epoch=7,
+        received_at=123.5,
+        prediction_score=0.9,
+        guardrails_json='{"latency_ms": 12}',
+    )
+    store.append_rewards("r1", [row])
+    [logged] = store.rewards_since({})
+    assert (logged.replica_id, logged.replica_seq) == ("r1", 1)
+    assert RewardRow(**{f: getattr(logged, f) for f in RewardRow.__dataclass_fields__}) == row
+
+
+def test_rewards_since_with_two_replicas(store: SqlStore) -> None:
+    exp = _new_experiment(store)
+    other = _new_experiment(store, "other")
+    store.append_rewards("r1", [_reward(f"a{i}", exp) for i in range(3)])
+    store.append_rewards("r2", [_reward(f"b{i}", exp) for i in range(2)])
+    store.append_rewards("r1", [_reward("a3", other)])
+
+    def keys(**kw: object) -> list[tuple[str, int]]:
+        return [(r.replica_id, r.replica_seq) for r in store.rewards_since(**kw)]  # type: ignore[arg-type]
+
+    everything = [("r1", 1), ("r1", 2), ("r1", 3), ("r1", 4), ("r2", 1), ("r2", 2)]
+    assert keys(positions={}) == everything
+    assert keys(positions={"r1": 2}) == [("r1", 3), ("r1", 4), ("r2", 1), ("r2", 2)]
+    assert keys(positions={"r1": 4, "r2": 1}) == [("r2", 2)]
+    assert keys(positions={}, exclude_replica="r1") == [("r2", 1), ("r2", 2)]
+    assert keys(positions={"r2": 0}, exclude_replica="r2") == everything[:4]
+    assert keys(positions={}, experiment_id=other) == [("r1", 4)]
+    assert keys(positions={}, limit=2) == everything[:2]
+    assert store.replica_positions() == {"r1": 4, "r2": 2}
+    with pytest.raises(ValueError):
+        store.rewards_since({}, limit=0)
+
+
+def test_paging_with_positions_reads_every_row_once(store: SqlStore) -> None:
+    exp = _new_experiment(store)
+    for replica in ("r1", "r2", "r3"):
+        store.append_rewards(replica, [_reward(f"{replica}-{i}", exp) for i in range(7)])
+    positions: dict[str, int] = {}
+    seen: list[str] = []
+    while page := store.rewards_since(positions, limit=4):
+        seen += [r.dedup_key for r in page]
+        for r in page:
+            positions[r.replica_id] = r.replica_seq
+    assert sorted(seen) == sorted(f"r{j}-{i}" for j in (1, 2, 3) for i in range(7))
+
+
+def test_bad_reward_arguments(store: SqlStore) -> None:
+    exp = _new_experiment(store)
+    with pytest.raises(ValueError):
+        store.append_rewards("", [_reward("a", exp)])
+    with pytest.raises(ValueError):
+        store.append_rewards("r1", [_reward("", exp)])
+    with pytest.raises(ValueError):
+        store.append_rewards("r1", [_reward("x" * 129, exp)])
+    assert store.append_rewards("r1", []) == []
+
+
+class _CommitThenFail(SqlStore):
+    """Commits, then reports a lost connection: the caller can't know the batch landed."""
+
+    fail_next_write = False
+
+    @contextlib.contextmanager
+    def _tx(self, *, write: bool) -> Iterator[sa.Connection]:
+        with super()._tx(write=write) as conn:
+            yield conn
+        if write and self.fail_next_write:
+            self.fail_next_write = False
+            raise sa_exc.OperationalError("COMMIT", {}, Exception("connection lost"))
+
+
+def test_retry_after_ambiguous_commit_is_not_a_duplicate(any_store_url: str) -> None:
+    with _CommitThenFail.open(any_store_url) as s:
+        assert isinstance(s, _CommitThenFail)
+        exp = _new_experiment(s)
+        s.fail_next_write = True
+        with pytest.raises(StoreUnavailable):
+            s.append_rewards("r1", [_reward("a", exp), _reward("b", exp)])
+        assert len(s.rewards_since({})) == 2  # it did land
+        # Nobody was told "a"/"b" were accepted, so the retry must report them new, once.
+        assert s.append_rewards("r1", [_reward("a", exp), _reward("c", exp)]) == [True, True]
+        assert s.append_rewards("r1", [_reward("a", exp), _reward("b", exp)]) == [False, True]
+        assert s.append_rewards("r1", [_reward("b", exp)]) == [False]
+        seqs = [r.replica_seq for r in s.rewards_since({})]
+        assert len(seqs) == 3 and seqs == sorted(seqs)
+
+
+@pytest.mark.postgres
+def test_ambiguous_commit_row_taken_by_other_replica_stays_duplicate(pg_url: str) -> None:
+    with _CommitThenFail.open(pg_url) as a, SqlStore.open(pg_url) as b:
+        assert isinstance(a, _CommitThenFail)
+        exp = _new_experiment(a)
+        b.append_rewards("r2", [_reward("x", exp)])
+        a.fail_next_write = True
+        with pytest.raises(StoreUnavailable):
+            a.append_rewards("r1", [_reward("x", exp)])
+        assert a.append_rewards("r1", [_reward("x", exp)]) == [False]  # r2 counted it
+
+
+@pytest.mark.postgres
+def test_two_processes_with_one_replica_id_conflict(pg_url: str) -> None:
+    with SqlStore.open(pg_url) as a, SqlStore.open(pg_url) as b:
+        exp = _new_experiment(a)
+        a.append_rewards("r1", [_reward("a", exp)])
+        b.append_rewards("r1", [_reward("b", exp)])
+        with pytest.raises(ReplicaConflict, match="r1"):
+            a.append_rewards("r1", [_reward("c", exp)])
+
+
+def test_unknown_experiment_id_is_an_integrity_error(store: SqlStore) -> None:
+    with pytest.raises(sa_exc.IntegrityError):
+        store.append_rewards("r1", [_reward("a", 12345)])
+
+
+# ---------------------------------------------------------------- counts, epochs, snapshots
+
+
+def test_assignment_counts_add_up(store: SqlStore) -> None:
+    exp = _new_experiment(store)
+
+    def delta(epoch: int, arm: int, n: int) -> AssignmentCount:
+        return AssignmentCount(experiment_id=exp, epoch=epoch, arm=arm, count=n)
+
+    store.add_assignment_counts([delta(0, 0, 5), delta(0, 1, 3), delta(0, 0, 2)])
+    store.add_assignment_counts([delta(0, 1, 10), delta(1, 0, 1)])
+    store.add_assignment_counts([])
+    got = [(c.epoch, c.arm, c.count) for c in store.assignment_counts(exp)]
+    assert got == [(0, 0, 7), (0, 1, 13), (1, 0, 1)]
+
+
+def test_allocation_epochs(store: SqlStore) -> None:
+    exp = _new_experiment(store)
+    e0 = AllocationEpoch(experiment_id=exp, epoch=0, started_at=1.0, shares=(0.5, 0.5))
+    e1 = AllocationEpoch(experiment_id=exp, epoch=1, started_at=2.0, shares=(0.25, 0.75))
+    assert store.record_allocation_epoch(e1)
+    assert store.record_allocation_epoch(e0)
+    assert not store.record_allocation_epoch(e0)
+    assert store.allocation_epochs(exp) == [e0, e1]
+
+
+def test_snapshots_keep_the_newest(tmp_path: Path) -> None:
+    config = StoreConfig(f"sqlite:///{tmp_path / 'a.sqlite'}", snapshots_kept=2)
+    with SqlStore.open(config) as s:
+        exp = _new_experiment(s)
+        other = _new_experiment(s, "other")
+        assert s.latest_snapshot(exp) is None
+        s.save_snapshot(other, {"r1": 1}, b"other", now=1.0)
+        ids = [s.save_snapshot(exp, {"r1": i, "r2": 2 * i}, bytes([i]), now=i) for i in range(4)]
+        latest = s.latest_snapshot(exp)
+        assert latest is not None
+        assert (latest.id, latest.positions, latest.payload) == (
+            ids[3],
+            {"r1": 3, "r2": 6},
+            b"\x03",
+        )
+        with s._engine.connect() as conn:
+            kept = conn.execute(sa.text("SELECT id FROM snapshots ORDER BY id")).scalars().all()
+        other_snapshot = s.latest_snapshot(other)
+        assert other_snapshot is not None
+        assert kept == [other_snapshot.id, ids[2], ids[3]]
+
+
+def test_snapshot_payload_round_trips(store: SqlStore) -> None:
+    exp = _new_experiment(store)
+    payload = bytes(range(256)) * 1000
+    store.save_snapshot(exp, {}, payload, now=1.0)
+    latest = store.latest_snapshot(exp)
+    assert latest is not None and latest.payload == payload and latest.positions == {}
+
+
+# ---------------------------------------------------------------- audit, events, meta
+
+
+def test_audit_and_events(store: SqlStore) -> None:
+    exp = _new_experiment(store)
+    other = _new_experiment(store, "other")
+    seqs = [
+        store.append_event(EventRecord(experiment_id=e, type=t, at=float(i), details_json="{}"))
+        for i, (e, t) in enumerate([(exp, "PROMOTED"), (other, "SRM_DETECTED"), (exp, "DRIFT")])
+    ]
+    assert seqs == sorted(seqs)
+    assert [e.type for e in store.events_after(0)] == ["PROMOTED", "SRM_DETECTED", "DRIFT"]
+    assert [e.type for e in store.events_after(seqs[0])] == ["SRM_DETECTED", "DRIFT"]
+    assert [e.type for e in store.events_after(0, experiment_id=exp)] == ["PROMOTED", "DRIFT"]
+    assert [e.seq for e in store.events_after(0, limit=1)] == [seqs[0]]
+    assert store.events_after(seqs[-1]) == []
+
+    for i in range(3):
+        store.append_audit(AuditRecord(experiment_id=exp, action=f"a{i}", actor="cli", at=i))
+    store.append_audit(AuditRecord(experiment_id=None, action="global", actor="cli", at=9.0))
+    assert [a.action for a in store.list_audit()] == ["a0", "a1", "a2", "global"]
+    assert [a.action for a in store.list_audit(exp, limit=2)] == ["a1", "a2"]
+
+
+def test_sql_store_implements_the_protocol(store: SqlStore) -> None:
+    as_protocol: Store = store  # mypy checks the structural match here
+    as_protocol.ping()
+    assert as_protocol.shared == (store.dialect == "postgresql")
+
+
+def test_meta(store: SqlStore) -> None:
+    assert store.get_meta("k") is None
+    assert store.set_meta_if_absent("k", "first") == "first"
+    assert store.set_meta_if_absent("k", "second") == "first"
+    store.set_meta("k", "third")
+    assert store.get_meta("k") == "third"
+
+
+@pytest.mark.postgres
+def test_set_meta_if_absent_race_has_one_winner(pg_url: str) -> None:
+    stores = [SqlStore.open(pg_url) for _ in range(4)]
+    results: list[str] = []
+    barrier = threading.Barrier(len(stores))
+
+    def race(s: SqlStore, value: str) -> None:
+        barrier.wait()
+        results.append(s.set_meta_if_absent("secret", value))
+
+    threads = [threading.Thread(target=race, args=(s, f"v{i}")) for i, s in enumerate(stores)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for s in stores:
+        s.close()
+    assert len(results) == 4 and len(set(results)) == 1
+
+
+# ---------------------------------------------------------------- leadership
+
+
+def test_sqlite_is_always_leader(tmp_path: Path) -> None:
+    with SqlStore.open(f"sqlite:///{tmp_path / 'a.sqlite'}") as s:
+        assert s.try_leader_lock(42)
+        assert not s.shared
+        s.release_leader_lock(42)
+
+
+@pytest.mark.postgres
+def test_advisory_lock_is_exclusive(pg_url: str) -> None:
+    a, b = SqlStore.open(pg_url), SqlStore.open(pg_url)
+    try:
+        assert a.shared
+        assert a.try_leader_lock(42)
+        assert a.try_leader_lock(42)  # confirming keeps it
+        assert not b.try_leader_lock(42)
+        assert b.try_leader_lock(43)  # other keys are independent
+        a.release_leader_lock(42)
+        assert b.try_leader_lock(42)
+        assert not a.try_leader_lock(42)
+        b.close()  # closing frees every lock it held
+        assert a.try_leader_lock(42)
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.postgres
+def test_leader_whose_session_died_notices(pg_url: str) -> None:
+    a, b = SqlStore.open(pg_url), SqlStore.open(pg_url)
+    try:
+        assert a.try_leader_lock(7)
+        with b._engine.connect() as conn:
+            # Kill a's lock session, as a network partition or server restart would.
+            conn.execute(
+                sa.text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_locks "
+                    "WHERE locktype = 'advisory' AND objid = 7"
+                )
+            )
+        assert b.try_leader_lock(7)
+        assert not a.try_leader_lock(7)
+    finally:
+        a.close()
+        b.close()
