@@ -67,7 +67,7 @@ def _show(client: AllocatorClient, name: str, started: float) -> str:
     )
     for v in rep.variants:
         share = v.assignments / total
-        bar = "#" * int(round(share * 30))
+        bar = "#" * round(share * 30)
         lines.append(
             f"  {v.name:<10}{TRUE_RATES.get(v.name, float('nan')):>6.2f}{share:>8.1%} "
             f"{v.rewards:>8}{v.mean:>8.4f}{v.p_best:>9.3f}  {bar}"

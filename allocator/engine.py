@@ -227,7 +227,7 @@ class _Experiment:
         self.set_config(config)
         k = config.n_arms
         self.stats = np.zeros((k, 3), dtype=np.float64)
-        self.rng = kernels.seed_state(np.uint64(config.seed))
+        self.rng = kernels.seed_state(np.uint64(config.seed))  # type: ignore[arg-type]
         # P(best) and reports draw from their own stream, so refreshing on a timer never
         # perturbs the sequence of decisions that a seed reproduces.
         self.mc_rng = self.rng.copy()
