@@ -166,6 +166,7 @@ class Allocator:
         self.hooks: list[Callable[[Record, np.ndarray, np.ndarray], None]] = []
         self.tick_hooks: list[Callable[[], None]] = []
         self.last_decisions: dict[str, pb.PromotionStatus] = {}
+        self.event_listeners: list[Callable[[Record, Event], None]] = []
         self._load()
         self.writer = RewardWriter(
             store,
@@ -270,6 +271,9 @@ class Allocator:
     def create(self, spec: pb.ExperimentSpec, actor: str = "api") -> Record:
         """Validate, persist and start serving a new experiment."""
         config = spec_to_config(spec)
+        url = spec.monitoring.webhook_url
+        if url and not url.startswith(("http://", "https://")):
+            raise InvalidArgument("spec.monitoring.webhook_url", "must be an http(s) URL")
         if spec.name in self.records:
             raise ExperimentExists(spec.name)
         if len(self.records) >= self.config.max_experiments:
@@ -483,6 +487,11 @@ class Allocator:
         self.metrics.events.labels(type=event.type.value).inc()
         self._last_event_seq = max(self._last_event_seq, seq)
         self.events.publish(StoredEvent(seq, event))
+        for listener in self.event_listeners:
+            try:
+                listener(rec, event)
+            except Exception:
+                log.exception("event listener failed")
 
     def emit(
         self,

@@ -7,6 +7,7 @@ servicer can answer INVALID_ARGUMENT with a message a caller can act on.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 from allocator_client.v1 import allocator_pb2 as pb
@@ -53,7 +54,7 @@ def _opt(msg: Any, field: str, default: float) -> float:
     return float(getattr(msg, field)) if msg.HasField(field) else default
 
 
-def _check_enum(value: int, table: dict[int, Any], field: str) -> Any:
+def _check_enum(value: int, table: Mapping[Any, Any], field: str) -> Any:
     if value not in table:
         raise InvalidArgument(field, f"unknown value {value}")
     return table[value]
