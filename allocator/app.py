@@ -40,6 +40,7 @@ from allocator.store import (
     AuditRecord,
     EventRecord,
     ExperimentRow,
+    LoggedReward,
     RewardRow,
     SqlStore,
     Store,
@@ -181,6 +182,7 @@ class Allocator:
             sync_interval_s=config.sync_interval_s,
             snapshot_interval_s=config.snapshot_interval_s,
             on_applied=self._on_applied,
+            on_pulled=self._on_pulled,
             on_tick=self._tick,
         )
         self._stop = threading.Event()
@@ -717,6 +719,20 @@ class Allocator:
             return
         for hook in self.hooks:
             hook(rec, arms, values)
+
+    def _on_pulled(self, rows: Sequence[LoggedReward]) -> None:
+        """Other replicas' rewards reach the hooks (monitors) too."""
+        by_exp: dict[int, list[LoggedReward]] = {}
+        for row in rows:
+            by_exp.setdefault(row.experiment_id, []).append(row)
+        for exp_id, items in by_exp.items():
+            rec = self.by_id.get(exp_id)
+            if rec is None:
+                continue
+            arms = np.fromiter((r.arm for r in items), dtype=np.int64, count=len(items))
+            values = np.fromiter((r.value for r in items), dtype=np.float64, count=len(items))
+            for hook in self.hooks:
+                hook(rec, arms, values)
 
     def _tick(self) -> None:
         """Writer-thread housekeeping: pick up experiments other replicas changed."""

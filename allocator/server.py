@@ -30,6 +30,7 @@ from allocator.app import Allocator
 from allocator.config import ServerConfig
 from allocator.metrics import EngineCollector, Metrics
 from allocator.service import AllocatorServicer
+from allocator.supervisor import Supervisor, evaluate_promotion
 
 log = logging.getLogger("allocator.server")
 
@@ -46,6 +47,7 @@ class Running:
     server: grpc.Server
     port: int
     app: Allocator
+    supervisor: Supervisor
     health: health.HealthServicer
     http: ThreadingHTTPServer | None
     http_port: int
@@ -57,6 +59,7 @@ class Running:
         self.health.enter_graceful_shutdown()
         self._stop.set()
         self.server.stop(grace).wait(grace + 1)
+        self.supervisor.stop()
         self.app.stop()
         if self.http is not None:
             self.http.shutdown()
@@ -129,7 +132,9 @@ def create_server(
             config.metrics_max_experiments,
         )
     )
+    supervisor = Supervisor(app, config.promotion_interval_s, evaluate=evaluate_promotion)
     app.start()
+    supervisor.start()
     server = grpc.server(
         _executor(config.max_workers),
         options=[
@@ -177,7 +182,9 @@ def create_server(
 
     watcher = threading.Thread(target=watch_store, name="health", daemon=True)
     watcher.start()
-    return Running(server, port, app, health_servicer, http, int(http_port), watcher, stop)
+    return Running(
+        server, port, app, supervisor, health_servicer, http, int(http_port), watcher, stop
+    )
 
 
 def _executor(workers: int) -> ThreadPoolExecutor:

@@ -1,0 +1,242 @@
+"""The leader's loop: promotion rule, futility, SRM alarms and post-promotion monitors.
+
+Only one replica acts at a time (``Allocator.leader()``: a PostgreSQL advisory lock, always
+true on SQLite). Every replica feeds its monitors with every reward it applies (its own
+and the ones pulled from other replicas), so a new leader has the stream too.
+
+Reactions run on this loop's thread, never on the reward writer's, so a rollback's
+database writes never delay a group commit.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from allocator_client.v1 import allocator_pb2 as pb
+
+from allocator import stats
+from allocator.app import Allocator, Record
+from allocator.errors import WrongState
+from allocator.lifecycle import Action, Event, EventType, State
+from allocator.monitor import (
+    CusumSettings,
+    MonitorSettings,
+    PageHinkleySettings,
+    PromotionMonitor,
+    Reaction,
+    Regression,
+    WebhookNotifier,
+    cusum_threshold_for_arl,
+)
+
+log = logging.getLogger("allocator.supervisor")
+
+_REACTION = {
+    pb.REGRESSION_ACTION_UNSPECIFIED: Reaction.NOTIFY_ONLY,
+    pb.REGRESSION_ACTION_NOTIFY_ONLY: Reaction.NOTIFY_ONLY,
+    pb.REGRESSION_ACTION_ROLLBACK: Reaction.ROLLBACK,
+    pb.REGRESSION_ACTION_REOPEN: Reaction.REOPEN,
+}
+
+
+def monitor_settings(spec: pb.ExperimentSpec) -> MonitorSettings | None:
+    """Detector settings from a spec's monitoring block (None: detection off).
+
+    Thresholds are in standard deviations of batch means; the reference mean and sd are
+    estimated after promotion (a burn-in of 20 batches), because the winner's pre-promotion
+    mean is biased upwards by the selection itself and would raise false alarms.
+    """
+    m = spec.monitoring
+    if m.detector == pb.DRIFT_DETECTOR_NONE:
+        return None
+    k = m.detector_slack if m.HasField("detector_slack") else 0.5
+    if m.detector == pb.DRIFT_DETECTOR_PAGE_HINKLEY:
+        lam = m.detector_threshold if m.HasField("detector_threshold") else 50.0
+        detector: CusumSettings | PageHinkleySettings = PageHinkleySettings(
+            delta=k, lam=lam, burn_in=20
+        )
+    else:
+        # ARL0 = 10,000 batches of 100 rewards: one false alarm per million rewards.
+        h = (
+            m.detector_threshold
+            if m.HasField("detector_threshold")
+            else cusum_threshold_for_arl(1e4, k)
+        )
+        detector = CusumSettings(k=k, h=h, burn_in=20)
+    reaction = _REACTION.get(m.on_regression, Reaction.NOTIFY_ONLY)
+    return MonitorSettings(detector=detector, batch_size=100, reaction=reaction)
+
+
+def evaluate_promotion(app: Allocator, rec: Record) -> pb.PromotionStatus | None:
+    """Placeholder until the calibrated rule lands: never promotes automatically."""
+    return None
+
+
+@dataclass
+class _Watch:
+    champion: int
+    monitor: PromotionMonitor
+    pending: Regression | None = None
+
+
+class Supervisor:
+    """Runs promotion, SRM checks and monitor reactions every ``interval_s`` on the leader."""
+
+    def __init__(
+        self,
+        app: Allocator,
+        interval_s: float = 1.0,
+        evaluate: Callable[[Allocator, Record], pb.PromotionStatus | None] | None = None,
+    ) -> None:
+        self.app = app
+        self.interval_s = interval_s
+        self.evaluate = evaluate
+        self._watches: dict[str, _Watch] = {}
+        self._webhooks: dict[str, WebhookNotifier] = {}
+        self._srm_flagged: set[str] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="supervisor", daemon=True)
+        app.hooks.append(self.feed)
+        app.event_listeners.append(self._on_event)
+
+    def start(self) -> None:
+        """Start the loop."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the loop and flush webhooks."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        for hook in self._webhooks.values():
+            hook.close(2.0)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.tick()
+            except Exception:
+                log.exception("supervisor pass failed")
+
+    # -- rewards (writer thread) -----------------------------------------------------------
+    def feed(self, rec: Record, arms: np.ndarray, values: np.ndarray) -> None:
+        """Route a promoted experiment's rewards to its monitor."""
+        with self._lock:
+            watch = self._watches.get(rec.name)
+        if watch is None or watch.monitor.triggered:
+            return
+        now = self.app.clock()
+        champion = values[arms == watch.champion]
+        reg = watch.monitor.observe_many(champion, now=now) if champion.size else None
+        holdout = watch.monitor.holdout_variant
+        if reg is None and holdout is not None:
+            held = values[arms == holdout]
+            if held.size:
+                reg = watch.monitor.observe_many(held, now=now, holdout=True)
+        if reg is not None:
+            watch.pending = reg
+
+    # -- the loop ----------------------------------------------------------------------------
+    def tick(self) -> None:
+        """One pass over every experiment."""
+        leader = self.app.leader()
+        for rec in list(self.app.records.values()):
+            self._sync_watch(rec)
+            if not leader:
+                continue
+            state = rec.lifecycle.state
+            if state.adaptive:
+                self._check_srm(rec)
+                if self.evaluate is not None:
+                    status = self.evaluate(self.app, rec)
+                    if status is not None:
+                        self.app.last_decisions[rec.name] = status
+            elif state == State.PROMOTED:
+                self._react(rec)
+
+    def _sync_watch(self, rec: Record) -> None:
+        """Start watching a new champion; stop when it is no longer promoted."""
+        lc = rec.lifecycle
+        with self._lock:
+            watch = self._watches.get(rec.name)
+            if lc.state != State.PROMOTED or lc.champion is None:
+                if watch is not None:
+                    del self._watches[rec.name]
+                return
+            if watch is not None and watch.champion == lc.champion:
+                return
+            settings = monitor_settings(rec.spec)
+            if settings is None:
+                return
+            holdout = lc.previous_champion if rec.spec.monitoring.holdout_share > 0 else None
+            if holdout == lc.champion:
+                holdout = None
+            self._watches[rec.name] = _Watch(
+                lc.champion,
+                PromotionMonitor(
+                    rec.name,
+                    lc.champion,
+                    holdout_variant=holdout,
+                    settings=settings,
+                    emit=functools.partial(self._emit, rec),
+                ),
+            )
+
+    def _emit(self, rec: Record, event: Event) -> None:
+        """Monitor events are only recorded by the leader (followers watch silently)."""
+        if self.app.leader():
+            self.app.emit(rec, event.type, event.reason, event.variant, dict(event.details))
+
+    def _react(self, rec: Record) -> None:
+        with self._lock:
+            watch = self._watches.get(rec.name)
+            reg = watch.pending if watch is not None else None
+            if watch is not None:
+                watch.pending = None
+        if reg is None or reg.action is None:
+            return
+        reason = f"regression detected ({reg.kind}): {reg.reason}"
+        try:
+            self.app.transition(rec.name, reg.action, actor="monitor", reason=reason)
+        except WrongState:
+            if reg.action == Action.ROLLBACK:
+                # Nothing earlier to roll back to (the control itself was promoted): reopen.
+                self.app.transition(rec.name, Action.REOPEN, actor="monitor", reason=reason)
+            else:
+                raise
+
+    def _check_srm(self, rec: Record) -> None:
+        view = self.app.engine.view(rec.name)
+        total = float(view.expected.sum())
+        if total < 1000 or rec.name in self._srm_flagged:
+            return
+        result = stats.srm_check(view.pulls, [view.expected / total], [total])
+        if result.flagged:
+            self._srm_flagged.add(rec.name)
+            self.app.emit(
+                rec,
+                EventType.SRM_DETECTED,
+                f"sample ratio mismatch, p = {result.p_value:.2e}",
+                details={"observed": list(result.observed), "expected": list(result.expected)},
+            )
+
+    # -- webhooks ----------------------------------------------------------------------------
+    def _on_event(self, rec: Record, event: Event) -> None:
+        url = rec.spec.monitoring.webhook_url
+        if not url:
+            return
+        hook = self._webhooks.get(url)
+        if hook is None:
+            try:
+                hook = WebhookNotifier(url, event_types=None)
+            except ValueError:
+                log.warning("experiment %s: ignoring invalid webhook_url %r", rec.name, url)
+                return
+            self._webhooks[url] = hook
+        hook(event)

@@ -1,0 +1,130 @@
+"""Post-promotion monitoring end to end: drift -> events -> webhook -> rollback."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from allocator_client import AllocatorClient
+from allocator_client.v1 import allocator_pb2 as pb
+from prometheus_client import CollectorRegistry
+
+from allocator.server import Running, create_server
+from tests.conftest import ADMIN_TOKEN, server_config
+
+
+@pytest.fixture
+def webhook() -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    received: list[dict[str, Any]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append(json.loads(body))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, format: str, *args: object) -> None:
+            return
+
+    httpd = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/retrain", received
+    httpd.shutdown()
+
+
+@pytest.fixture
+def fast_server(tmp_path: Path) -> Iterator[Running]:
+    running = create_server(
+        server_config(f"sqlite:///{tmp_path / 's.sqlite'}", promotion_interval_s=0.1),
+        registry=CollectorRegistry(),
+    )
+    yield running
+    running.stop(1.0)
+
+
+def _wait(cond: Any, timeout: float = 15.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+def test_regression_after_promotion_rolls_back_and_calls_webhook(
+    fast_server: Running, webhook: tuple[str, list[dict[str, Any]]]
+) -> None:
+    url, received = webhook
+    spec = pb.ExperimentSpec(
+        name="m",
+        variants=["a", "b"],
+        monitoring=pb.MonitoringSettings(
+            detector=pb.DRIFT_DETECTOR_CUSUM,
+            on_regression=pb.REGRESSION_ACTION_ROLLBACK,
+            webhook_url=url,
+        ),
+    )
+    rng = np.random.default_rng(3)
+    with AllocatorClient(f"127.0.0.1:{fast_server.port}", admin_token=ADMIN_TOKEN) as c:
+        c.create_experiment(spec)
+        c.promote("m", "b", reason="test")
+        _wait(lambda: "m" in fast_server.supervisor._watches)
+        sent = 0
+
+        def send(rate: float, n: int) -> None:
+            nonlocal sent
+            values = (rng.uniform(size=n) < rate).astype(float).tolist()
+            ids = [f"e{sent + i}" for i in range(n)]
+            c.reward_batch("m", values, event_ids=ids, variants=["b"] * n)
+            sent += n
+
+        # Burn-in (20 batches of 100) at 50%, then stable, then a drop to 20%: a shift of
+        # 0.3 / (0.5 / sqrt(100)) = 6 batch-sd, which a k = 0.5 CUSUM with ARL0 1e4 flags
+        # within a few batches (expected delay ~ h / (6 - 0.5) < 2 batches).
+        for _ in range(30):
+            send(0.5, 100)
+        assert fast_server.app.records["m"].lifecycle.state.value == "PROMOTED"
+        for _ in range(20):
+            send(0.2, 100)
+        _wait(lambda: fast_server.app.records["m"].lifecycle.state.value == "ROLLED_BACK")
+        exp = c.get_experiment("m")
+        assert exp.state == pb.EXPERIMENT_STATE_ROLLED_BACK and exp.champion == "a"
+        _wait(lambda: any(r["event"] == "RETRAIN_REQUESTED" for r in received))
+    kinds = [r["event"] for r in received]
+    assert kinds.index("DRIFT_DETECTED") < kinds.index("RETRAIN_REQUESTED")
+    retrain = next(r for r in received if r["event"] == "RETRAIN_REQUESTED")
+    assert retrain["experiment"] == "m" and retrain["variant"] == 1
+    assert set(retrain) >= {"event", "experiment", "variant", "at", "reason", "details"}
+    audit = fast_server.app.store.list_audit(fast_server.app.records["m"].id)
+    rollback = [a for a in audit if a.action == "ROLLBACK"]
+    assert len(rollback) == 1 and rollback[0].actor == "monitor"
+
+
+def test_stable_champion_is_not_rolled_back(fast_server: Running) -> None:
+    spec = pb.ExperimentSpec(
+        name="s",
+        variants=["a", "b"],
+        monitoring=pb.MonitoringSettings(on_regression=pb.REGRESSION_ACTION_ROLLBACK),
+    )
+    rng = np.random.default_rng(4)
+    with AllocatorClient(f"127.0.0.1:{fast_server.port}", admin_token=ADMIN_TOKEN) as c:
+        c.create_experiment(spec)
+        c.promote("s", "b", reason="test")
+        _wait(lambda: "s" in fast_server.supervisor._watches)
+        for i in range(50):
+            values = (rng.uniform(size=100) < 0.5).astype(float).tolist()
+            c.reward_batch(
+                "s", values, event_ids=[f"x{i}-{j}" for j in range(100)], variants=["b"] * 100
+            )
+        time.sleep(0.5)
+        # ARL0 = 1e4 batches: a false alarm within these 30 post-burn-in batches has
+        # probability ~ 30 / 1e4 = 0.3%.
+        assert c.get_experiment("s").state == pb.EXPERIMENT_STATE_PROMOTED
