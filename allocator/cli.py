@@ -98,6 +98,38 @@ def _watch(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _replay(ns: argparse.Namespace) -> int:
+    import shutil
+    import sqlite3
+    import tempfile
+
+    from allocator.policies import PolicyConfig
+    from allocator.replay import replay
+    from allocator.store import SqlStore
+
+    url = ns.database_url
+    with tempfile.TemporaryDirectory() as tmp:
+        if url.startswith("sqlite:///"):
+            # A running server holds the SQLite file: replay reads a consistent copy made
+            # with SQLite's online backup API instead.
+            copy = f"{tmp}/replay.sqlite"
+            src = sqlite3.connect(url.removeprefix("sqlite:///"))
+            dst = sqlite3.connect(copy)
+            src.backup(dst)
+            src.close()
+            dst.close()
+            url = f"sqlite:///{copy}"
+        store = SqlStore.open(url)
+        try:
+            candidate = PolicyConfig(kind=ns.policy, reward=ns.reward, epsilon=ns.epsilon)
+            result = replay(store, ns.name, candidate, threshold=ns.threshold, seed=ns.seed)
+        finally:
+            store.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(json.dumps(result.__dict__, indent=2))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `allocator` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -134,6 +166,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             a.add_argument("variant", nargs="?" if cmd == "rollback" else None, default="")
         a.add_argument("--reason", default=f"{cmd} from the CLI")
         a.set_defaults(fn=_admin)
+    rp = sub.add_parser("replay", help="off-policy evaluation of a policy/threshold on the log")
+    rp.add_argument("name")
+    rp.add_argument(
+        "--database-url",
+        default=os.environ.get("ALLOCATOR_DATABASE_URL", "sqlite:///allocator.sqlite"),
+    )
+    rp.add_argument(
+        "--policy", default="thompson", help="thompson, ucb1, kl_ucb, epsilon_greedy, ..."
+    )
+    rp.add_argument("--reward", default="bernoulli", help="bernoulli or normal")
+    rp.add_argument("--epsilon", type=float, default=0.1)
+    rp.add_argument("--threshold", type=float, default=0.95, help="P(best) promotion threshold")
+    rp.add_argument("--seed", type=int, default=1)
+    rp.set_defaults(fn=_replay)
     w = sub.add_parser("watch", help="stream events")
     w.add_argument("name", nargs="?", default="")
     w.add_argument("--after", type=int, default=0, help="replay events after this sequence")
