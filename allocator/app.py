@@ -35,6 +35,7 @@ from allocator.errors import (
 )
 from allocator.lifecycle import Action, Event, EventType, IllegalTransition, Lifecycle, State
 from allocator.metrics import Metrics
+from allocator.report import power_analysis
 from allocator.store import (
     AlreadyExists,
     AuditRecord,
@@ -784,7 +785,7 @@ class Allocator:
 
     def power(self, rec: Record) -> pb.PowerAnalysis | None:
         """Power analysis for ``rec`` when a minimum effect is configured."""
-        return None
+        return power_analysis(self.engine, rec.name, rec.spec)
 
     def leader(self) -> bool:
         """Whether this replica may run promotion now (PostgreSQL advisory lock)."""

@@ -52,7 +52,10 @@ def build_report(engine: Engine, name: str, alpha: float = 0.05) -> pb.GetReport
     n = es[:, :, 0].sum(axis=0)
     s = es[:, :, 1].sum(axis=0)
     ss = es[:, :, 2].sum(axis=0)
-    moments = [stats.moments(n[i], s[i], ss[i]) for i in range(k)]
+    moments = [
+        stats.moments(n[i], s[i], ss[i]) if n[i] > 0 else stats.Moments(0.0, math.nan, math.nan)
+        for i in range(k)
+    ]
     strat = stats.stratified_means(es[:, :, 1], es[:, :, 0], es[:, :, 2])
     resp = pb.GetReportResponse(interval_level=1 - alpha, notes=NOTES)
     # Hajek IPW over strata: each epoch's arm mean weighted by epoch traffic / share.
@@ -112,6 +115,47 @@ def build_report(engine: Engine, name: str, alpha: float = 0.05) -> pb.GetReport
         snap = resp.allocation_history.add(epoch=e, shares=[float(x) for x in view.epoch_shares[e]])
         snap.time.FromNanoseconds(int(view.epoch_started[e] * 1e9))
     return resp
+
+
+def power_analysis(engine: Engine, name: str, spec: pb.ExperimentSpec) -> pb.PowerAnalysis | None:
+    """Fixed-horizon sample size for the spec's minimum effect, and what is still missing.
+
+    Bernoulli: two-proportion test around the control's observed rate (0.5, the most
+    conservative, before any data); normal: two-sample test with the control's observed sd.
+    Bonferroni over the k - 1 comparisons with control.
+    """
+    promo = spec.promotion
+    if not promo.HasField("min_effect") or promo.min_effect <= 0:
+        return None
+    alpha = promo.alpha if promo.HasField("alpha") else 0.05
+    power = promo.power if promo.HasField("power") else 0.8
+    view = engine.view(name)
+    es = view.epoch_stats
+    n = es[:, :, 0].sum(axis=0)
+    k = view.config.n_arms
+    if view.config.policy.reward == RewardKind.BERNOULLI:
+        p0 = float(es[:, 0, 1].sum() / n[0]) if n[0] > 0 else 0.5
+        p0 = min(max(p0, 1e-3), 1.0 - promo.min_effect - 1e-3)
+        required = stats.sample_size_proportions(
+            p0, promo.min_effect, alpha=alpha, power=power, k_arms=k
+        )
+    else:
+        if n[0] < 2:
+            return None
+        m = stats.moments(n[0], es[:, 0, 1].sum(), es[:, 0, 2].sum())
+        if not m.var > 0:
+            return None
+        required = stats.sample_size_means(
+            math.sqrt(m.var), promo.min_effect, alpha=alpha, power=power, k_arms=k
+        )
+    remaining = stats.samples_still_needed(n, required)
+    return pb.PowerAnalysis(
+        sample_size_per_variant=required,
+        samples_remaining=remaining.total,
+        min_effect=promo.min_effect,
+        alpha=alpha,
+        power=power,
+    )
 
 
 def _ipw(shares: np.ndarray, pulls: np.ndarray, es: np.ndarray) -> np.ndarray:

@@ -254,6 +254,22 @@ def test_report_has_both_statistics(client: AllocatorClient, server: Running) ->
         assert v.ci_low <= v.mean <= v.ci_high or v.rewards == 0
 
 
+def test_report_of_a_fresh_experiment_and_power(client: AllocatorClient) -> None:
+    spec = _spec(promotion=pb.PromotionSettings(min_effect=0.02))
+    client.create_experiment(spec)
+    rep = client.get_report("exp")
+    assert [v.rewards for v in rep.variants] == [0, 0, 0]
+    assert not rep.tests and not rep.srm.flagged
+    # Before data the control rate is taken as 0.5 (the largest variance): the size must
+    # match the two-proportion formula for 0.5 vs 0.52 with Bonferroni over 2 comparisons.
+    from allocator import stats
+
+    assert rep.power.sample_size_per_variant == stats.sample_size_proportions(
+        0.5, 0.02, alpha=0.05, power=0.8, k_arms=3
+    )
+    assert rep.power.samples_remaining == 3 * rep.power.sample_size_per_variant
+
+
 def test_admin_needs_token_and_transitions(server: Running, stub: pb_grpc.AllocatorStub) -> None:
     stub.CreateExperiment(pb.CreateExperimentRequest(spec=_spec()))
     req = pb.PromoteRequest(experiment="exp", variant="b", reason="test")
