@@ -24,6 +24,7 @@ from allocator_client.v1 import allocator_pb2 as pb
 
 from allocator.config import ServerConfig
 from allocator.convert import spec_from_json, spec_to_config, spec_to_json
+from allocator.drift import ScoreWindows
 from allocator.durable import Recovery, RewardWriter
 from allocator.engine import BatchDecision, Decision, Engine, ExperimentConfig
 from allocator.errors import (
@@ -75,6 +76,7 @@ class Record:
     updated_at: float
     version: int
     lock: threading.Lock = field(default_factory=threading.Lock)
+    scores: ScoreWindows = field(default_factory=ScoreWindows)
 
     @property
     def name(self) -> str:
@@ -451,6 +453,7 @@ class Allocator:
     def _apply_state(self, rec: Record) -> None:
         """Make the engine's allocation follow the lifecycle state."""
         lc = rec.lifecycle
+        rec.scores.set_promoted(lc.state == State.PROMOTED)
         name = rec.name
         k = rec.config.n_arms
         state = lc.state
@@ -683,6 +686,10 @@ class Allocator:
         statuses = [EXPIRED] * n
         for j, i in enumerate(live):
             statuses[i] = ACCEPTED if flags[j] else DUPLICATE
+        scored = [(r.arm, r.prediction_score) for r, f in zip(rows, flags, strict=True) if f]
+        scored_arms = [a for a, s in scored if s is not None]
+        if scored_arms:
+            rec.scores.add(scored_arms, [s for _, s in scored if s is not None])
         for s in (ACCEPTED, DUPLICATE, EXPIRED):
             c = statuses.count(s)
             if c:

@@ -334,6 +334,24 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
         status = self.app.promotion_status(rec)
         if status is not None:
             resp.promotion.CopyFrom(status)
+        for arm, (ks, psi) in rec.scores.compare().items():
+            name = rec.config.variants[arm]
+            resp.tests.append(
+                pb.TestResult(
+                    name="ks_prediction_drift",
+                    variant=name,
+                    statistic=ks.statistic,
+                    p_value=ks.p_value,
+                )
+            )
+            resp.tests.append(
+                pb.TestResult(
+                    name="psi_prediction_drift",
+                    variant=name,
+                    statistic=psi.value,
+                    p_value=float("nan"),
+                )
+            )
         power = self.app.power(rec)
         if power is not None:
             resp.power.CopyFrom(power)

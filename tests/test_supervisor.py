@@ -128,3 +128,30 @@ def test_stable_champion_is_not_rolled_back(fast_server: Running) -> None:
         # ARL0 = 1e4 batches: a false alarm within these 30 post-burn-in batches has
         # probability ~ 30 / 1e4 = 0.3%.
         assert c.get_experiment("s").state == pb.EXPERIMENT_STATE_PROMOTED
+
+
+def test_prediction_score_drift_is_reported(fast_server: Running) -> None:
+    rng = np.random.default_rng(5)
+    with AllocatorClient(f"127.0.0.1:{fast_server.port}", admin_token=ADMIN_TOKEN) as c:
+        c.create_experiment(pb.ExperimentSpec(name="d", variants=["a", "b"]))
+
+        def send(prefix: str, mean: float) -> None:
+            scores = rng.normal(mean, 0.1, size=300).tolist()
+            c.reward_batch(
+                "d",
+                [1.0] * 300,
+                event_ids=[f"{prefix}{i}" for i in range(300)],
+                variants=["b"] * 300,
+                prediction_scores=scores,
+            )
+
+        send("before", 0.5)
+        c.promote("d", "b", reason="test")
+        send("after", 0.7)
+        tests = {(t.name, t.variant): t for t in c.get_report("d").tests}
+    ks = tests[("ks_prediction_drift", "b")]
+    psi = tests[("psi_prediction_drift", "b")]
+    # A 2-sd shift of 300 vs 300 scores: KS p-value is astronomically small, and PSI is
+    # far above the 0.25 "significant shift" line.
+    assert ks.p_value < 1e-6 and ks.statistic > 0.5
+    assert psi.statistic > 0.25
