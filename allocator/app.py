@@ -34,6 +34,7 @@ from allocator.errors import (
     UnknownExperiment,
     WrongState,
 )
+from allocator.guardrails import GuardrailStats
 from allocator.lifecycle import Action, Event, EventType, IllegalTransition, Lifecycle, State
 from allocator.metrics import Metrics
 from allocator.report import power_analysis
@@ -77,6 +78,7 @@ class Record:
     version: int
     lock: threading.Lock = field(default_factory=threading.Lock)
     scores: ScoreWindows = field(default_factory=ScoreWindows)
+    guardrails: GuardrailStats = field(default_factory=lambda: GuardrailStats(0))
 
     @property
     def name(self) -> str:
@@ -631,6 +633,14 @@ class Allocator:
             raise InvalidArgument(field, "send decision ids or event ids, not both")
         if scores and len(scores) != n:
             raise InvalidArgument("prediction_scores", f"{len(scores)} scores for {n} values")
+        if guardrails and len(guardrails) != n:
+            raise InvalidArgument("guardrails", f"{len(guardrails)} items for {n} values")
+        for i, g in enumerate(guardrails):
+            for metric, value in g.items():
+                if not metric or len(metric) > 100:
+                    raise InvalidArgument(f"guardrails[{i}]", "metric names are 1-100 characters")
+                if not np.isfinite(value):
+                    raise InvalidArgument(f"guardrails[{i}].{metric}", "must be a finite number")
         resolved: list[tuple[int, int, str] | None]
         if decision_ids:
             if len(decision_ids) != n:
@@ -686,6 +696,9 @@ class Allocator:
         statuses = [EXPIRED] * n
         for j, i in enumerate(live):
             statuses[i] = ACCEPTED if flags[j] else DUPLICATE
+        if guardrails:
+            new = [j for j, f in enumerate(flags) if f]
+            rec.guardrails.add([rows[j].arm for j in new], [guardrails[live[j]] for j in new])
         scored = [(r.arm, r.prediction_score) for r, f in zip(rows, flags, strict=True) if f]
         scored_arms = [a for a, s in scored if s is not None]
         if scored_arms:

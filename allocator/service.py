@@ -10,6 +10,7 @@ import functools
 import hmac
 import json
 import logging
+import math
 import queue
 import time
 from collections.abc import Callable, Iterator
@@ -267,36 +268,46 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
             raise InvalidArgument("target", "set decision_id or event")
         return pb.RewardResponse(status=_STATUS[statuses[0]])
 
+    @staticmethod
+    def _guardrail_rows(request: pb.RewardBatchRequest) -> list[dict[str, float]]:
+        """Columnar guardrails to one dict per item (NaN: not measured for that item)."""
+        if not request.guardrails:
+            return []
+        n = len(request.values)
+        rows: list[dict[str, float]] = [{} for _ in range(n)]
+        for j, col in enumerate(request.guardrails):
+            if not col.metric:
+                raise InvalidArgument(f"guardrails[{j}].metric", "is required")
+            if len(col.values) != n:
+                raise InvalidArgument(
+                    f"guardrails[{j}].values", f"{len(col.values)} values for {n} rewards"
+                )
+            for i, v in enumerate(col.values):
+                if not math.isnan(v):
+                    rows[i][col.metric] = v
+        return rows
+
     def _reward_batch(self, request: pb.RewardBatchRequest) -> pb.RewardBatchResponse:
-        values = list(request.values)
-        scores = list(request.prediction_scores)
+        common: dict[str, Any] = {
+            "experiment": request.experiment,
+            "values": list(request.values),
+            "scores": list(request.prediction_scores),
+            "guardrails": self._guardrail_rows(request),
+        }
         if request.batch_token:
             if request.decision_ids or request.event_ids:
                 raise InvalidArgument("batch_token", "use one addressing form per request")
             ids = [f"{request.batch_token}.{i}" for i in request.indices]
-            statuses = self.app.reward(
-                experiment=request.experiment,
-                values=values,
-                decision_ids=ids,
-                scores=scores,
-                field="indices",
-            )
+            statuses = self.app.reward(decision_ids=ids, field="indices", **common)
         elif request.decision_ids:
-            statuses = self.app.reward(
-                experiment=request.experiment,
-                values=values,
-                decision_ids=list(request.decision_ids),
-                scores=scores,
-            )
+            statuses = self.app.reward(decision_ids=list(request.decision_ids), **common)
         elif request.event_ids:
             statuses = self.app.reward(
-                experiment=request.experiment,
-                values=values,
                 event_ids=list(request.event_ids),
                 variants=list(request.variants),
                 variant_indices=list(request.variant_indices),
-                scores=scores,
                 field="event_ids",
+                **common,
             )
         else:
             raise InvalidArgument("decision_ids", "send decision_ids, batch_token or event_ids")

@@ -408,3 +408,36 @@ def test_metrics_endpoint_parses_and_has_documented_series(
     assert samples[("allocator_reward_items_total", (("status", "accepted"),))] == 1
     health = urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/healthz", timeout=5)
     assert health.status == 200
+
+
+def test_guardrail_columns_are_tracked_and_validated(
+    client: AllocatorClient, stub: pb_grpc.AllocatorStub, server: Running
+) -> None:
+    client.create_experiment(_spec())
+    ids = ["g0", "g1", "g2"]
+    req = pb.RewardBatchRequest(
+        experiment="exp",
+        event_ids=ids,
+        variants=["a", "b", "b"],
+        values=[1.0, 0.0, 1.0],
+        guardrails=[pb.GuardrailColumn(metric="latency_ms", values=[12.0, float("nan"), 30.0])],
+    )
+    assert stub.RewardBatch(req).accepted == 3
+    lat = server.app.records["exp"].guardrails.snapshot()["latency_ms"]
+    assert lat[0].tolist() == [1.0, 12.0, 144.0] and lat[1].tolist() == [1.0, 30.0, 900.0]
+    bad = pb.RewardBatchRequest(
+        experiment="exp",
+        event_ids=["h0"],
+        variants=["a"],
+        values=[1.0],
+        guardrails=[pb.GuardrailColumn(metric="latency_ms", values=[1.0, 2.0])],
+    )
+    code, details = _code(stub.RewardBatch, bad)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "guardrails[0].values" in details
+    inf = pb.RewardRequest(
+        event=pb.EventTarget(experiment="exp", variant="a", event_id="h1"),
+        value=1.0,
+        guardrails={"latency_ms": float("inf")},
+    )
+    code, details = _code(stub.Reward, inf)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "latency_ms" in details

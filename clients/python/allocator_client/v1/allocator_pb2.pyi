@@ -171,7 +171,7 @@ class ExperimentSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., variants: _Optional[_Iterable[str]] = ..., policy: _Optional[_Union[Policy, str]] = ..., reward_type: _Optional[_Union[RewardType, str]] = ..., prior_alpha: _Optional[float] = ..., prior_beta: _Optional[float] = ..., prior_mean: _Optional[float] = ..., prior_kappa: _Optional[float] = ..., prior_shape: _Optional[float] = ..., prior_rate: _Optional[float] = ..., epsilon: _Optional[float] = ..., weights: _Optional[_Iterable[float]] = ..., discount: _Optional[float] = ..., allocation_mode: _Optional[_Union[AllocationMode, str]] = ..., table_refresh_rewards: _Optional[int] = ..., table_refresh_ms: _Optional[int] = ..., seed: _Optional[int] = ..., promotion: _Optional[_Union[PromotionSettings, _Mapping]] = ..., traffic: _Optional[_Union[TrafficSettings, _Mapping]] = ..., monitoring: _Optional[_Union[MonitoringSettings, _Mapping]] = ..., attribution_window_seconds: _Optional[int] = ...) -> None: ...
 
 class PromotionSettings(_message.Message):
-    __slots__ = ("auto_promote", "p_best_threshold", "expected_loss_tolerance", "min_samples_per_variant", "min_duration_seconds", "min_effect", "futility_probability", "alpha", "power")
+    __slots__ = ("auto_promote", "p_best_threshold", "expected_loss_tolerance", "min_samples_per_variant", "min_duration_seconds", "min_effect", "futility_probability", "alpha", "power", "guardrails")
     AUTO_PROMOTE_FIELD_NUMBER: _ClassVar[int]
     P_BEST_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_LOSS_TOLERANCE_FIELD_NUMBER: _ClassVar[int]
@@ -181,6 +181,7 @@ class PromotionSettings(_message.Message):
     FUTILITY_PROBABILITY_FIELD_NUMBER: _ClassVar[int]
     ALPHA_FIELD_NUMBER: _ClassVar[int]
     POWER_FIELD_NUMBER: _ClassVar[int]
+    GUARDRAILS_FIELD_NUMBER: _ClassVar[int]
     auto_promote: bool
     p_best_threshold: float
     expected_loss_tolerance: float
@@ -190,7 +191,18 @@ class PromotionSettings(_message.Message):
     futility_probability: float
     alpha: float
     power: float
-    def __init__(self, auto_promote: _Optional[bool] = ..., p_best_threshold: _Optional[float] = ..., expected_loss_tolerance: _Optional[float] = ..., min_samples_per_variant: _Optional[int] = ..., min_duration_seconds: _Optional[int] = ..., min_effect: _Optional[float] = ..., futility_probability: _Optional[float] = ..., alpha: _Optional[float] = ..., power: _Optional[float] = ...) -> None: ...
+    guardrails: _containers.RepeatedCompositeFieldContainer[Guardrail]
+    def __init__(self, auto_promote: _Optional[bool] = ..., p_best_threshold: _Optional[float] = ..., expected_loss_tolerance: _Optional[float] = ..., min_samples_per_variant: _Optional[int] = ..., min_duration_seconds: _Optional[int] = ..., min_effect: _Optional[float] = ..., futility_probability: _Optional[float] = ..., alpha: _Optional[float] = ..., power: _Optional[float] = ..., guardrails: _Optional[_Iterable[_Union[Guardrail, _Mapping]]] = ...) -> None: ...
+
+class Guardrail(_message.Message):
+    __slots__ = ("metric", "higher_is_better", "tolerance")
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    HIGHER_IS_BETTER_FIELD_NUMBER: _ClassVar[int]
+    TOLERANCE_FIELD_NUMBER: _ClassVar[int]
+    metric: str
+    higher_is_better: bool
+    tolerance: float
+    def __init__(self, metric: _Optional[str] = ..., higher_is_better: _Optional[bool] = ..., tolerance: _Optional[float] = ...) -> None: ...
 
 class TrafficSettings(_message.Message):
     __slots__ = ("floor", "cap", "control_share", "exploration_samples")
@@ -423,7 +435,7 @@ class RewardResponse(_message.Message):
     def __init__(self, status: _Optional[_Union[RewardStatus, str]] = ...) -> None: ...
 
 class RewardBatchRequest(_message.Message):
-    __slots__ = ("experiment", "decision_ids", "batch_token", "indices", "event_ids", "variants", "variant_indices", "values", "prediction_scores")
+    __slots__ = ("experiment", "decision_ids", "batch_token", "indices", "event_ids", "variants", "variant_indices", "values", "prediction_scores", "guardrails")
     EXPERIMENT_FIELD_NUMBER: _ClassVar[int]
     DECISION_IDS_FIELD_NUMBER: _ClassVar[int]
     BATCH_TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -433,6 +445,7 @@ class RewardBatchRequest(_message.Message):
     VARIANT_INDICES_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
     PREDICTION_SCORES_FIELD_NUMBER: _ClassVar[int]
+    GUARDRAILS_FIELD_NUMBER: _ClassVar[int]
     experiment: str
     decision_ids: _containers.RepeatedScalarFieldContainer[str]
     batch_token: str
@@ -442,7 +455,16 @@ class RewardBatchRequest(_message.Message):
     variant_indices: _containers.RepeatedScalarFieldContainer[int]
     values: _containers.RepeatedScalarFieldContainer[float]
     prediction_scores: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, experiment: _Optional[str] = ..., decision_ids: _Optional[_Iterable[str]] = ..., batch_token: _Optional[str] = ..., indices: _Optional[_Iterable[int]] = ..., event_ids: _Optional[_Iterable[str]] = ..., variants: _Optional[_Iterable[str]] = ..., variant_indices: _Optional[_Iterable[int]] = ..., values: _Optional[_Iterable[float]] = ..., prediction_scores: _Optional[_Iterable[float]] = ...) -> None: ...
+    guardrails: _containers.RepeatedCompositeFieldContainer[GuardrailColumn]
+    def __init__(self, experiment: _Optional[str] = ..., decision_ids: _Optional[_Iterable[str]] = ..., batch_token: _Optional[str] = ..., indices: _Optional[_Iterable[int]] = ..., event_ids: _Optional[_Iterable[str]] = ..., variants: _Optional[_Iterable[str]] = ..., variant_indices: _Optional[_Iterable[int]] = ..., values: _Optional[_Iterable[float]] = ..., prediction_scores: _Optional[_Iterable[float]] = ..., guardrails: _Optional[_Iterable[_Union[GuardrailColumn, _Mapping]]] = ...) -> None: ...
+
+class GuardrailColumn(_message.Message):
+    __slots__ = ("metric", "values")
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    metric: str
+    values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, metric: _Optional[str] = ..., values: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class RewardBatchResponse(_message.Message):
     __slots__ = ("accepted", "duplicates", "expired", "statuses")
