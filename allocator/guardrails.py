@@ -29,9 +29,11 @@ class GuardrailStats:
                 for name, value in items.items():
                     s = self._stats.get(name)
                     if s is None:
-                        s = self._stats[name] = np.zeros((self.n_arms, 3))
+                        s = self._stats[name] = np.zeros((max(self.n_arms, arm + 1), 3))
                     elif s.shape[0] <= arm:
-                        s = self._stats[name] = np.vstack([s, np.zeros((arm + 1 - s.shape[0], 3))])
+                        # Variants added since: grow with zero rows.
+                        grow = np.zeros((arm + 1 - s.shape[0], 3))
+                        s = self._stats[name] = np.vstack([s, grow])
                     s[arm, 0] += 1.0
                     s[arm, 1] += value
                     s[arm, 2] += value * value
