@@ -223,6 +223,10 @@ class _Experiment:
     """Mutable state of one experiment. Every method is called with ``lock`` held."""
 
     def __init__(self, config: ExperimentConfig, now: float) -> None:
+        # Lock order: refresh_lock, then lock. ``lock`` guards every array and is held only
+        # for O(K) work; ``refresh_lock`` guards ``mc_rng`` and is held across the Monte
+        # Carlo estimate of P(best) (milliseconds at large K), so Assign never waits on it.
+        self.refresh_lock = threading.Lock()
         self.lock = threading.Lock()
         self.set_config(config)
         k = config.n_arms
@@ -267,10 +271,27 @@ class _Experiment:
         need = self.config.shaping.exploration_samples
         return need > 0 and bool((self.stats[:, 0] < need).any())
 
+    def needs_estimate(self) -> bool:
+        """Whether the next refresh needs the policy's (possibly Monte Carlo) allocation."""
+        return self.override is None and not self.exploring()
+
+    def estimate(self, stats: np.ndarray) -> np.ndarray:
+        """The policy's allocation for ``stats``; caller holds ``refresh_lock``, not ``lock``."""
+        return self.policy.allocation(self.mc_rng, stats)
+
     def _compute_allocation(
-        self, now: float, *, force_epoch: bool = False, first: bool = False
+        self,
+        now: float,
+        *,
+        force_epoch: bool = False,
+        first: bool = False,
+        estimate: np.ndarray | None = None,
     ) -> None:
-        """Re-estimate the allocation in force; open a new epoch if it moved enough."""
+        """Install the allocation in force; open a new epoch if it moved enough.
+
+        ``estimate`` is the policy's allocation computed outside ``lock``; without it the
+        estimate is made here (the caller then holds ``refresh_lock`` too).
+        """
         k = self.config.n_arms
         sh = self.config.shaping
         if self.override is not None:
@@ -279,6 +300,8 @@ class _Experiment:
         else:
             if self.exploring():
                 policy_alloc = np.full(k, 1.0 / k)
+            elif estimate is not None and estimate.shape == (k,):
+                policy_alloc = estimate.copy()
             else:
                 policy_alloc = self.policy.allocation(self.mc_rng, self.stats)
             fixed = np.full(k, sh.floor)
@@ -363,8 +386,10 @@ class _Experiment:
         self.epoch_pulls[self.epoch, arm] += 1
         return arm
 
-    def refresh(self, now: float, *, force_epoch: bool = False) -> None:
-        self._compute_allocation(now, force_epoch=force_epoch)
+    def refresh(
+        self, now: float, *, force_epoch: bool = False, estimate: np.ndarray | None = None
+    ) -> None:
+        self._compute_allocation(now, force_epoch=force_epoch, estimate=estimate)
 
     # -- decisions ---------------------------------------------------------------------
     def decide(self, out: np.ndarray) -> None:
@@ -569,7 +594,7 @@ class Engine:
     def add_variant(self, name: str, variant: str) -> ExperimentConfig:
         """Add a variant (e.g. a retrained model); it starts with no data and a new epoch."""
         exp = self._get(name)
-        with exp.lock:
+        with exp.refresh_lock, exp.lock:
             if variant in exp.variants:
                 raise InvalidArgument("variant", f"{variant!r} already exists in {name!r}")
             try:
@@ -699,15 +724,23 @@ class Engine:
             # in force (propensities, SRM expectations) is refreshed once the data grew by 2%,
             # not only every refresh_rewards rewards.
             due = min(exp.config.refresh_rewards, max(1, exp.rewards_total // 50))
-            if exp.rewards_since >= due:
-                exp.refresh(self._clock())
+            if exp.rewards_since < due:
+                return
+        self._refresh(exp)
+
+    def _refresh(self, exp: _Experiment, *, force_epoch: bool = False) -> None:
+        """Estimate outside ``lock`` (Assign keeps going), then install under it."""
+        with exp.refresh_lock:
+            with exp.lock:
+                stats = exp.stats.copy() if exp.needs_estimate() else None
+            estimate = exp.estimate(stats) if stats is not None else None
+            with exp.lock:
+                exp.refresh(self._clock(), force_epoch=force_epoch, estimate=estimate)
 
     # -- allocation ----------------------------------------------------------------------
     def refresh(self, name: str, *, force_epoch: bool = False) -> None:
         """Re-estimate the allocation in force now."""
-        exp = self._get(name)
-        with exp.lock:
-            exp.refresh(self._clock(), force_epoch=force_epoch)
+        self._refresh(self._get(name), force_epoch=force_epoch)
 
     def refresh_due(self) -> int:
         """Refresh every experiment whose ``refresh_ms`` has elapsed; returns how many."""
@@ -717,15 +750,14 @@ class Engine:
             if (now - exp.last_refresh) * 1000.0 >= exp.config.refresh_ms and (
                 exp.rewards_since > 0 or exp.pending > 0
             ):
-                with exp.lock:
-                    exp.refresh(now)
+                self._refresh(exp)
                 done += 1
         return done
 
     def set_override(self, name: str, shares: Sequence[float] | np.ndarray | None) -> None:
         """Fix the allocation (promotion, rollback, pause) or hand it back to the policy."""
         exp = self._get(name)
-        with exp.lock:
+        with exp.refresh_lock, exp.lock:
             if shares is None:
                 exp.override = None
             else:
@@ -767,11 +799,12 @@ class Engine:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(P(best), expected loss, posterior draws) from the current posterior."""
         exp = self._get(name)
-        with exp.lock:
-            stats = exp.stats.copy()
-            rng = exp.mc_rng
+        with exp.refresh_lock:
+            with exp.lock:
+                stats = exp.stats.copy()
+                policy = exp.policy
             n = draws or exp.config.policy.mc_draws
-            samples = exp.policy.posterior_samples(rng, stats, n)
+            samples = policy.posterior_samples(exp.mc_rng, stats, n)
         p_best = np.empty(stats.shape[0])
         loss = np.empty(stats.shape[0])
         kernels.best_and_loss(samples, p_best, loss)
@@ -783,7 +816,7 @@ class Engine:
         out: dict[str, ExperimentSnapshot] = {}
         for name in list(self._experiments) if names is None else names:
             exp = self._get(name)
-            with exp.lock:
+            with exp.refresh_lock, exp.lock:
                 out[name] = exp.snapshot()
         return out
 
@@ -795,7 +828,7 @@ class Engine:
                 if exp is None:
                     exp = _Experiment(snap.config, self._clock())
                     self._experiments[name] = exp
-            with exp.lock:
+            with exp.refresh_lock, exp.lock:
                 exp.restore(snap)
 
 
