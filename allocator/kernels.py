@@ -520,9 +520,26 @@ def beta_posterior_draws(s: np.ndarray, params: np.ndarray, draws: int) -> np.nd
     consts = _beta_consts(params)
     k_arms = params.shape[0]
     out = np.empty((draws, k_arms), dtype=np.float64)
+    for k in range(k_arms):
+        if consts[k, 6] != 0.0:
+            # A shape below 1 somewhere: the general path, state through memory.
+            for i in range(draws):
+                for j in range(k_arms):
+                    out[i, j] = _beta_draw_c(s, consts, j)
+            return out
+    s0 = s[0]
+    s1 = s[1]
+    s2 = s[2]
+    s3 = s[3]
     for i in range(draws):
         for k in range(k_arms):
-            out[i, k] = _beta_draw_c(s, consts, k)
+            x, s0, s1, s2, s3 = _gamma_reg(s, s0, s1, s2, s3, consts[k, 0], consts[k, 1])
+            y, s0, s1, s2, s3 = _gamma_reg(s, s0, s1, s2, s3, consts[k, 3], consts[k, 4])
+            out[i, k] = x / (x + y)
+    s[0] = s0
+    s[1] = s1
+    s[2] = s2
+    s[3] = s3
     return out
 
 
