@@ -540,7 +540,7 @@ class Allocator:
     def assign(self, name: str, unit_id: str = "") -> tuple[Record, Decision, str]:
         """One decision and its signed id."""
         rec = self.get(name)
-        with self.metrics.decision_seconds.time():
+        with self.metrics.decision_single.time():
             d = self.engine.assign(name, unit_id or None)
         token = self.signer.issue(rec.id, d.arm, d.epoch, self.clock())
         return rec, d, token
@@ -554,7 +554,7 @@ class Allocator:
             raise InvalidArgument("count", f"is {count} but {len(unit_ids)} unit_ids were given")
         if any(not u for u in unit_ids):
             raise InvalidArgument("unit_ids", "must not contain empty strings")
-        with self.metrics.decision_seconds.time():
+        with self.metrics.decision_batch.time():
             b = self.engine.assign_batch(name, count, list(unit_ids) or None)
         token = self.signer.issue_batch(rec.id, b.arms, b.epoch, self.clock())
         return rec, b, token
@@ -571,8 +571,27 @@ class Allocator:
         out: list[tuple[int, int, str] | None] = []
         rec: Record | None = self.get(experiment) if experiment else None
         batches: dict[str, Batch | None] = {}
+        # Items of one AssignBatch arrive as runs of `<token>.<i>` with a token of several
+        # KB: once an item of a batch passed every check, the next items with the same
+        # `<token>.` prefix reuse its verified batch and owner instead of splitting and
+        # hashing the token again (a memcmp instead of ~5 us per item). Anything unusual
+        # falls through to the full path below, which reports it.
+        prefix = ""
+        current: Batch | None = None
+        arms: list[int] = []
         for i, token in enumerate(ids):
+            if prefix and token.startswith(prefix):
+                index = token[len(prefix) :]
+                if index.isascii() and index.isdigit():
+                    if current is None:  # that batch expired
+                        out.append(None)
+                        continue
+                    j = int(index)
+                    if j < len(arms):
+                        out.append((arms[j], current.epoch, current.key(j)))
+                        continue
             where = f"{field}[{i}]" if field.endswith("s") else field
+            batch: Batch | None = None
             try:
                 body, dot, index = token.rpartition(".")
                 if dot and body:
@@ -583,6 +602,7 @@ class Allocator:
                             batches[body] = None
                     batch = batches[body]
                     if batch is None:
+                        prefix, current = body + ".", None
                         out.append(None)
                         continue
                     if not index.isdigit():
@@ -605,6 +625,8 @@ class Allocator:
                     where, f"decision id belongs to {owner.name!r}, not {rec.name!r}"
                 )
             out.append((d.variant, d.epoch, d.key))
+            if batch is not None and batch is not current:
+                prefix, current, arms = body + ".", batch, batch.variants.tolist()
         return rec, out
 
     def reward(

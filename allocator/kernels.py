@@ -815,7 +815,7 @@ def alias_batch(s: np.ndarray, prob: np.ndarray, alias: np.ndarray, out: np.ndar
         out[i] = _alias_draw(s, prob, alias)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=False)
 def alias_at(prob: np.ndarray, alias: np.ndarray, u: float) -> int:
     """The alias-table arm for a given uniform ``u`` in [0, 1): deterministic per unit."""
     k_arms = prob.shape[0]
@@ -869,6 +869,11 @@ def count_arms(arms: np.ndarray, counts: np.ndarray) -> None:
 # ----------------------------------------------------------------------------------------
 # Policy decisions straight from sufficient statistics: one dispatch per engine call
 # ----------------------------------------------------------------------------------------
+# The single-decision kernels (thompson_beta_one, table_one, alias_at) deliberately keep
+# the GIL (nogil=False): they run for ~1 us, and releasing the GIL means winning it back
+# from every other handler thread, which under gRPC load took up to the 5 ms switch
+# interval (benchmarks/service.py measured decision p99 9.5 ms with nogil=True, 36-40 us
+# without). Batch kernels run long enough that releasing the GIL pays.
 # A numba dispatch costs ~0.5 us from Python, so each engine entry point calls exactly one
 # of these; they build the posterior parameters or the index internally.
 
@@ -1008,7 +1013,7 @@ def update_epochs(
         epoch_stats[e, a, 2] += r * r
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=False)
 def thompson_beta_one(
     s: np.ndarray, stats: np.ndarray, pulls: np.ndarray, alpha0: float, beta0: float
 ) -> int:
@@ -1060,7 +1065,7 @@ def thompson_beta_one(
     return best
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=False)
 def table_one(s: np.ndarray, prob: np.ndarray, alias: np.ndarray, pulls: np.ndarray) -> int:
     """One draw from an alias table, counted into ``pulls``."""
     arm = _alias_draw(s, prob, alias)

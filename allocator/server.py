@@ -162,7 +162,7 @@ def create_server(
     for name in ("", SERVICE_NAME, STORE_HEALTH):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     http = (
-        _http_server(config, registry, app) if config.http_port or config.http_port == 0 else None
+        _http_server(config, registry, app) if config.http_port >= 0 else None  # -1: off
     )
     http_port = http.server_address[1] if http is not None else 0
     stop = threading.Event()
