@@ -49,6 +49,7 @@ from allocator.store import (
     Store,
     StoreConfig,
     StoreUnavailable,
+    VersionConflict,
 )
 from allocator.tokens import (
     Batch,
@@ -372,6 +373,16 @@ class Allocator:
                 unsubscribe()
             try:
                 self._persist_state(rec, audit.from_state.value, action, actor, reason, summary)
+            except VersionConflict:
+                # Another replica changed the experiment first (e.g. both were asked to
+                # promote): theirs stands. Serve it from now on instead of waiting for the
+                # next sync, so a retry here is judged against the state that won.
+                rec.lifecycle = Lifecycle.from_dict(before)
+                self._wire_lifecycle(rec)
+                row = self.store.get_experiment(name)
+                if row is not None:
+                    self._adopt_row(rec, row)
+                raise
             except BaseException:
                 rec.lifecycle = Lifecycle.from_dict(before)
                 self._wire_lifecycle(rec)
@@ -614,7 +625,7 @@ class Allocator:
                 out.append(None)
                 continue
             except InvalidToken as err:
-                raise InvalidArgument(where, f"invalid decision id: {err}") from None
+                raise InvalidArgument(where, str(err)) from None
             owner = self.by_id.get(int(d.experiment)) if isinstance(d.experiment, int) else None
             if owner is None:
                 raise InvalidArgument(where, "decision id names an unknown experiment")
@@ -796,14 +807,8 @@ class Allocator:
                         self.by_id[rec.id] = rec
                         self._apply_state(rec)
             elif row.version > rec.version:
-                fresh = self._record_from_row(row)
                 with rec.lock:
-                    for v in fresh.config.variants[len(rec.config.variants) :]:
-                        self.engine.add_variant(rec.name, v)
-                    rec.spec, rec.config = fresh.spec, self.engine.config(rec.name)
-                    rec.lifecycle = fresh.lifecycle
-                    rec.version, rec.updated_at = row.version, row.updated_at
-                    self._apply_state(rec)
+                    self._adopt_row(rec, row)
         for e in self.store.events_after(self._last_event_seq, limit=1000):
             self._last_event_seq = max(self._last_event_seq, e.seq or 0)
             rec = self.by_id.get(e.experiment_id or -1)
@@ -820,6 +825,19 @@ class Allocator:
                     ),
                 )
             )
+
+    def _adopt_row(self, rec: Record, row: ExperimentRow) -> None:
+        """Take over the stored state of ``rec`` if it is newer (caller holds rec.lock)."""
+        if row.version <= rec.version:
+            return
+        fresh = self._record_from_row(row)
+        for v in fresh.config.variants[len(rec.config.variants) :]:
+            self.engine.add_variant(rec.name, v)
+        rec.spec, rec.config = fresh.spec, self.engine.config(rec.name)
+        rec.lifecycle = fresh.lifecycle
+        self._wire_lifecycle(rec)
+        rec.version, rec.updated_at = row.version, row.updated_at
+        self._apply_state(rec)
 
     def promotion_status(self, rec: Record) -> pb.PromotionStatus | None:
         """Where the promotion rule stands for ``rec`` (None until evaluated)."""

@@ -8,9 +8,12 @@ rewards to the engine, so the engine sees rewards in exactly the order of the lo
    ``max_delay_ms``), writes them in ONE transaction (``Store.append_rewards``), and only
    after the commit applies the new (non-duplicate) rows to the engine and resolves the
    futures. A reward is acknowledged only once it is durable; a store failure fails the
-   futures (the client retries) and changes nothing in memory. If such a failed commit did
-   in fact happen, the store reports the retried rows as new (not duplicates), so they are
-   applied exactly once.
+   futures (the client retries) and changes nothing in memory. Such a failed commit may in
+   fact have happened (the connection died after COMMIT was sent), so the writer keeps
+   those rows as "in doubt" and commits them again itself once the store is back; the
+   store reports rows of ours that did land as new, so either way each is applied exactly
+   once, and a client retry then answers DUPLICATE. Until then no snapshot is taken: its
+   log positions would cover a row the posterior does not include.
 3. Between commits the same thread pulls other replicas' rows (PostgreSQL), flushes
    assignment counts and allocation epochs, and snapshots the posteriors with the log
    positions they cover. Recovery = latest snapshot + replay of the log after it, in log
@@ -45,6 +48,10 @@ from allocator.store import (
 )
 
 log = logging.getLogger("allocator.durable")
+
+# Mirrors the store's memory of failed commits (store._UNACKED_CAP): past it, a commit that
+# landed could no longer be told apart from a duplicate anyway.
+_DOUBT_CAP = 1_000_000
 
 
 @dataclass
@@ -83,12 +90,36 @@ class Recovery:
         applied = dict(start)
         while True:
             rows = self.store.rewards_since(applied, exclude_replica=None, limit=50_000)
-            if not rows:
+            known = known_prefix(rows, by_id)
+            if not known:
                 break
-            apply_logged(self.engine, rows, by_id, positions_by_exp)
-            for row in rows:
-                applied[row.replica_id] = max(applied.get(row.replica_id, 0), row.replica_seq)
+            apply_logged(self.engine, known, by_id, positions_by_exp)
+            advance(applied, known)
+            if len(known) < len(rows):
+                # An experiment created (by another replica) after we listed them: the
+                # writer's pull resumes here once _sync_experiments has loaded it.
+                break
         return applied
+
+
+def known_prefix(
+    rows: Sequence[LoggedReward], names_by_id: dict[int, str]
+) -> Sequence[LoggedReward]:
+    """The rows before the first one of an experiment this process does not know yet.
+
+    Positions must never move past a row that was not applied, or it is skipped for good;
+    rows come ordered by (replica, seq), so cutting the page keeps every stream contiguous.
+    """
+    for i, row in enumerate(rows):
+        if row.experiment_id not in names_by_id:
+            return rows[:i]
+    return rows
+
+
+def advance(positions: dict[str, int], rows: Iterable[LoggedReward]) -> None:
+    """Move per-replica positions to the last of ``rows``."""
+    for row in rows:
+        positions[row.replica_id] = max(positions.get(row.replica_id, 0), row.replica_seq)
 
 
 def apply_logged(
@@ -173,6 +204,8 @@ class RewardWriter:
         self._thread = threading.Thread(target=self._run, name="reward-writer", daemon=True)
         self._flushed_pulls: dict[str, np.ndarray] = {}
         self._flushed_epochs: dict[str, int] = {}
+        # dedup_key -> (experiment, row) of commits that failed and may have landed anyway.
+        self._doubtful: dict[str, tuple[str, RewardRow]] = {}
         self.healthy = True
         self.last_error = ""
         self.positions.pop(replica_id, None)
@@ -215,6 +248,7 @@ class RewardWriter:
             jobs = self._take(timeout)
             if jobs:
                 self._commit(jobs)
+                self._release(sum(len(job.rows) for job in jobs))
             now = time.monotonic()
             stopping = self._stop.is_set() and self._queue.empty()
             if now >= next_sync or stopping:
@@ -264,22 +298,26 @@ class RewardWriter:
             if job is not None:
                 jobs.append(job)
 
-    def _commit(self, jobs: list[_Job]) -> None:
+    def _commit(self, jobs: list[_Job]) -> bool:
         rows = [r for job in jobs for r in job.rows]
         try:
             with self.metrics.flush_seconds.time():
                 flags = self.store.append_rewards(self.replica_id, rows)
         except Exception as err:
             self._mark_down(err)
+            if isinstance(err, StoreUnavailable):
+                self._doubt(jobs)
             for job in jobs:
                 job.future.set_exception(
                     err
                     if isinstance(err, StoreUnavailable)
                     else StoreUnavailable("commit", str(err))
                 )
-            self._release(len(rows))
-            return
+            return False
         self._mark_up()
+        if self._doubtful:
+            for row in rows:
+                self._doubtful.pop(row.dedup_key, None)
         self.metrics.flush_rows.inc(sum(flags))
         i = 0
         for job in jobs:
@@ -294,7 +332,27 @@ class RewardWriter:
                 if self.on_applied is not None:
                     self.on_applied(job.name, arms, values)
             job.future.set_result(mine)
-        self._release(len(rows))
+        return True
+
+    def _doubt(self, jobs: list[_Job]) -> None:
+        for job in jobs:
+            for row in job.rows:
+                self._doubtful[row.dedup_key] = (job.name, row)
+        while len(self._doubtful) > _DOUBT_CAP:
+            key = next(iter(self._doubtful))
+            log.warning("forgetting reward %r of a failed commit (too many in doubt)", key)
+            del self._doubtful[key]
+
+    def resolve_doubtful(self) -> None:
+        """Commit again the rows of failed commits (writer thread only); see module doc."""
+        while self._doubtful:
+            batch = list(self._doubtful.values())[: self.max_rows]
+            by_name: dict[str, list[RewardRow]] = {}
+            for name, row in batch:
+                by_name.setdefault(name, []).append(row)
+            # Nobody waits on these futures: the clients were already answered UNAVAILABLE.
+            if not self._commit([_Job(name, rows, Future()) for name, rows in by_name.items()]):
+                return
 
     def _release(self, n: int) -> None:
         with self._count_lock:
@@ -318,10 +376,13 @@ class RewardWriter:
 
     def _housekeeping(self) -> None:
         try:
-            self.pull()
-            self.flush_counts()
+            self.resolve_doubtful()
+            # Experiments first: other replicas' rows of an experiment created since the last
+            # tick can then be applied in this same pass (pull waits for unknown ones).
             if self.on_tick is not None:
                 self.on_tick()
+            self.pull()
+            self.flush_counts()
             self.store.ping()
             self._mark_up()
         except Exception as err:
@@ -338,15 +399,15 @@ class RewardWriter:
             rows = self.store.rewards_since(
                 self.positions, exclude_replica=self.replica_id, limit=50_000
             )
-            if not rows:
+            known = known_prefix(rows, names_by_id)
+            if not known:
                 return total
-            total += apply_logged(self.engine, rows, names_by_id)
-            for row in rows:
-                self.positions[row.replica_id] = max(
-                    self.positions.get(row.replica_id, 0), row.replica_seq
-                )
+            total += apply_logged(self.engine, known, names_by_id)
+            advance(self.positions, known)
             if self.on_pulled is not None:
-                self.on_pulled(rows)
+                self.on_pulled(known)
+            if len(known) < len(rows):
+                return total  # the rest after the next _sync_experiments
 
     def flush_counts(self) -> None:
         """Write assignment-count deltas and newly opened epochs.
@@ -386,10 +447,13 @@ class RewardWriter:
             marks.append((name, pulls, view.epoch + 1))
         if counts:
             self.store.add_assignment_counts(counts)
+        # The count deltas are committed: move their marks now, so a failure recording an
+        # epoch below cannot make the next flush add the same deltas a second time.
+        for name, pulls, _ in marks:
+            self._flushed_pulls[name] = pulls
         for ep in epochs:
             self.store.record_allocation_epoch(ep)
-        for name, pulls, n_epochs in marks:
-            self._flushed_pulls[name] = pulls
+        for name, _, n_epochs in marks:
             self._flushed_epochs[name] = n_epochs
 
     def _snapshot(self) -> None:
@@ -400,11 +464,12 @@ class RewardWriter:
 
     def snapshot_now(self, names: Iterable[str] | None = None) -> None:
         """Snapshot posteriors with the log positions they include (writer thread only)."""
+        if self._doubtful:
+            return  # our max position may cover a landed-but-unapplied row: wait
         ids = self.ids()
         # Between commits on the only thread that writes our rows, every row of ours in the
-        # log has been applied, except rows of a commit that reported failure but happened;
-        # the store reports those as new when the client retries them (and they are then
-        # applied), and a reward whose client never retried was never acknowledged.
+        # log has been applied, except rows of a commit that reported failure but happened,
+        # and there are none of those while nothing is in doubt (checked above).
         own = self.store.replica_positions().get(self.replica_id, 0)
         positions = {**self.positions, self.replica_id: own}
         for name, snap in self.engine.snapshot(names).items():

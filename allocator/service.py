@@ -34,7 +34,7 @@ from allocator.errors import (
 from allocator.lifecycle import Action
 from allocator.metrics import Metrics
 from allocator.report import build_report
-from allocator.store import StoreUnavailable
+from allocator.store import StoreUnavailable, VersionConflict
 
 log = logging.getLogger("allocator.service")
 
@@ -53,6 +53,8 @@ _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (StoreUnavailable, grpc.StatusCode.UNAVAILABLE),
+    # Another replica changed the experiment between our read and our write.
+    (VersionConflict, grpc.StatusCode.ABORTED),
 )
 
 F = TypeVar("F", bound=Callable[..., Any])

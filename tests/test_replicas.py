@@ -1,0 +1,392 @@
+"""Several replicas on one PostgreSQL database: convergence, one promotion, losing a replica.
+
+Each replica logs its own rewards under its replica id and pulls the others' rows; with
+Bernoulli 0/1 rewards the posterior statistics are exact integer sums, so replicas that
+have seen the same rewards must hold bit-identical arrays whatever the order.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import sqlalchemy as sa
+from allocator_client.v1 import allocator_pb2 as pb
+from allocator_client.v1 import allocator_pb2_grpc as pb_grpc
+from prometheus_client import CollectorRegistry
+
+from allocator.durable import Recovery, RewardWriter
+from allocator.engine import Engine
+from allocator.errors import WrongState
+from allocator.lifecycle import Action, State
+from allocator.metrics import Metrics
+from allocator.server import Running, create_server
+from allocator.store import SqlStore, StoreUnavailable
+from tests.conftest import ADMIN_TOKEN, server_config
+from tests.test_durability import (
+    EXPERIMENT,
+    LostCommitAnswer,
+    RewardSender,
+    ServerProcess,
+    assert_exact,
+    assert_report_exact,
+    check_ledger,
+    create_experiment,
+    expected_stats,
+    merged,
+    recovered_state,
+    report,
+    reported_counts,
+    server_processes,
+    start_all,
+    wait_until,
+)
+
+pytestmark = pytest.mark.postgres
+
+
+def _replica(url: str, replica_id: str, **overrides: object) -> Running:
+    return create_server(server_config(url, replica_id=replica_id, http_port=-1, **overrides))
+
+
+@pytest.fixture
+def replicas(pg_url: str) -> Iterator[tuple[Running, Running]]:
+    """Two in-process replicas on one fresh PostgreSQL database."""
+    r1 = _replica(pg_url, "r1")
+    r2 = _replica(pg_url, "r2")
+    try:
+        yield r1, r2
+    finally:
+        r2.stop(grace=1.0)
+        r1.stop(grace=1.0)
+
+
+def _target(r: Running) -> str:
+    return f"127.0.0.1:{r.port}"
+
+
+def _stats(r: Running, name: str) -> np.ndarray | None:
+    return r.app.engine.view(name).stats if name in r.app.engine else None
+
+
+def _same(got: np.ndarray | None, want: np.ndarray) -> bool:
+    return got is not None and np.array_equal(got, want)
+
+
+def _leaders(url: str) -> int:
+    """Sessions holding an advisory lock in this database (the promotion leader lock)."""
+    parsed = sa.make_url(url)
+    engine = sa.create_engine(parsed, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            return int(
+                conn.execute(
+                    sa.text(
+                        "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database "
+                        "WHERE l.locktype = 'advisory' AND l.granted AND d.datname = :db"
+                    ),
+                    {"db": parsed.database},
+                ).scalar_one()
+            )
+    finally:
+        engine.dispose()
+
+
+def test_rewards_split_between_replicas_converge_exactly(
+    replicas: tuple[Running, Running],
+) -> None:
+    """Rewards sent half to each replica end up, bit-identical, in both posteriors.
+
+    A second experiment is created on r2 in the middle of the load and fed at once through
+    r2, so r1 meets r2's rows for it before r1 has heard of the experiment: they must be
+    applied once r1 learns about it, not skipped.
+    """
+    r1, r2 = replicas
+    create_experiment(_target(r1))
+    wait_until(lambda: EXPERIMENT in r2.app.records, 5, "r2 to learn the experiment")
+    senders = [
+        RewardSender(_target(r1), "one", seed=11),
+        RewardSender(_target(r2), "two", seed=12, stream=True),
+    ]
+    for s in senders:
+        s.start()
+    time.sleep(0.5)
+    create_experiment(_target(r2), name="late")
+    late = RewardSender(_target(r2), "late", seed=13, experiment="late")
+    late.start()
+    time.sleep(1.0)
+    for s in [*senders, late]:
+        s.drain(timeout=30)
+    ledger = merged(senders)
+    late_ledger = late.snapshot()
+    check_ledger(ledger)
+    check_ledger(late_ledger)
+    assert ledger.items and late_ledger.items
+    for name, led in ((EXPERIMENT, ledger), ("late", late_ledger)):
+        want = expected_stats(led.items)
+        for r in (r1, r2):
+            wait_until(
+                lambda r=r, name=name, want=want: _same(_stats(r, name), want),  # type: ignore[misc]
+                10,
+                f"{r.app.replica_id} to converge on {name}",
+            )
+        np.testing.assert_array_equal(_stats(r1, name), _stats(r2, name))
+
+
+def test_commit_that_landed_but_failed_is_counted_by_both_replicas(
+    replicas: tuple[Running, Running],
+) -> None:
+    """r1's commit lands but r1 is told it failed, and the client never retries.
+
+    The rows are in the log, so r2 pulls and counts them; r1 must count them too (it
+    commits its in-doubt rows again and learns they are its own), or the replicas diverge.
+    """
+    r1, r2 = replicas
+    create_experiment(_target(r1))
+    wait_until(lambda: EXPERIMENT in r2.app.records, 5, "r2 to learn the experiment")
+    lost = LostCommitAnswer(r1.app.store)  # type: ignore[arg-type]
+    lost.armed.set()
+    with pytest.raises(StoreUnavailable):
+        r1.app.reward(
+            experiment=EXPERIMENT,
+            values=[1.0, 0.0, 1.0],
+            event_ids=["x1", "x2", "x3"],
+            variant_indices=[2, 2, 0],
+        )
+    assert lost.fired.is_set()
+    want = np.array([[1.0, 1, 1], [0, 0, 0], [2, 1, 1]])
+    for r in (r1, r2):
+        wait_until(
+            lambda r=r: _same(_stats(r, EXPERIMENT), want),  # type: ignore[misc]
+            5,
+            f"{r.app.replica_id} to count the landed rewards once",
+        )
+    time.sleep(0.3)  # several housekeeping passes later: still once
+    np.testing.assert_array_equal(_stats(r1, EXPERIMENT), want)
+    np.testing.assert_array_equal(_stats(r2, EXPERIMENT), want)
+
+
+def test_concurrent_promotions_on_two_replicas_happen_once(
+    replicas: tuple[Running, Running], pg_url: str
+) -> None:
+    """Promote sent to both replicas at the same instant: one wins, the other is refused.
+
+    Optimistic versioning of the experiment row decides; the loser answers ABORTED (it
+    lost the race) or FAILED_PRECONDITION (it had already seen the promotion). Exactly one
+    PROMOTE audit row and one PROMOTED event exist, and both replicas serve the winner.
+    """
+    r1, r2 = replicas
+    names = [f"promo{i}" for i in range(6)]
+    for name in names:
+        create_experiment(_target(r1), name=name)
+    wait_until(lambda: all(n in r2.app.records for n in names), 5, "r2 to learn them")
+    # The supervisors try the leader lock every promotion_interval_s (1 s).
+    wait_until(lambda: _leaders(pg_url) == 1, 5, "one replica to hold the leader lock")
+    time.sleep(1.2)
+    assert _leaders(pg_url) == 1, "exactly one replica holds the promotion leader lock"
+    for name in names:
+        results = _race_promote(name, [(r1, "b"), (r2, "c")])
+        assert sorted(results.values(), key=str).count(grpc.StatusCode.OK) == 1, results
+        loser = next(c for c in results.values() if c != grpc.StatusCode.OK)
+        assert loser in (grpc.StatusCode.ABORTED, grpc.StatusCode.FAILED_PRECONDITION)
+        winner = next(v for v, c in results.items() if c == grpc.StatusCode.OK)
+        audit = r1.app.store.list_audit(r1.app.get(name).id)
+        assert [a.action for a in audit].count("PROMOTE") == 1
+        for r in (r1, r2):
+            wait_until(
+                lambda r=r, name=name: r.app.get(name).lifecycle.state == State.PROMOTED,  # type: ignore[misc]
+                5,
+                f"{r.app.replica_id} to see {name} promoted",
+            )
+            rec = r.app.get(name)
+            assert rec.config.variants[rec.lifecycle.champion or 0] == winner
+    promoted = [e for e in r1.app.store.events_after(0, limit=10_000) if e.type == "PROMOTED"]
+    assert len(promoted) == len(names), [(e.experiment_id, e.type) for e in promoted]
+
+
+def _race_promote(name: str, who: list[tuple[Running, str]]) -> dict[str, grpc.StatusCode]:
+    """Send Promote(variant) to each replica at the same instant; status code per variant."""
+    results: dict[str, grpc.StatusCode] = {}
+    barrier = threading.Barrier(len(who))
+
+    def promote(r: Running, variant: str) -> None:
+        with grpc.insecure_channel(_target(r)) as ch:
+            stub = pb_grpc.AllocatorStub(ch)
+            stub.GetExperiment(pb.GetExperimentRequest(experiment=name), timeout=5)  # connect
+            barrier.wait()
+            try:
+                stub.Promote(
+                    pb.PromoteRequest(experiment=name, variant=variant, reason="race"),
+                    metadata=[("authorization", f"Bearer {ADMIN_TOKEN}")],
+                    timeout=10,
+                )
+                results[variant] = grpc.StatusCode.OK
+            except grpc.RpcError as err:
+                results[variant] = err.code()
+
+    threads = [threading.Thread(target=promote, args=rv) for rv in who]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return results
+
+
+def test_stale_replica_promotion_is_aborted_and_refreshed(pg_url: str) -> None:
+    """A replica that has not yet seen another's promotion cannot promote over it.
+
+    r2 syncs only once an hour, so it is certainly stale; its Promote hits the version
+    check, answers ABORTED, and r2 adopts the stored state at once (serving the winner).
+    """
+    r1 = _replica(pg_url, "r1")
+    try:
+        create_experiment(_target(r1))
+        r2 = _replica(pg_url, "r2", sync_interval_s=3600.0)
+        try:
+            assert r2.app.get(EXPERIMENT).lifecycle.state == State.RUNNING
+            r1.app.transition(EXPERIMENT, Action.PROMOTE, actor="t", reason="r1 first", variant="b")
+            with grpc.insecure_channel(_target(r2)) as ch:
+                stub = pb_grpc.AllocatorStub(ch)
+                with pytest.raises(grpc.RpcError) as err:
+                    stub.Promote(
+                        pb.PromoteRequest(experiment=EXPERIMENT, variant="c", reason="r2 late"),
+                        metadata=[("authorization", f"Bearer {ADMIN_TOKEN}")],
+                        timeout=10,
+                    )
+                assert err.value.code() == grpc.StatusCode.ABORTED
+                rec = r2.app.get(EXPERIMENT)
+                assert rec.lifecycle.state == State.PROMOTED
+                assert rec.config.variants[rec.lifecycle.champion or 0] == "b"
+                got = {
+                    stub.Assign(pb.AssignRequest(experiment=EXPERIMENT), timeout=5).variant
+                    for _ in range(30)
+                }
+                assert got == {"b"}
+            # A retry on r2 is now judged against the promoted state.
+            with pytest.raises(WrongState, match="PROMOTED"):
+                r2.app.transition(
+                    EXPERIMENT, Action.PROMOTE, actor="t", reason="again", variant="c"
+                )
+            audit = r1.app.store.list_audit(r1.app.get(EXPERIMENT).id)
+            assert [a.action for a in audit].count("PROMOTE") == 1
+        finally:
+            r2.stop(grace=1.0)
+    finally:
+        r1.stop(grace=1.0)
+
+
+def test_killing_a_replica_loses_nothing(pg_url: str, tmp_path: Path) -> None:
+    """kill -9 one of two replicas under load: its clients fail over, nothing is lost.
+
+    Rewards r2 acknowledged before dying are in the log and reach r1 by replication;
+    r2's unacknowledged batches are retried on r1. r2 then restarts under the same replica
+    id, recovers and catches up: both serve identical counts, equal to what was sent, and
+    the promotion leader lock is held by exactly one live replica throughout.
+    """
+    r1 = ServerProcess(pg_url, "r1", tmp_path)
+    r2 = ServerProcess(pg_url, "r2", tmp_path)
+    with server_processes(r1, r2):
+        start_all(r1, r2)
+        create_experiment(r1.target)
+        wait_until(lambda: _has_experiment(r2.target), 10, "r2 to learn the experiment")
+        senders = [
+            RewardSender(r1.target, "k1", seed=21),
+            RewardSender(r2.target, "k2", seed=22, stream=True),
+        ]
+        for s in senders:
+            s.start()
+        time.sleep(1.5)
+        r2.kill()
+        acked_by_r2 = {e: senders[1].snapshot().items[e] for e in senders[1].snapshot().status}
+        assert acked_by_r2, "r2 acknowledged nothing before it died"
+        senders[1].target = r1.target  # fail over
+        wait_until(lambda: _leaders(pg_url) == 1, 10, "one leader after the kill")
+        time.sleep(1.0)
+        for s in senders:
+            s.drain(timeout=60)
+        ledger = merged(senders)
+        check_ledger(ledger)
+        assert_report_exact(r1.target, ledger)
+        r2.start()
+        want = expected_stats(ledger.items)
+        wait_until(
+            lambda: (
+                reported_counts(report(r2.target))
+                == ([int(x) for x in want[:, 0]], [int(x) for x in want[:, 1]])
+            ),
+            15,
+            "restarted r2 to catch up",
+        )
+        assert reported_counts(report(r1.target)) == reported_counts(report(r2.target))
+        assert _leaders(pg_url) == 1
+        for r in (r1, r2):
+            assert r.proc is not None
+            r.proc.send_signal(signal.SIGTERM)
+        assert (r1.terminate(), r2.terminate()) == (0, 0), "clean shutdown exits 0"
+    assert_exact(ledger, recovered_state(pg_url))
+
+
+def _has_experiment(target: str) -> bool:
+    with grpc.insecure_channel(target) as ch:
+        try:
+            pb_grpc.AllocatorStub(ch).GetExperiment(
+                pb.GetExperimentRequest(experiment=EXPERIMENT), timeout=2
+            )
+        except grpc.RpcError:
+            return False
+    return True
+
+
+def test_replica_recovering_while_another_creates_an_experiment_skips_nothing(
+    pg_url: str,
+) -> None:
+    """Rows of an experiment created after a recovering replica listed the experiments.
+
+    The recovering replica must stop its log positions before the first row it cannot
+    apply yet; once it has loaded the new experiment, pulling resumes there and every
+    row of both experiments is counted once.
+    """
+    r1 = _replica(pg_url, "r1")
+    try:
+        create_experiment(_target(r1))
+        listed = {row.name: row for row in r1.app.store.list_experiments()}
+        create_experiment(_target(r1), name="late")
+        for name, keys, arm in ((EXPERIMENT, "abc", 0), ("late", "de", 1), (EXPERIMENT, "fghi", 2)):
+            r1.app.reward(
+                experiment=name,
+                values=[1.0] * len(keys),
+                event_ids=list(keys),
+                variant_indices=[arm] * len(keys),
+            )
+        store = SqlStore.open(pg_url)
+        try:
+            engine = Engine()
+            rec = r1.app.get(EXPERIMENT)
+            ids = {EXPERIMENT: listed[EXPERIMENT].id}
+            positions = Recovery(store, engine).load(ids, {EXPERIMENT: rec.config})
+            # Only the rows before the unknown experiment's first row are applied so far.
+            np.testing.assert_array_equal(engine.view(EXPERIMENT).stats[:, 0], [3, 0, 0])
+            late = r1.app.get("late")
+            engine.create(late.config)  # what _sync_experiments does on the next tick
+            ids["late"] = late.id
+            writer = RewardWriter(
+                store,
+                engine,
+                "r2",
+                Metrics(CollectorRegistry()),
+                ids=lambda: ids,
+                positions=positions,
+            )
+            assert writer.pull() == 6
+            np.testing.assert_array_equal(engine.view(EXPERIMENT).stats[:, 0], [3, 0, 4])
+            np.testing.assert_array_equal(engine.view("late").stats[:, 0], [0, 2, 0])
+        finally:
+            store.close()
+    finally:
+        r1.stop(grace=1.0)
