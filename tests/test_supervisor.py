@@ -86,14 +86,14 @@ def test_regression_after_promotion_rolls_back_and_calls_webhook(
             c.reward_batch("m", values, event_ids=ids, variants=["b"] * n)
             sent += n
 
-        # Burn-in (20 batches of 100) at 50%, then stable, then a drop to 20%: a shift of
-        # 0.3 / (0.5 / sqrt(100)) = 6 batch-sd, which a k = 0.5 CUSUM with ARL0 1e4 flags
-        # within a few batches (expected delay ~ h / (6 - 0.5) < 2 batches).
-        for _ in range(30):
-            send(0.5, 100)
+        # Burn-in (200 batches of 100) at 50%, then stable, then a drop to 20%: a shift of
+        # 0.3 / (0.5 / sqrt(100)) = 6 batch-sd, which a k = 0.5 CUSUM with ARL0 1e6 flags
+        # within a few batches (expected delay ~ h / (6 - 0.5) ~ 2 batches).
+        for _ in range(25):
+            send(0.5, 1000)
         assert fast_server.app.records["m"].lifecycle.state.value == "PROMOTED"
-        for _ in range(20):
-            send(0.2, 100)
+        for _ in range(5):
+            send(0.2, 1000)
         _wait(lambda: fast_server.app.records["m"].lifecycle.state.value == "ROLLED_BACK")
         exp = c.get_experiment("m")
         assert exp.state == pb.EXPERIMENT_STATE_ROLLED_BACK and exp.champion == "a"
@@ -119,14 +119,13 @@ def test_stable_champion_is_not_rolled_back(fast_server: Running) -> None:
         c.create_experiment(spec)
         c.promote("s", "b", reason="test")
         _wait(lambda: "s" in fast_server.supervisor._watches)
-        for i in range(50):
-            values = (rng.uniform(size=100) < 0.5).astype(float).tolist()
-            c.reward_batch(
-                "s", values, event_ids=[f"x{i}-{j}" for j in range(100)], variants=["b"] * 100
-            )
+        for i in range(40):
+            values = (rng.uniform(size=1000) < 0.5).astype(float).tolist()
+            ids = [f"x{i}-{j}" for j in range(1000)]
+            c.reward_batch("s", values, event_ids=ids, variants=["b"] * 1000)
         time.sleep(0.5)
-        # ARL0 = 1e4 batches: a false alarm within these 30 post-burn-in batches has
-        # probability ~ 30 / 1e4 = 0.3%.
+        # 400 batches of 100: 200 of burn-in, then 200 watched. With ARL0 = 1e6 batches a
+        # false alarm among them has probability ~ 200 / 1e6.
         assert c.get_experiment("s").state == pb.EXPERIMENT_STATE_PROMOTED
 
 
@@ -155,3 +154,51 @@ def test_prediction_score_drift_is_reported(fast_server: Running) -> None:
     # far above the 0.25 "significant shift" line.
     assert ks.p_value < 1e-6 and ks.statistic > 0.5
     assert psi.statistic > 0.25
+
+
+def test_clear_winner_is_promoted_automatically_and_reproducibly(fast_server: Running) -> None:
+    spec = pb.ExperimentSpec(
+        name="auto",
+        variants=["a", "b"],
+        seed=21,
+        traffic=pb.TrafficSettings(floor=0.2),
+        promotion=pb.PromotionSettings(min_samples_per_variant=200),
+    )
+    rates = np.array([0.10, 0.30])
+    rng = np.random.default_rng(6)
+    with AllocatorClient(f"127.0.0.1:{fast_server.port}", admin_token=ADMIN_TOKEN) as c:
+        c.create_experiment(spec)
+        for _ in range(60):
+            if c.get_experiment("auto").state == pb.EXPERIMENT_STATE_PROMOTED:
+                break
+            b = c.assign_batch("auto", 200)
+            arms = np.array(b.variant_indices)
+            values = (rng.uniform(size=arms.size) < rates[arms]).astype(float).tolist()
+            c.reward_batch("auto", values, batch_token=b.batch_token, indices=list(range(200)))
+            time.sleep(0.05)
+        _wait(lambda: c.get_experiment("auto").state == pb.EXPERIMENT_STATE_PROMOTED)
+        exp = c.get_experiment("auto")
+        assert exp.champion == "b"
+        status = c.get_report("auto").promotion
+        assert status.candidate == "b" and status.reasons
+    audit = [
+        a
+        for a in fast_server.app.store.list_audit(fast_server.app.records["auto"].id)
+        if a.action == "PROMOTE"
+    ]
+    assert len(audit) == 1 and audit[0].actor == "promoter"
+    assert "promotion rule met" in audit[0].reason
+
+
+def test_promotion_evaluation_is_reproducible(fast_server: Running) -> None:
+    from allocator.promotion import evaluate
+    from allocator.supervisor import promotion_settings
+
+    spec = pb.ExperimentSpec(name="rep", variants=["a", "b", "c"], seed=9)
+    stats_ = np.array([[500.0, 52.0, 52.0], [500.0, 61.0, 61.0], [500.0, 49.0, 49.0]])
+    from allocator.policies import PolicyConfig
+
+    first = evaluate(promotion_settings(spec), stats_, PolicyConfig(), 10.0, 1234)
+    again = evaluate(promotion_settings(spec), stats_, PolicyConfig(), 10.0, 1234)
+    assert first.action == again.action and first.reasons == again.reasons
+    assert (first.p_best == again.p_best).all()

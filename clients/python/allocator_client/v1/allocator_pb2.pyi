@@ -171,7 +171,7 @@ class ExperimentSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., variants: _Optional[_Iterable[str]] = ..., policy: _Optional[_Union[Policy, str]] = ..., reward_type: _Optional[_Union[RewardType, str]] = ..., prior_alpha: _Optional[float] = ..., prior_beta: _Optional[float] = ..., prior_mean: _Optional[float] = ..., prior_kappa: _Optional[float] = ..., prior_shape: _Optional[float] = ..., prior_rate: _Optional[float] = ..., epsilon: _Optional[float] = ..., weights: _Optional[_Iterable[float]] = ..., discount: _Optional[float] = ..., allocation_mode: _Optional[_Union[AllocationMode, str]] = ..., table_refresh_rewards: _Optional[int] = ..., table_refresh_ms: _Optional[int] = ..., seed: _Optional[int] = ..., promotion: _Optional[_Union[PromotionSettings, _Mapping]] = ..., traffic: _Optional[_Union[TrafficSettings, _Mapping]] = ..., monitoring: _Optional[_Union[MonitoringSettings, _Mapping]] = ..., attribution_window_seconds: _Optional[int] = ...) -> None: ...
 
 class PromotionSettings(_message.Message):
-    __slots__ = ("auto_promote", "p_best_threshold", "expected_loss_tolerance", "min_samples_per_variant", "min_duration_seconds", "min_effect", "futility_probability", "alpha", "power", "guardrails")
+    __slots__ = ("auto_promote", "p_best_threshold", "expected_loss_tolerance", "min_samples_per_variant", "min_duration_seconds", "min_effect", "futility_probability", "alpha", "power", "guardrails", "indifference_margin")
     AUTO_PROMOTE_FIELD_NUMBER: _ClassVar[int]
     P_BEST_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_LOSS_TOLERANCE_FIELD_NUMBER: _ClassVar[int]
@@ -182,6 +182,7 @@ class PromotionSettings(_message.Message):
     ALPHA_FIELD_NUMBER: _ClassVar[int]
     POWER_FIELD_NUMBER: _ClassVar[int]
     GUARDRAILS_FIELD_NUMBER: _ClassVar[int]
+    INDIFFERENCE_MARGIN_FIELD_NUMBER: _ClassVar[int]
     auto_promote: bool
     p_best_threshold: float
     expected_loss_tolerance: float
@@ -192,7 +193,8 @@ class PromotionSettings(_message.Message):
     alpha: float
     power: float
     guardrails: _containers.RepeatedCompositeFieldContainer[Guardrail]
-    def __init__(self, auto_promote: _Optional[bool] = ..., p_best_threshold: _Optional[float] = ..., expected_loss_tolerance: _Optional[float] = ..., min_samples_per_variant: _Optional[int] = ..., min_duration_seconds: _Optional[int] = ..., min_effect: _Optional[float] = ..., futility_probability: _Optional[float] = ..., alpha: _Optional[float] = ..., power: _Optional[float] = ..., guardrails: _Optional[_Iterable[_Union[Guardrail, _Mapping]]] = ...) -> None: ...
+    indifference_margin: float
+    def __init__(self, auto_promote: _Optional[bool] = ..., p_best_threshold: _Optional[float] = ..., expected_loss_tolerance: _Optional[float] = ..., min_samples_per_variant: _Optional[int] = ..., min_duration_seconds: _Optional[int] = ..., min_effect: _Optional[float] = ..., futility_probability: _Optional[float] = ..., alpha: _Optional[float] = ..., power: _Optional[float] = ..., guardrails: _Optional[_Iterable[_Union[Guardrail, _Mapping]]] = ..., indifference_margin: _Optional[float] = ...) -> None: ...
 
 class Guardrail(_message.Message):
     __slots__ = ("metric", "higher_is_better", "tolerance")
