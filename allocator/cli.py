@@ -136,13 +136,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["serve"]:
         from allocator.config import ServerConfig
         from allocator.server import serve
+        from allocator.store import SchemaTooNew, StoreLocked, StoreUnavailable
 
         try:
             config = ServerConfig.from_args(argv[1:])
         except ValueError as err:
             print(f"allocator serve: {err}", file=sys.stderr)
             return 2
-        return serve(config)
+        try:
+            return serve(config)
+        except (StoreLocked, SchemaTooNew, StoreUnavailable, OSError) as err:
+            # Start-up failures an operator can act on: say what, not a traceback.
+            print(f"allocator serve: {err}", file=sys.stderr)
+            return 1
     p = argparse.ArgumentParser(prog="allocator", description=__doc__.split("\n")[0])
     p.add_argument("--target", default=os.environ.get("ALLOCATOR_TARGET", "127.0.0.1:50051"))
     p.add_argument("--admin-token", default=os.environ.get("ALLOCATOR_ADMIN_TOKEN", ""))

@@ -54,7 +54,7 @@ def _fleet(
         while pending and pending[0][0] <= time.monotonic():
             _, token, idx, vals = pending.popleft()
             client.reward_batch(name, vals, batch_token=token, indices=idx)
-        time.sleep(0.02)
+        time.sleep(0.1)
 
 
 def _show(client: AllocatorClient, name: str, started: float) -> str:
@@ -63,14 +63,17 @@ def _show(client: AllocatorClient, name: str, started: float) -> str:
     total = sum(v.assignments for v in rep.variants) or 1
     lines = [f"t={time.monotonic() - started:5.1f}s  {name}  state={state}"]
     lines.append(
-        f"  {'variant':<10}{'true':>6}{'traffic':>9}{'rewards':>9}{'mean':>8}{'P(best)':>9}"
+        f"  {'variant':<10}{'true':>6}{'now':>7}{'so far':>8}{'rewards':>9}{'mean':>8}"
+        f"{'P(best)':>9}"
     )
-    for v in rep.variants:
+    now = list(rep.allocation_history[-1].shares) if rep.allocation_history else []
+    for i, v in enumerate(rep.variants):
         share = v.assignments / total
-        bar = "#" * round(share * 30)
+        current = now[i] if i < len(now) else float("nan")
+        bar = "#" * round(current * 30) if current == current else ""
         lines.append(
-            f"  {v.name:<10}{TRUE_RATES.get(v.name, float('nan')):>6.2f}{share:>8.1%} "
-            f"{v.rewards:>8}{v.mean:>8.4f}{v.p_best:>9.3f}  {bar}"
+            f"  {v.name:<10}{TRUE_RATES.get(v.name, float('nan')):>6.2f}{current:>7.1%}"
+            f"{share:>8.1%}{v.rewards:>9}{v.mean:>8.4f}{v.p_best:>9.3f}  {bar}"
         )
     if rep.promotion.decision:
         lines.append(
@@ -83,9 +86,12 @@ def run(target: str, seconds: float, delay_s: float) -> int:
     """Create an experiment, drive it, print progress until promotion or timeout."""
     name = f"demo-{int(time.time())}"
     client = AllocatorClient(target, timeout=10)
+    # A 5% floor per variant keeps every arm learning: the promotion rule needs evidence on
+    # the runners-up too, which pure Thompson sampling starves (see the README).
     spec = pb.ExperimentSpec(
         name=name,
         variants=list(TRUE_RATES),
+        traffic=pb.TrafficSettings(floor=0.05),
         promotion=pb.PromotionSettings(min_samples_per_variant=500),
     )
     client.create_experiment(spec)
