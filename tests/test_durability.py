@@ -32,6 +32,7 @@ import grpc
 import numpy as np
 import pytest
 import sqlalchemy as sa
+from allocator_client import AllocatorClient
 from allocator_client.v1 import allocator_pb2 as pb
 from allocator_client.v1 import allocator_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -898,3 +899,20 @@ def test_database_outage_under_load(pg_url: str) -> None:
         admin.dispose()
     np.testing.assert_array_equal(before, expected_stats(ledger.items))
     assert_exact(ledger, recovered_state(pg_url))
+
+
+def test_sigterm_drains_flushes_and_exits_zero(tmp_path: Path) -> None:
+    """SIGTERM: in-flight work finishes, acknowledged rewards are kept, exit code 0."""
+    server = ServerProcess(f"sqlite:///{tmp_path / 'term.sqlite'}", "term", tmp_path)
+    with server_processes(server):
+        server.start()
+        with AllocatorClient(server.target, timeout=10) as c:
+            c.create_experiment(pb.ExperimentSpec(name="t", variants=["a", "b"]))
+            b = c.assign_batch("t", 100)
+            c.reward_batch("t", [1.0] * 100, batch_token=b.batch_token, indices=list(range(100)))
+        assert server.terminate() == 0
+        assert "stopped cleanly" in server.tail()
+        server.start()
+        with AllocatorClient(server.target, timeout=10) as c:
+            assert sum(v.rewards for v in c.get_report("t").variants) == 100
+        assert server.terminate() == 0
