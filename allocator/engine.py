@@ -304,23 +304,14 @@ class _Experiment:
                 policy_alloc = estimate.copy()
             else:
                 policy_alloc = self.policy.allocation(self.mc_rng, self.stats)
-            fixed = np.full(k, sh.floor)
-            fixed[0] += sh.control_share
-            self.fixed_mass = float(fixed.sum())
+            fixed = self._build_fixed()
             if self.fixed_mass > 0:
-                kernels.alias_build(fixed, self.fixed_prob, self.fixed_alias)
                 policy_alloc = fixed + (1.0 - self.fixed_mass) * policy_alloc
             if sh.cap < 1.0:
                 policy_alloc = _cap_shares(policy_alloc, sh.cap)
         alloc = policy_alloc / policy_alloc.sum()
         kernels.alias_build(alloc, self.prob, self.alias)
-        self.table_active = (
-            self.override is not None
-            or self.config.mode == AllocationMode.TABLE
-            or isinstance(self.policy, FixedSplit)
-            or sh.cap < 1.0
-            or self.exploring()
-        )
+        self.table_active = self._serves_from_table()
         # Decisions since the last refresh were made under the old allocation.
         self.expected += self.pending * self.alloc
         self.pending = 0
@@ -406,9 +397,7 @@ class _Experiment:
             return self.alloc
         live = self.policy.allocation(self.rng, self.stats)
         if self.fixed_mass > 0:
-            fixed = np.full(self.config.n_arms, self.config.shaping.floor)
-            fixed[0] += self.config.shaping.control_share
-            live = fixed + (1.0 - self.fixed_mass) * live
+            live = self._fixed_shares() + (1.0 - self.fixed_mass) * live
         return live
 
     # -- growth --------------------------------------------------------------------------
@@ -497,22 +486,36 @@ class _Experiment:
         self._bind()
 
     def _rebuild_tables(self, alloc: np.ndarray) -> None:
-        sh = self.config.shaping
         self.alloc = alloc
         kernels.alias_build(alloc, self.prob, self.alias)
         if self.override is not None:
             self.fixed_mass = 0.0
         else:
-            fixed = np.full(self.config.n_arms, sh.floor)
-            fixed[0] += sh.control_share
-            self.fixed_mass = float(fixed.sum())
-            if self.fixed_mass > 0:
-                kernels.alias_build(fixed, self.fixed_prob, self.fixed_alias)
-        self.table_active = (
+            self._build_fixed()
+        self.table_active = self._serves_from_table()
+
+    def _fixed_shares(self) -> np.ndarray:
+        """The fixed part of the mixture: the control holdout plus every arm's floor."""
+        sh = self.config.shaping
+        fixed = np.full(self.config.n_arms, sh.floor)
+        fixed[0] += sh.control_share
+        return fixed
+
+    def _build_fixed(self) -> np.ndarray:
+        """The fixed shares and their alias table; sets ``fixed_mass``."""
+        fixed = self._fixed_shares()
+        self.fixed_mass = float(fixed.sum())
+        if self.fixed_mass > 0:
+            kernels.alias_build(fixed, self.fixed_prob, self.fixed_alias)
+        return fixed
+
+    def _serves_from_table(self) -> bool:
+        """Whether decisions come from the allocation table rather than the policy."""
+        return (
             self.override is not None
             or self.config.mode == AllocationMode.TABLE
             or isinstance(self.policy, FixedSplit)
-            or sh.cap < 1.0
+            or self.config.shaping.cap < 1.0
             or self.exploring()
         )
 
