@@ -16,6 +16,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
@@ -24,6 +25,7 @@ from allocator_client.v1 import allocator_pb2 as pb
 
 from allocator.config import ServerConfig
 from allocator.convert import spec_from_json, spec_to_config, spec_to_json
+from allocator.defaults import DefaultRewards, Pending
 from allocator.drift import ScoreWindows
 from allocator.durable import Recovery, RewardWriter
 from allocator.engine import BatchDecision, Decision, Engine, ExperimentConfig
@@ -173,6 +175,7 @@ class Allocator:
         self.hooks: list[Callable[[Record, np.ndarray, np.ndarray], None]] = []
         self.tick_hooks: list[Callable[[], None]] = []
         self.last_decisions: dict[str, pb.PromotionStatus] = {}
+        self.defaults = DefaultRewards()
         self.event_listeners: list[Callable[[Record, Event], None]] = []
         self._load()
         self.writer = RewardWriter(
@@ -279,6 +282,15 @@ class Allocator:
     def create(self, spec: pb.ExperimentSpec, actor: str = "api") -> Record:
         """Validate, persist and start serving a new experiment."""
         config = spec_to_config(spec)
+        if spec.HasField("default_reward"):
+            d = spec.default_reward
+            bernoulli = config.policy.reward.value == "bernoulli"
+            if not np.isfinite(d) or (bernoulli and not 0.0 <= d <= 1.0):
+                raise InvalidArgument(
+                    "spec.default_reward", "must be finite (and in [0, 1] for bernoulli)"
+                )
+        if spec.HasField("attribution_window_seconds") and spec.attribution_window_seconds < 1:
+            raise InvalidArgument("spec.attribution_window_seconds", "must be >= 1")
         url = spec.monitoring.webhook_url
         if url and not url.startswith(("http://", "https://")):
             raise InvalidArgument("spec.monitoring.webhook_url", "must be an http(s) URL")
@@ -553,7 +565,12 @@ class Allocator:
         rec = self.get(name)
         with self.metrics.decision_single.time():
             d = self.engine.assign(name, unit_id or None)
-        token = self.signer.issue(rec.id, d.arm, d.epoch, self.clock())
+        now = self.clock()
+        token = self.signer.issue(rec.id, d.arm, d.epoch, now)
+        if rec.spec.HasField("default_reward"):
+            self.defaults.track(
+                Pending(name, now, token, np.array([d.arm], dtype=np.int64), d.epoch, False)
+            )
         return rec, d, token
 
     def assign_batch(
@@ -567,8 +584,60 @@ class Allocator:
             raise InvalidArgument("unit_ids", "must not contain empty strings")
         with self.metrics.decision_batch.time():
             b = self.engine.assign_batch(name, count, list(unit_ids) or None)
-        token = self.signer.issue_batch(rec.id, b.arms, b.epoch, self.clock())
+        now = self.clock()
+        token = self.signer.issue_batch(rec.id, b.arms, b.epoch, now)
+        if rec.spec.HasField("default_reward"):
+            self.defaults.track(Pending(name, now, token, b.arms, b.epoch, True))
         return rec, b, token
+
+    def apply_defaults(self) -> int:
+        """Log the default reward for tracked decisions whose window (+ grace) has passed.
+
+        Each is written under the decision's own dedup key through the group-commit writer,
+        so a real reward logged for it anywhere makes this a duplicate. Returns how many
+        were submitted.
+        """
+        now = self.clock()
+
+        def deadline(name: str) -> float:
+            rec = self.records.get(name)
+            if rec is None:
+                return now
+            window = min(rec.window_s, self.signer.ttl_seconds)
+            # Grace: a real reward verified just inside the window may still be queued.
+            return now - window - min(60.0, 0.1 * window)
+
+        submitted = 0
+        for item in self.defaults.due(deadline):
+            rec = self.records.get(item.experiment)
+            if rec is None or not rec.spec.HasField("default_reward"):
+                continue
+            if rec.lifecycle.state == State.ARCHIVED:
+                continue
+            value = float(rec.spec.default_reward)
+            rows = [
+                RewardRow(
+                    dedup_key=key,
+                    experiment_id=rec.id,
+                    arm=int(arm),
+                    value=value,
+                    epoch=item.epoch,
+                    received_at=now,
+                )
+                for key, arm in zip(item.keys(), item.arms.tolist(), strict=True)
+            ]
+            try:
+                fut = self.writer.submit(rec.name, rows)
+            except (Overloaded, StoreUnavailable):
+                self.defaults.track(item)  # try again on the next pass
+                continue
+            fut.add_done_callback(self._count_defaults)
+            submitted += len(rows)
+        return submitted
+
+    def _count_defaults(self, fut: Future[list[bool]]) -> None:
+        if fut.exception() is None:
+            self.metrics.rewards.labels(status="default").inc(sum(fut.result()))
 
     # -- rewards ---------------------------------------------------------------------------
     def _resolve_decisions(
@@ -635,6 +704,13 @@ class Allocator:
                 raise InvalidArgument(
                     where, f"decision id belongs to {owner.name!r}, not {rec.name!r}"
                 )
+            if now - d.issued_at > min(owner.window_s, self.signer.ttl_seconds):
+                # Past this experiment's own attribution window (shorter than the
+                # server-wide token lifetime the signature check enforces).
+                if batch is not None:
+                    prefix, current = body + ".", None
+                out.append(None)
+                continue
             out.append((d.variant, d.epoch, d.key))
             if batch is not None and batch is not current:
                 prefix, current, arms = body + ".", batch, batch.variants.tolist()

@@ -247,6 +247,8 @@ class Supervisor:
     # -- the loop ----------------------------------------------------------------------------
     def tick(self) -> None:
         """One pass over every experiment."""
+        # Every replica writes the default rewards of the decisions it issued.
+        self.app.apply_defaults()
         leader = self.app.leader()
         for rec in list(self.app.records.values()):
             self._sync_watch(rec)

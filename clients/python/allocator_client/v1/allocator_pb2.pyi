@@ -125,7 +125,7 @@ EVENT_TYPE_SRM_DETECTED: EventType
 EVENT_TYPE_FUTILITY_STOPPED: EventType
 
 class ExperimentSpec(_message.Message):
-    __slots__ = ("name", "variants", "policy", "reward_type", "prior_alpha", "prior_beta", "prior_mean", "prior_kappa", "prior_shape", "prior_rate", "epsilon", "weights", "discount", "allocation_mode", "table_refresh_rewards", "table_refresh_ms", "seed", "promotion", "traffic", "monitoring", "attribution_window_seconds")
+    __slots__ = ("name", "variants", "policy", "reward_type", "prior_alpha", "prior_beta", "prior_mean", "prior_kappa", "prior_shape", "prior_rate", "epsilon", "weights", "discount", "allocation_mode", "table_refresh_rewards", "table_refresh_ms", "seed", "promotion", "traffic", "monitoring", "attribution_window_seconds", "default_reward")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VARIANTS_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
@@ -147,6 +147,7 @@ class ExperimentSpec(_message.Message):
     TRAFFIC_FIELD_NUMBER: _ClassVar[int]
     MONITORING_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTION_WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_REWARD_FIELD_NUMBER: _ClassVar[int]
     name: str
     variants: _containers.RepeatedScalarFieldContainer[str]
     policy: Policy
@@ -168,7 +169,8 @@ class ExperimentSpec(_message.Message):
     traffic: TrafficSettings
     monitoring: MonitoringSettings
     attribution_window_seconds: int
-    def __init__(self, name: _Optional[str] = ..., variants: _Optional[_Iterable[str]] = ..., policy: _Optional[_Union[Policy, str]] = ..., reward_type: _Optional[_Union[RewardType, str]] = ..., prior_alpha: _Optional[float] = ..., prior_beta: _Optional[float] = ..., prior_mean: _Optional[float] = ..., prior_kappa: _Optional[float] = ..., prior_shape: _Optional[float] = ..., prior_rate: _Optional[float] = ..., epsilon: _Optional[float] = ..., weights: _Optional[_Iterable[float]] = ..., discount: _Optional[float] = ..., allocation_mode: _Optional[_Union[AllocationMode, str]] = ..., table_refresh_rewards: _Optional[int] = ..., table_refresh_ms: _Optional[int] = ..., seed: _Optional[int] = ..., promotion: _Optional[_Union[PromotionSettings, _Mapping]] = ..., traffic: _Optional[_Union[TrafficSettings, _Mapping]] = ..., monitoring: _Optional[_Union[MonitoringSettings, _Mapping]] = ..., attribution_window_seconds: _Optional[int] = ...) -> None: ...
+    default_reward: float
+    def __init__(self, name: _Optional[str] = ..., variants: _Optional[_Iterable[str]] = ..., policy: _Optional[_Union[Policy, str]] = ..., reward_type: _Optional[_Union[RewardType, str]] = ..., prior_alpha: _Optional[float] = ..., prior_beta: _Optional[float] = ..., prior_mean: _Optional[float] = ..., prior_kappa: _Optional[float] = ..., prior_shape: _Optional[float] = ..., prior_rate: _Optional[float] = ..., epsilon: _Optional[float] = ..., weights: _Optional[_Iterable[float]] = ..., discount: _Optional[float] = ..., allocation_mode: _Optional[_Union[AllocationMode, str]] = ..., table_refresh_rewards: _Optional[int] = ..., table_refresh_ms: _Optional[int] = ..., seed: _Optional[int] = ..., promotion: _Optional[_Union[PromotionSettings, _Mapping]] = ..., traffic: _Optional[_Union[TrafficSettings, _Mapping]] = ..., monitoring: _Optional[_Union[MonitoringSettings, _Mapping]] = ..., attribution_window_seconds: _Optional[int] = ..., default_reward: _Optional[float] = ...) -> None: ...
 
 class PromotionSettings(_message.Message):
     __slots__ = ("auto_promote", "p_best_threshold", "expected_loss_tolerance", "min_samples_per_variant", "min_duration_seconds", "min_effect", "futility_probability", "alpha", "power", "guardrails", "indifference_margin")

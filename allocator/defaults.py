@@ -1,0 +1,89 @@
+"""Default rewards: decisions that got no reward within the attribution window.
+
+Off unless an experiment sets ``default_reward`` (Azure Personalizer's "default reward").
+The replica that issued a decision remembers it (compactly: one entry per Assign, one per
+AssignBatch) until its window has passed, then writes a reward row carrying the
+decision's own dedup key and the default value. A real reward for that decision, received
+by any replica, has the same key, so whichever was logged first counts and the other is a
+duplicate: never both. Real rewards are only accepted inside the window and defaults are
+only written after it plus a grace period, so a real reward always wins.
+
+Limits, by design: the pending decisions live in memory, so a crash forgets the ones
+issued before it (they then get no default: an undercount, never a double count), and
+the memory is bounded (``max_entries``; beyond it new decisions are not tracked and
+``dropped`` counts them).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from allocator.tokens import decision_key
+
+
+@dataclass(frozen=True)
+class Pending:
+    """Decisions issued together: one id, or one batch token with its arms."""
+
+    experiment: str
+    issued_at: float
+    token: str
+    arms: np.ndarray
+    epoch: int
+    batch: bool
+
+    def keys(self) -> list[str]:
+        """The dedup keys of these decisions (the same a real reward would log)."""
+        if not self.batch:
+            return [decision_key(self.token)]
+        return [decision_key(f"{self.token}.{i}") for i in range(self.arms.shape[0])]
+
+
+class DefaultRewards:
+    """Per-experiment queues of issued decisions awaiting their window's end."""
+
+    def __init__(self, max_entries: int = 5_000_000) -> None:
+        self.max_entries = max_entries
+        self._queues: dict[str, deque[Pending]] = {}
+        self._size = 0
+        self._lock = threading.Lock()
+        self.dropped = 0
+
+    def track(self, item: Pending) -> None:
+        """Remember decisions just issued (called on the Assign path: O(1))."""
+        n = int(item.arms.shape[0])
+        with self._lock:
+            if self._size + n > self.max_entries:
+                self.dropped += n
+                return
+            self._queues.setdefault(item.experiment, deque()).append(item)
+            self._size += n
+
+    def due(self, deadline: Callable[[str], float]) -> list[Pending]:
+        """Pop every entry issued before ``deadline(experiment)`` (oldest first)."""
+        out: list[Pending] = []
+        with self._lock:
+            for name, q in self._queues.items():
+                cutoff = deadline(name)
+                while q and q[0].issued_at < cutoff:
+                    item = q.popleft()
+                    self._size -= int(item.arms.shape[0])
+                    out.append(item)
+        return out
+
+    def forget(self, experiment: str) -> None:
+        """Stop tracking an experiment (archived, or default reward turned off)."""
+        with self._lock:
+            q = self._queues.pop(experiment, None)
+            if q:
+                self._size -= sum(int(i.arms.shape[0]) for i in q)
+
+    @property
+    def size(self) -> int:
+        """Decisions currently tracked."""
+        return self._size

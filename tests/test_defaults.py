@@ -1,0 +1,97 @@
+"""Default rewards for decisions that got none within their attribution window."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+from allocator_client import AllocatorClient
+from allocator_client.v1 import allocator_pb2 as pb
+from prometheus_client import CollectorRegistry
+
+from allocator.defaults import DefaultRewards, Pending
+from allocator.server import create_server
+from tests.conftest import server_config
+
+
+def _counts(report: pb.GetReportResponse) -> list[tuple[int, float]]:
+    return [
+        (v.rewards, round(v.mean * v.rewards, 6) if v.rewards else 0.0) for v in report.variants
+    ]
+
+
+def test_unrewarded_decisions_get_the_default_once(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'd.sqlite'}"
+    config = server_config(url, promotion_interval_s=0.1)
+    running = create_server(config, registry=CollectorRegistry())
+    try:
+        with AllocatorClient(f"127.0.0.1:{running.port}", timeout=10) as c:
+            c.create_experiment(
+                pb.ExperimentSpec(
+                    name="dr",
+                    variants=["a", "b"],
+                    seed=3,
+                    default_reward=0.0,
+                    attribution_window_seconds=1,
+                )
+            )
+            c.create_experiment(pb.ExperimentSpec(name="off", variants=["a", "b"]))
+            b = c.assign_batch("dr", 10)
+            single = c.assign("dr")
+            c.assign_batch("off", 10)
+            answered = c.reward_batch("dr", [1.0] * 3, batch_token=b.batch_token, indices=[0, 1, 2])
+            assert answered.accepted == 3
+            # Window 1 s + grace 0.1 s + a supervisor pass.
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                if sum(v.rewards for v in c.get_report("dr").variants) == 11:
+                    break
+                time.sleep(0.1)
+            rep = c.get_report("dr")
+            assert sum(v.rewards for v in rep.variants) == 11
+            # Only the three real conversions are ones: the 8 others got the default 0.
+            assert sum(v.mean * v.rewards for v in rep.variants) == 3.0
+            arms = np.bincount(np.array([*b.variant_indices, single.variant_index]), minlength=2)
+            assert [v.rewards for v in rep.variants] == arms.tolist()
+            # A real reward after the window is expired, not counted over the default.
+            assert c.reward(single.decision_id, 1.0) == pb.REWARD_STATUS_EXPIRED
+            assert sum(v.rewards for v in c.get_report("off").variants) == 0
+            before = _counts(rep)
+    finally:
+        running.stop(1.0)
+    again = create_server(config, registry=CollectorRegistry())
+    try:
+        with AllocatorClient(f"127.0.0.1:{again.port}", timeout=10) as c:
+            assert _counts(c.get_report("dr")) == before
+    finally:
+        again.stop(1.0)
+
+
+def test_default_reward_is_validated(tmp_path: Path) -> None:
+    import grpc
+    import pytest
+
+    running = create_server(
+        server_config(f"sqlite:///{tmp_path / 'v.sqlite'}"), registry=CollectorRegistry()
+    )
+    try:
+        with AllocatorClient(f"127.0.0.1:{running.port}", timeout=5) as c:
+            with pytest.raises(grpc.RpcError) as err:
+                c.create_experiment(
+                    pb.ExperimentSpec(name="x", variants=["a", "b"], default_reward=2.0)
+                )
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+            assert "spec.default_reward" in err.value.details()  # type: ignore[attr-defined]
+    finally:
+        running.stop(1.0)
+
+
+def test_tracker_is_bounded_and_pops_in_order() -> None:
+    tracker = DefaultRewards(max_entries=5)
+    arms = np.zeros(3, dtype=np.int64)
+    tracker.track(Pending("e", 1.0, "t1", arms, 0, True))
+    tracker.track(Pending("e", 2.0, "t2", arms, 0, True))
+    assert tracker.size == 3 and tracker.dropped == 3
+    assert [p.token for p in tracker.due(lambda _: 1.5)] == ["t1"]
+    assert tracker.size == 0 and tracker.due(lambda _: 10.0) == []
