@@ -21,6 +21,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
 import numpy as np
+import numpy.typing as npt
 from allocator_client.v1 import allocator_pb2 as pb
 
 from allocator.config import ServerConfig
@@ -46,6 +47,7 @@ from allocator.store import (
     EventRecord,
     ExperimentRow,
     LoggedReward,
+    RewardColumns,
     RewardRow,
     SqlStore,
     Store,
@@ -56,6 +58,7 @@ from allocator.store import (
 from allocator.tokens import (
     Batch,
     ExpiredToken,
+    IndexOutOfRange,
     InvalidToken,
     TokenSigner,
     event_key,
@@ -65,7 +68,25 @@ from allocator.tokens import (
 log = logging.getLogger("allocator.app")
 
 ACCEPTED, DUPLICATE, EXPIRED = "accepted", "duplicate", "expired"
+# Per-item outcome codes of `Allocator.reward_indexed`: an index into this tuple.
+STATUSES = (ACCEPTED, DUPLICATE, EXPIRED)
 _LEADER_LOCK_KEY = 0x616C6C6F63  # "alloc": one promoter at a time across replicas
+
+
+def _check_extras(n: int, n_scores: int, guardrails: Sequence[dict[str, float]]) -> None:
+    """Checks shared by every reward form: item count, scores and guardrails."""
+    if n == 0:
+        raise InvalidArgument("values", "at least one reward is required")
+    if n_scores and n_scores != n:
+        raise InvalidArgument("prediction_scores", f"{n_scores} scores for {n} values")
+    if guardrails and len(guardrails) != n:
+        raise InvalidArgument("guardrails", f"{len(guardrails)} items for {n} values")
+    for i, g in enumerate(guardrails):
+        for metric, value in g.items():
+            if not metric or len(metric) > 100:
+                raise InvalidArgument(f"guardrails[{i}]", "metric names are 1-100 characters")
+            if not np.isfinite(value):
+                raise InvalidArgument(f"guardrails[{i}].{metric}", "must be a finite number")
 
 
 @dataclass
@@ -736,20 +757,9 @@ class Allocator:
         written. Returns only after the accepted rewards are committed.
         """
         n = len(values)
-        if n == 0:
-            raise InvalidArgument("values", "at least one reward is required")
+        _check_extras(n, len(scores), guardrails)
         if decision_ids and event_ids:
             raise InvalidArgument(field, "send decision ids or event ids, not both")
-        if scores and len(scores) != n:
-            raise InvalidArgument("prediction_scores", f"{len(scores)} scores for {n} values")
-        if guardrails and len(guardrails) != n:
-            raise InvalidArgument("guardrails", f"{len(guardrails)} items for {n} values")
-        for i, g in enumerate(guardrails):
-            for metric, value in g.items():
-                if not metric or len(metric) > 100:
-                    raise InvalidArgument(f"guardrails[{i}]", "metric names are 1-100 characters")
-                if not np.isfinite(value):
-                    raise InvalidArgument(f"guardrails[{i}].{metric}", "must be a finite number")
         resolved: list[tuple[int, int, str] | None]
         if decision_ids:
             if len(decision_ids) != n:
@@ -778,25 +788,22 @@ class Allocator:
         arms_arr = np.array([resolved[i][0] for i in live], dtype=np.int64)  # type: ignore[index]
         vals = np.asarray([values[i] for i in live], dtype=np.float64)
         self.engine.validate_rewards(rec.name, arms_arr, vals)
-        now = self.clock()
-        rows = []
-        for j, i in enumerate(live):
-            arm, epoch, key = resolved[i]  # type: ignore[misc]
-            score = scores[i] if scores else None
-            rows.append(
-                RewardRow(
-                    dedup_key=key,
-                    experiment_id=rec.id,
-                    arm=arm,
-                    value=float(vals[j]),
-                    epoch=epoch,
-                    received_at=now,
-                    prediction_score=None if score is None or np.isnan(score) else float(score),
-                    guardrails_json=json.dumps(guardrails[i]) if guardrails else None,
-                )
-            )
+        m = len(live)
+        score_arr = (
+            np.array([scores[i] for i in live], dtype=np.float64) if scores else np.full(m, np.nan)
+        )
+        rows = RewardColumns(
+            [resolved[i][2] for i in live],  # type: ignore[index]
+            np.full(m, rec.id, dtype=np.int64),
+            arms_arr,
+            vals,
+            np.array([resolved[i][1] for i in live], dtype=np.int64),  # type: ignore[index]
+            np.full(m, self.clock(), dtype=np.float64),
+            score_arr,
+            [json.dumps(guardrails[i]) for i in live] if guardrails else None,
+        )
         flags: list[bool] = []
-        if rows:
+        if m:
             fut = self.writer.submit(rec.name, rows)
             try:
                 flags = fut.result(timeout=timeout)
@@ -805,18 +812,105 @@ class Allocator:
         statuses = [EXPIRED] * n
         for j, i in enumerate(live):
             statuses[i] = ACCEPTED if flags[j] else DUPLICATE
+        new = np.array(flags, dtype=bool)
         if guardrails:
-            new = [j for j, f in enumerate(flags) if f]
-            rec.guardrails.add([rows[j].arm for j in new], [guardrails[live[j]] for j in new])
-        scored = [(r.arm, r.prediction_score) for r, f in zip(rows, flags, strict=True) if f]
-        scored_arms = [a for a, s in scored if s is not None]
-        if scored_arms:
-            rec.scores.add(scored_arms, [s for _, s in scored if s is not None])
+            kept = np.flatnonzero(new).tolist()
+            rec.guardrails.add(arms_arr[new].tolist(), [guardrails[live[j]] for j in kept])
+        scored = new & ~np.isnan(score_arr)
+        if scored.any():
+            rec.scores.add(arms_arr[scored].tolist(), score_arr[scored].tolist())
         for s in (ACCEPTED, DUPLICATE, EXPIRED):
             c = statuses.count(s)
             if c:
                 self.metrics.rewards.labels(status=s).inc(c)
         return statuses
+
+    def reward_indexed(
+        self,
+        *,
+        experiment: str,
+        batch_token: str,
+        indices: npt.NDArray[np.integer],
+        values: npt.NDArray[np.float64],
+        scores: npt.NDArray[np.float64] | None = None,
+        guardrails: Sequence[dict[str, float]] = (),
+        timeout: float = 30.0,
+    ) -> npt.NDArray[np.int8]:
+        """`reward` of the items ``<batch_token>.<i>`` for i in `indices`, as columns.
+
+        Same checks, outcomes and guarantees as `reward` with those decision ids, without a
+        Python object per item: one signature check, indices checked and arms looked up
+        with NumPy. Returns per item an index into STATUSES. `scores`: NaN for none.
+        """
+        n = int(values.shape[0])
+        if indices.shape != (n,):
+            raise InvalidArgument("values", f"{n} values for {indices.shape[0]} indices")
+        if scores is not None and scores.shape != (n,):
+            raise InvalidArgument("prediction_scores", f"{scores.shape[0]} scores for {n} values")
+        _check_extras(n, 0, guardrails)
+        expired = np.full(n, STATUSES.index(EXPIRED), dtype=np.int8)
+        now = self.clock()
+        rec: Record | None = self.get(experiment) if experiment else None
+        try:
+            batch = self.signer.verify_batch(batch_token, now)
+        except ExpiredToken:
+            batch = None
+        except InvalidToken as err:
+            raise InvalidArgument("batch_token", str(err)) from None
+        if batch is not None:
+            owner = self.by_id.get(batch.experiment) if isinstance(batch.experiment, int) else None
+            if owner is None:
+                raise InvalidArgument("batch_token", "decision id names an unknown experiment")
+            if rec is None:
+                rec = owner
+            elif owner is not rec:
+                raise InvalidArgument(
+                    "batch_token", f"decision id belongs to {owner.name!r}, not {rec.name!r}"
+                )
+            try:
+                batch.check_indices(indices)
+            except IndexOutOfRange as err:
+                raise InvalidArgument(f"indices[{err.position}]", str(err)) from None
+            if now - batch.issued_at > min(owner.window_s, self.signer.ttl_seconds):
+                batch = None  # past this experiment's own attribution window
+        if rec is None:
+            self.metrics.rewards.labels(status=EXPIRED).inc(n)
+            return expired
+        if rec.lifecycle.state == State.ARCHIVED:
+            raise WrongState(rec.name, "ARCHIVED", "record rewards")
+        if batch is None:
+            self.metrics.rewards.labels(status=EXPIRED).inc(n)
+            return expired
+        arms = batch.variants[indices].astype(np.int64)
+        self.engine.validate_rewards(rec.name, arms, values)
+        cols = RewardColumns(
+            batch.keys(indices),
+            np.full(n, rec.id, dtype=np.int64),
+            arms,
+            np.ascontiguousarray(values, dtype=np.float64),
+            np.full(n, batch.epoch, dtype=np.int64),
+            np.full(n, now, dtype=np.float64),
+            np.full(n, np.nan) if scores is None else scores,
+            [json.dumps(g) for g in guardrails] if guardrails else None,
+        )
+        fut = self.writer.submit(rec.name, cols)
+        try:
+            new = np.array(fut.result(timeout=timeout), dtype=bool)
+        except FutureTimeout:
+            raise StoreUnavailable("commit", "group commit timed out; retry") from None
+        if guardrails:
+            kept = np.flatnonzero(new).tolist()
+            rec.guardrails.add(arms[new].tolist(), [guardrails[j] for j in kept])
+        if scores is not None:
+            scored = new & ~np.isnan(scores)
+            if scored.any():
+                rec.scores.add(arms[scored].tolist(), scores[scored].tolist())
+        accepted = int(new.sum())
+        if accepted:
+            self.metrics.rewards.labels(status=ACCEPTED).inc(accepted)
+        if accepted < n:
+            self.metrics.rewards.labels(status=DUPLICATE).inc(n - accepted)
+        return (~new).astype(np.int8)
 
     def _event_arms(
         self, rec: Record, variants: Sequence[str], indices: Sequence[int], n: int

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from allocator.tokens import decision_key
+from allocator.tokens import batch_keys, decision_key
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class Pending:
         """The dedup keys of these decisions (the same a real reward would log)."""
         if not self.batch:
             return [decision_key(self.token)]
-        return [decision_key(f"{self.token}.{i}") for i in range(self.arms.shape[0])]
+        return batch_keys(self.token)
 
 
 class DefaultRewards:

@@ -42,6 +42,7 @@ from allocator.store import (
     AllocationEpoch,
     AssignmentCount,
     LoggedReward,
+    RewardColumns,
     RewardRow,
     Store,
     StoreUnavailable,
@@ -57,7 +58,7 @@ _DOUBT_CAP = 1_000_000
 @dataclass
 class _Job:
     name: str
-    rows: list[RewardRow]
+    rows: RewardColumns
     future: Future[list[bool]]
 
 
@@ -204,8 +205,9 @@ class RewardWriter:
         self._thread = threading.Thread(target=self._run, name="reward-writer", daemon=True)
         self._flushed_pulls: dict[str, np.ndarray] = {}
         self._flushed_epochs: dict[str, int] = {}
-        # dedup_key -> (experiment, row) of commits that failed and may have landed anyway.
-        self._doubtful: dict[str, tuple[str, RewardRow]] = {}
+        # dedup_key -> (experiment, columns, position) of rows of commits that failed and
+        # may have landed anyway.
+        self._doubtful: dict[str, tuple[str, RewardColumns, int]] = {}
         self.healthy = True
         self.last_error = ""
         self.positions.pop(replica_id, None)
@@ -215,12 +217,14 @@ class RewardWriter:
         """Start the writer thread."""
         self._thread.start()
 
-    def submit(self, name: str, rows: list[RewardRow]) -> Future[list[bool]]:
+    def submit(self, name: str, rows: Sequence[RewardRow] | RewardColumns) -> Future[list[bool]]:
         """Queue rows of one experiment; the future gives, per row, True=new False=dup."""
         fut: Future[list[bool]] = Future()
-        if not rows:
+        if not len(rows):
             fut.set_result([])
             return fut
+        if not isinstance(rows, RewardColumns):
+            rows = RewardColumns.from_rows(rows)
         if self._stop.is_set():
             raise StoreUnavailable("submit", "server is shutting down")
         with self._count_lock:
@@ -299,7 +303,7 @@ class RewardWriter:
                 jobs.append(job)
 
     def _commit(self, jobs: list[_Job]) -> bool:
-        rows = [r for job in jobs for r in job.rows]
+        rows = RewardColumns.concat([job.rows for job in jobs])
         try:
             with self.metrics.flush_seconds.time():
                 flags = self.store.append_rewards(self.replica_id, rows)
@@ -316,18 +320,21 @@ class RewardWriter:
             return False
         self._mark_up()
         if self._doubtful:
-            for row in rows:
-                self._doubtful.pop(row.dedup_key, None)
-        self.metrics.flush_rows.inc(sum(flags))
+            for key in rows.keys:
+                self._doubtful.pop(key, None)
+        is_new = np.array(flags, dtype=bool)
+        self.metrics.flush_rows.inc(int(is_new.sum()))
         i = 0
         for job in jobs:
-            mine = flags[i : i + len(job.rows)]
-            i += len(job.rows)
-            new = [r for r, f in zip(job.rows, mine, strict=True) if f]
-            if new and job.name in self.engine:
-                arms = np.fromiter((r.arm for r in new), dtype=np.int64, count=len(new))
-                values = np.fromiter((r.value for r in new), dtype=np.float64, count=len(new))
-                epochs = np.fromiter((r.epoch for r in new), dtype=np.int64, count=len(new))
+            n = len(job.rows)
+            mine, mask = flags[i : i + n], is_new[i : i + n]
+            i += n
+            if mask.any() and job.name in self.engine:
+                cols = job.rows
+                every = bool(mask.all())
+                arms = cols.arms if every else cols.arms[mask]
+                values = cols.values if every else cols.values[mask]
+                epochs = cols.epochs if every else cols.epochs[mask]
                 self.engine.reward_batch(job.name, arms, values, epochs)
                 if self.on_applied is not None:
                     self.on_applied(job.name, arms, values)
@@ -336,8 +343,8 @@ class RewardWriter:
 
     def _doubt(self, jobs: list[_Job]) -> None:
         for job in jobs:
-            for row in job.rows:
-                self._doubtful[row.dedup_key] = (job.name, row)
+            for i, key in enumerate(job.rows.keys):
+                self._doubtful[key] = (job.name, job.rows, i)
         while len(self._doubtful) > _DOUBT_CAP:
             key = next(iter(self._doubtful))
             log.warning("forgetting reward %r of a failed commit (too many in doubt)", key)
@@ -347,11 +354,16 @@ class RewardWriter:
         """Commit again the rows of failed commits (writer thread only); see module doc."""
         while self._doubtful:
             batch = list(self._doubtful.values())[: self.max_rows]
-            by_name: dict[str, list[RewardRow]] = {}
-            for name, row in batch:
-                by_name.setdefault(name, []).append(row)
+            # Grouped per (experiment, submitted columns), each group in first-doubted order.
+            groups: dict[int, tuple[str, RewardColumns, list[int]]] = {}
+            for name, cols, i in batch:
+                groups.setdefault(id(cols), (name, cols, []))[2].append(i)
             # Nobody waits on these futures: the clients were already answered UNAVAILABLE.
-            if not self._commit([_Job(name, rows, Future()) for name, rows in by_name.items()]):
+            jobs = [
+                _Job(name, cols.take(np.array(pos, dtype=np.int64)), Future())
+                for name, cols, pos in groups.values()
+            ]
+            if not self._commit(jobs):
                 return
 
     def _release(self, n: int) -> None:

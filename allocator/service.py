@@ -17,10 +17,11 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
+import numpy as np
 from allocator_client.v1 import allocator_pb2 as pb
 from allocator_client.v1 import allocator_pb2_grpc as pb_grpc
 
-from allocator.app import ACCEPTED, DUPLICATE, EXPIRED, Allocator, Record
+from allocator.app import ACCEPTED, DUPLICATE, EXPIRED, STATUSES, Allocator, Record
 from allocator.convert import EVENT_TO_PB, PB_TO_EVENT, PB_TO_STATE, STATE_TO_PB
 from allocator.errors import (
     ExperimentExists,
@@ -43,6 +44,9 @@ _STATUS = {
     DUPLICATE: pb.REWARD_STATUS_DUPLICATE,
     EXPIRED: pb.REWARD_STATUS_EXPIRED,
 }
+
+# Allocator.reward_indexed's outcome codes -> the wire enum, by NumPy fancy indexing.
+_STATUS_BY_CODE = np.array([_STATUS[s] for s in STATUSES], dtype=np.int64)
 
 _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
@@ -310,19 +314,40 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
                     rows[i][col.metric] = v
         return rows
 
+    def _reward_indexed(self, request: pb.RewardBatchRequest) -> pb.RewardBatchResponse:
+        """The batch_token + indices form, as columns end to end."""
+        if request.decision_ids or request.event_ids:
+            raise InvalidArgument("batch_token", "use one addressing form per request")
+        codes = self.app.reward_indexed(
+            experiment=request.experiment,
+            batch_token=request.batch_token,
+            indices=np.fromiter(request.indices, dtype=np.int64, count=len(request.indices)),
+            values=np.fromiter(request.values, dtype=np.float64, count=len(request.values)),
+            scores=(
+                np.fromiter(request.prediction_scores, dtype=np.float64)
+                if request.prediction_scores
+                else None
+            ),
+            guardrails=self._guardrail_rows(request),
+        )
+        counts = np.bincount(codes, minlength=len(STATUSES)).tolist()
+        return pb.RewardBatchResponse(
+            accepted=counts[STATUSES.index(ACCEPTED)],
+            duplicates=counts[STATUSES.index(DUPLICATE)],
+            expired=counts[STATUSES.index(EXPIRED)],
+            statuses=_STATUS_BY_CODE[codes].tolist(),
+        )
+
     def _reward_batch(self, request: pb.RewardBatchRequest) -> pb.RewardBatchResponse:
+        if request.batch_token:
+            return self._reward_indexed(request)
         common: dict[str, Any] = {
             "experiment": request.experiment,
             "values": list(request.values),
             "scores": list(request.prediction_scores),
             "guardrails": self._guardrail_rows(request),
         }
-        if request.batch_token:
-            if request.decision_ids or request.event_ids:
-                raise InvalidArgument("batch_token", "use one addressing form per request")
-            ids = [f"{request.batch_token}.{i}" for i in request.indices]
-            statuses = self.app.reward(decision_ids=ids, field="indices", **common)
-        elif request.decision_ids:
+        if request.decision_ids:
             statuses = self.app.reward(decision_ids=list(request.decision_ids), **common)
         elif request.event_ids:
             statuses = self.app.reward(

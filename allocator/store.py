@@ -26,9 +26,12 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
 from typing import Any, Literal, ParamSpec, Protocol, TypeVar
 
+import numpy as np
+import numpy.typing as npt
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config as AlembicConfig
@@ -52,6 +55,7 @@ __all__ = [
     "LoggedReward",
     "NotFound",
     "ReplicaConflict",
+    "RewardColumns",
     "RewardRow",
     "SchemaTooNew",
     "SnapshotRow",
@@ -192,6 +196,126 @@ class RewardRow:
     received_at: float
     prediction_score: float | None = None
     guardrails_json: str | None = None
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class RewardColumns:
+    """Rewards to log as columns: a batch without a Python object per reward.
+
+    ``scores`` NaN means no score; ``guardrails_json`` None means none for any item.
+
+    >>> cols = RewardColumns.of(7, ["a", "b"], [0, 1], [1.0, 0.0], [0, 0], received_at=5.0)
+    >>> len(cols), cols.take(np.array([1])).keys
+    (2, ['b'])
+    """
+
+    keys: list[str]
+    experiment_ids: npt.NDArray[np.int64]
+    arms: npt.NDArray[np.int64]
+    values: npt.NDArray[np.float64]
+    epochs: npt.NDArray[np.int64]
+    received_at: npt.NDArray[np.float64]
+    scores: npt.NDArray[np.float64]
+    guardrails_json: list[str | None] | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.keys)
+        for name in ("experiment_ids", "arms", "values", "epochs", "received_at", "scores"):
+            if getattr(self, name).shape != (n,):
+                raise ValueError(f"{name} must have shape ({n},), got {getattr(self, name).shape}")
+        if self.guardrails_json is not None and len(self.guardrails_json) != n:
+            raise ValueError(f"guardrails_json must have {n} items")
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @classmethod
+    def of(
+        cls,
+        experiment_id: int,
+        keys: list[str],
+        arms: Sequence[int] | npt.NDArray[np.integer],
+        values: Sequence[float] | npt.NDArray[np.floating],
+        epochs: Sequence[int] | npt.NDArray[np.integer],
+        *,
+        received_at: float,
+        scores: Sequence[float] | npt.NDArray[np.floating] | None = None,
+        guardrails_json: list[str | None] | None = None,
+    ) -> RewardColumns:
+        """Rewards of one experiment received at one time."""
+        n = len(keys)
+        return cls(
+            keys,
+            np.full(n, experiment_id, dtype=np.int64),
+            np.asarray(arms, dtype=np.int64),
+            np.asarray(values, dtype=np.float64),
+            np.asarray(epochs, dtype=np.int64),
+            np.full(n, received_at, dtype=np.float64),
+            np.full(n, np.nan) if scores is None else np.asarray(scores, dtype=np.float64),
+            guardrails_json,
+        )
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[RewardRow]) -> RewardColumns:
+        """The columns of `rows` (None scores become NaN)."""
+        n = len(rows)
+        guards = [r.guardrails_json for r in rows]
+        return cls(
+            [r.dedup_key for r in rows],
+            np.fromiter((r.experiment_id for r in rows), np.int64, n),
+            np.fromiter((r.arm for r in rows), np.int64, n),
+            np.fromiter((r.value for r in rows), np.float64, n),
+            np.fromiter((r.epoch for r in rows), np.int64, n),
+            np.fromiter((r.received_at for r in rows), np.float64, n),
+            np.fromiter(
+                (np.nan if r.prediction_score is None else r.prediction_score for r in rows),
+                np.float64,
+                n,
+            ),
+            guards if any(g is not None for g in guards) else None,
+        )
+
+    @classmethod
+    def concat(cls, parts: Sequence[RewardColumns]) -> RewardColumns:
+        """One batch of `parts` in order."""
+        if len(parts) == 1:
+            return parts[0]
+        guards: list[str | None] | None = None
+        if any(p.guardrails_json is not None for p in parts):
+            guards = []
+            for p in parts:
+                guards += p.guardrails_json if p.guardrails_json is not None else [None] * len(p)
+        return cls(
+            [k for p in parts for k in p.keys],
+            np.concatenate([p.experiment_ids for p in parts]),
+            np.concatenate([p.arms for p in parts]),
+            np.concatenate([p.values for p in parts]),
+            np.concatenate([p.epochs for p in parts]),
+            np.concatenate([p.received_at for p in parts]),
+            np.concatenate([p.scores for p in parts]),
+            guards,
+        )
+
+    def take(self, positions: npt.NDArray[np.integer]) -> RewardColumns:
+        """The items at `positions`, in that order."""
+        pos = positions.tolist()
+        guards = self.guardrails_json
+        return RewardColumns(
+            [self.keys[i] for i in pos],
+            self.experiment_ids[positions],
+            self.arms[positions],
+            self.values[positions],
+            self.epochs[positions],
+            self.received_at[positions],
+            self.scores[positions],
+            None if guards is None else [guards[i] for i in pos],
+        )
+
+    def score_list(self) -> list[float | None]:
+        """Scores with None for missing (what the database stores as NULL)."""
+        if np.isnan(self.scores).all():
+            return [None] * len(self)
+        return [None if s != s else s for s in self.scores.tolist()]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -360,7 +484,9 @@ class Store(Protocol):
         """Compare-and-set the experiment, with its audit row and events, atomically."""
         ...
 
-    def append_rewards(self, replica_id: str, rows: Sequence[RewardRow]) -> list[bool]:
+    def append_rewards(
+        self, replica_id: str, rows: Sequence[RewardRow] | RewardColumns
+    ) -> list[bool]:
         """Durably log new rewards in one commit; per row True if new, False if duplicate."""
         ...
 
@@ -603,25 +729,29 @@ def _detail(e: sa_exc.DBAPIError) -> str:
     return " ".join(str(e.orig).split()) or type(e.orig).__name__
 
 
+def _first_occurrences(keys: Sequence[str]) -> npt.NDArray[np.int64] | None:
+    """Positions of each key's first occurrence, in order; None when all are distinct."""
+    if len(set(keys)) == len(keys):
+        return None
+    first: dict[str, int] = {}
+    for i, key in enumerate(keys):
+        first.setdefault(key, i)
+    return np.fromiter(first.values(), dtype=np.int64, count=len(first))
+
+
 def _new_keys(
-    conn: Connection,
-    dialect: str,
-    replica_id: str,
-    start: int,
-    first: dict[str, int],
-    inserted: int,
-) -> set[str]:
-    """Keys a reward insert of ``first`` (seqs from ``start``) actually wrote."""
-    if inserted == len(first):
-        return set(first)
+    conn: Connection, dialect: str, replica_id: str, start: int, keys: Sequence[str]
+) -> npt.NDArray[np.bool_]:
+    """Per key of an insert (seqs from ``start``): True if that insert wrote it."""
     # Some keys were duplicates. The rows that did go in are exactly ours in this
     # statement's seq range: the range is fresh for this replica (a second writer of the
     # same replica id would have hit the primary key instead).
-    return set(
+    written = set(
         conn.exec_driver_sql(
-            _NEW_REWARD_KEYS[dialect], (replica_id, start, start + len(first))
+            _NEW_REWARD_KEYS[dialect], (replica_id, start, start + len(keys))
         ).scalars()
     )
+    return np.fromiter((k in written for k in keys), dtype=bool, count=len(keys))
 
 
 def _experiment(row: sa.Row[Any]) -> ExperimentRow:
@@ -900,7 +1030,9 @@ class SqlStore:
             return self._writer_locks.setdefault(replica_id, threading.Lock())
 
     @_guard
-    def append_rewards(self, replica_id: str, rows: Sequence[RewardRow]) -> list[bool]:
+    def append_rewards(
+        self, replica_id: str, rows: Sequence[RewardRow] | RewardColumns
+    ) -> list[bool]:
         """Durably log new rewards in one commit; per row True if new, False if duplicate.
 
         A key repeated inside `rows` counts at its first occurrence only. When this returns
@@ -909,35 +1041,40 @@ class SqlStore:
         """
         if not 0 < len(replica_id) <= MAX_REPLICA_ID_CHARS:
             raise ValueError(f"replica_id must be 1..{MAX_REPLICA_ID_CHARS} characters")
-        result = [False] * len(rows)
-        first: dict[str, int] = {}
-        for i, row in enumerate(rows):
-            if not 0 < len(row.dedup_key) <= MAX_DEDUP_KEY_CHARS:
-                raise ValueError(f"dedup_key must be 1..{MAX_DEDUP_KEY_CHARS} characters")
-            first.setdefault(row.dedup_key, i)
-        if not first:
-            return result
+        cols = rows if isinstance(rows, RewardColumns) else RewardColumns.from_rows(rows)
+        n = len(cols)
+        if n == 0:
+            return []
+        if min(map(len, cols.keys)) < 1 or max(map(len, cols.keys)) > MAX_DEDUP_KEY_CHARS:
+            raise ValueError(f"dedup_key must be 1..{MAX_DEDUP_KEY_CHARS} characters")
+        first = _first_occurrences(cols.keys)
+        picked = cols if first is None else cols.take(first)
         # One writer per replica id keeps its commits in replica_seq order (see module doc).
         with self._writer_lock(replica_id):
-            new_keys = self._append_locked(replica_id, rows, first)
-        for key, i in first.items():
-            result[i] = key in new_keys
-        return result
+            new = self._append_locked(replica_id, picked)
+        if first is None:
+            return new.tolist()
+        result = np.zeros(n, dtype=bool)
+        result[first] = new
+        return result.tolist()
 
-    def _append_locked(
-        self, replica_id: str, rows: Sequence[RewardRow], first: dict[str, int]
-    ) -> set[str]:
-        keys = list(first)
+    def _append_locked(self, replica_id: str, cols: RewardColumns) -> npt.NDArray[np.bool_]:
+        """Insert `cols` (distinct keys); per item True if it is new to the log."""
+        keys = cols.keys
         start = self._next_seq.get(replica_id)
         try:
             with self._tx(write=True) as conn:
                 if start is None:
                     start = self._max_seq(conn, replica_id) + 1
                 insert = self._insert_rewards_sqlite if self._sqlite else self._insert_rewards_pg
-                new_keys = insert(conn, replica_id, start, rows, first)
+                inserted = insert(conn, replica_id, start, cols)
+                if inserted == len(keys):
+                    new = np.ones(len(keys), dtype=bool)
+                else:
+                    new = _new_keys(conn, self.dialect, replica_id, start, keys)
                 unacked = self._unacked.get(replica_id)
                 if unacked:
-                    new_keys |= self._reclaim(conn, replica_id, keys, new_keys, unacked)
+                    self._reclaim(conn, replica_id, keys, new, unacked)
         except sa_exc.IntegrityError:
             self._next_seq.pop(replica_id, None)
             with self._tx(write=False) as conn:
@@ -959,85 +1096,78 @@ class SqlStore:
         if unacked:
             for key in keys:
                 unacked.pop(key, None)
-        return new_keys
+        return new
 
     # The reward log is the hot write path (every group commit), so it bypasses SQLAlchemy's
     # per-row parameter processing, which cost several times the database's own work per
     # row: SQLite gets one executemany of plain tuples, PostgreSQL one INSERT ... SELECT
     # FROM unnest(arrays) (one statement however many rows, instead of psycopg parsing a
-    # multi-row VALUES text with ten placeholders per row).
+    # multi-row VALUES text with ten placeholders per row). Both are built from columns
+    # (tolist() of NumPy arrays), never from one Python object per reward.
     @staticmethod
     def _insert_rewards_sqlite(
-        conn: Connection,
-        replica_id: str,
-        start: int,
-        rows: Sequence[RewardRow],
-        first: dict[str, int],
-    ) -> set[str]:
-        params = []
-        seq = start
-        for key, i in first.items():
-            r = rows[i]
-            params.append(
-                (
-                    replica_id,
-                    seq,
-                    key,
-                    r.experiment_id,
-                    r.arm,
-                    r.value,
-                    r.prediction_score,
-                    r.guardrails_json,
-                    r.epoch,
-                    r.received_at,
-                )
+        conn: Connection, replica_id: str, start: int, cols: RewardColumns
+    ) -> int:
+        n = len(cols)
+        params = list(
+            zip(
+                repeat(replica_id, n),
+                range(start, start + n),
+                cols.keys,
+                cols.experiment_ids.tolist(),
+                cols.arms.tolist(),
+                cols.values.tolist(),
+                cols.score_list(),
+                repeat(None, n) if cols.guardrails_json is None else cols.guardrails_json,
+                cols.epochs.tolist(),
+                cols.received_at.tolist(),
+                strict=True,
             )
-            seq += 1
-        inserted = conn.exec_driver_sql(_SQLITE_INSERT_REWARDS, params).rowcount
-        return _new_keys(conn, "sqlite", replica_id, start, first, inserted)
+        )
+        return int(conn.exec_driver_sql(_SQLITE_INSERT_REWARDS, params).rowcount)
 
     @staticmethod
     def _insert_rewards_pg(
-        conn: Connection,
-        replica_id: str,
-        start: int,
-        rows: Sequence[RewardRow],
-        first: dict[str, int],
-    ) -> set[str]:
-        picked = [rows[i] for i in first.values()]
+        conn: Connection, replica_id: str, start: int, cols: RewardColumns
+    ) -> int:
+        n = len(cols)
         params = (
             replica_id,
-            list(range(start, start + len(picked))),
-            list(first),
-            [r.experiment_id for r in picked],
-            [r.arm for r in picked],
-            [r.value for r in picked],
-            [r.prediction_score for r in picked],
-            [r.guardrails_json for r in picked],
-            [r.epoch for r in picked],
-            [r.received_at for r in picked],
+            list(range(start, start + n)),
+            cols.keys,
+            cols.experiment_ids.tolist(),
+            cols.arms.tolist(),
+            cols.values.tolist(),
+            cols.score_list(),
+            [None] * n if cols.guardrails_json is None else cols.guardrails_json,
+            cols.epochs.tolist(),
+            cols.received_at.tolist(),
         )
-        inserted = conn.exec_driver_sql(_PG_INSERT_REWARDS, params).rowcount
-        return _new_keys(conn, "postgresql", replica_id, start, first, inserted)
+        return int(conn.exec_driver_sql(_PG_INSERT_REWARDS, params).rowcount)
 
     @staticmethod
     def _reclaim(
         conn: Connection,
         replica_id: str,
         keys: Sequence[str],
-        new_keys: set[str],
+        new: npt.NDArray[np.bool_],
         unacked: Mapping[str, None],
-    ) -> set[str]:
-        doubtful = [k for k in keys if k not in new_keys and k in unacked]
+    ) -> None:
+        """Mark as new (in place) the duplicates that are our own unacknowledged rows."""
+        doubtful = [i for i in np.flatnonzero(~new).tolist() if keys[i] in unacked]
         if not doubtful:
-            return set()
-        return set(
+            return
+        ours = set(
             conn.execute(
                 sa.select(rewards.c.dedup_key).where(
-                    rewards.c.dedup_key.in_(doubtful), rewards.c.replica_id == replica_id
+                    rewards.c.dedup_key.in_([keys[i] for i in doubtful]),
+                    rewards.c.replica_id == replica_id,
                 )
             ).scalars()
         )
+        for i in doubtful:
+            if keys[i] in ours:
+                new[i] = True
 
     @staticmethod
     def _max_seq(conn: Connection, replica_id: str) -> int:

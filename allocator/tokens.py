@@ -13,6 +13,11 @@ Binary layout before base64url (no padding)::
 
 Item ``i`` of a batch is the string ``<batch token>.<i>``. The variant array is inside the
 signed bytes, so a caller can't redeem a batch item for another variant than the one chosen.
+
+Dedup keys: a single decision's is its base64 tag; item ``i`` of a batch's is
+``<base64 tag>.<i>`` (no hash per item, and the keys of one batch share a prefix, so they
+land next to each other in the log's unique index). Tags are distinct per token (the
+nonce), single keys have no dot, and ``i`` is canonical decimal, so keys never collide.
 """
 
 from __future__ import annotations
@@ -39,8 +44,10 @@ __all__ = [
     "Batch",
     "Decision",
     "ExpiredToken",
+    "IndexOutOfRange",
     "InvalidToken",
     "TokenSigner",
+    "batch_keys",
     "decision_key",
     "event_key",
     "load_or_create_secret",
@@ -84,6 +91,16 @@ class ExpiredToken(InvalidToken):
         self.ttl_seconds = ttl_seconds
 
 
+class IndexOutOfRange(InvalidToken):
+    """Item ``index`` (at ``position`` of the request) is not in a batch of ``size`` items."""
+
+    def __init__(self, position: int, index: int, size: int) -> None:
+        super().__init__(f"batch item {index} out of range (batch has {size} items)")
+        self.position = position
+        self.index = index
+        self.size = size
+
+
 @dataclass(frozen=True, slots=True)
 class Decision:
     """What a verified decision id says; `key` is its canonical reward-dedup key."""
@@ -119,6 +136,27 @@ class Batch:
         """Dedup key of item `index` (same as `decision_key("<batch>.<index>")`)."""
         self._check_index(index)
         return _batch_item_key(self.tag, index)
+
+    def keys(self, indices: npt.NDArray[np.integer]) -> list[str]:
+        """Dedup keys of items `indices` (1-D); IndexOutOfRange names the first bad one.
+
+        >>> signer = TokenSigner(b"k" * 32, ttl_seconds=3600)
+        >>> batch = signer.verify_batch(signer.issue_batch(7, [0, 2], epoch=0, now=1.0), 2.0)
+        >>> batch.keys(np.array([1, 0])) == [batch.key(1), batch.key(0)]
+        True
+        """
+        self.check_indices(indices)
+        prefix = _b64(self.tag) + "."
+        return [prefix + i for i in map(str, indices.tolist())]
+
+    def check_indices(self, indices: npt.NDArray[np.integer]) -> None:
+        """IndexOutOfRange for the first of `indices` outside [0, len(self))."""
+        if indices.ndim != 1 or indices.dtype.kind not in "iu":
+            raise TypeError(f"indices must be a 1-D integer array, got {indices.dtype}")
+        n = len(self)
+        if indices.size and not (int(indices.min()) >= 0 and int(indices.max()) < n):
+            pos = int(np.flatnonzero((indices < 0) | (indices >= n))[0])
+            raise IndexOutOfRange(pos, int(indices[pos]), n)
 
     def decision(self, index: int) -> Decision:
         """Decision of item `index`; InvalidToken when out of range."""
@@ -341,6 +379,21 @@ def decision_key(token: str) -> str:
     return _batch_item_key(parsed.tag, index)
 
 
+def batch_keys(token: str) -> list[str]:
+    """Dedup keys of every item of a batch token, decoded once (structure only).
+
+    >>> signer = TokenSigner(b"k" * 32, ttl_seconds=3600)
+    >>> tok = signer.issue_batch(7, [0, 2], epoch=0, now=1.0)
+    >>> batch_keys(tok) == [decision_key(f"{tok}.0"), decision_key(f"{tok}.1")]
+    True
+    """
+    parsed = _parse(_decode(token))
+    if parsed.variants is None:
+        raise InvalidToken("not a batch token")
+    prefix = _b64(parsed.tag) + "."
+    return [prefix + str(i) for i in range(parsed.variants.shape[0])]
+
+
 def event_key(experiment: int | str, event_id: str) -> str:
     """Dedup key for a reward sent as (experiment, event_id) instead of a decision id."""
     out = bytearray(b"\x02")
@@ -362,7 +415,7 @@ def _derive_key(secret: bytes) -> bytes:
 
 
 def _batch_item_key(tag: bytes, index: int) -> str:
-    return _b64(hashlib.sha256(b"\x01" + tag + index.to_bytes(4, "big")).digest()[:16])
+    return f"{_b64(tag)}.{index}"
 
 
 def _b64(raw: bytes | bytearray) -> str:

@@ -441,3 +441,87 @@ def test_guardrail_columns_are_tracked_and_validated(
     )
     code, details = _code(stub.Reward, inf)
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "latency_ms" in details
+
+
+def test_indexed_rewards_are_columnar_but_behave_like_decision_ids(
+    client: AllocatorClient, stub: pb_grpc.AllocatorStub, server: Running
+) -> None:
+    client.create_experiment(_spec())
+    b = client.assign_batch("exp", 6)
+    req = pb.RewardBatchRequest(
+        experiment="exp",
+        batch_token=b.batch_token,
+        indices=[0, 1, 2, 2],  # the repeat of item 2 is a duplicate within the request
+        values=[1.0, 0.0, 1.0, 1.0],
+        prediction_scores=[0.5, float("nan"), 0.25, 0.75],
+        guardrails=[pb.GuardrailColumn(metric="latency_ms", values=[10.0, 20.0, 30.0, 40.0])],
+    )
+    resp = stub.RewardBatch(req)
+    assert (resp.accepted, resp.duplicates, resp.expired) == (3, 1, 0)
+    assert list(resp.statuses) == [pb.REWARD_STATUS_ACCEPTED] * 3 + [pb.REWARD_STATUS_DUPLICATE]
+    assert sum(server.app.engine.counts("exp").values()) == 3
+    rec = server.app.records["exp"]
+    # Guardrails of the three accepted items only: n = 3, sum = 10 + 20 + 30.
+    lat = rec.guardrails.snapshot()["latency_ms"]
+    assert lat[:, 0].sum() == 3.0 and lat[:, 1].sum() == 60.0
+    # The same decisions by decision id are the same dedup keys: duplicates.
+    again = client.reward_batch("exp", [1.0] * 2, decision_ids=[b.decision_id(1), b.decision_id(3)])
+    assert (again.accepted, again.duplicates) == (1, 1)
+    assert sum(server.app.engine.counts("exp").values()) == 4
+
+
+def test_indexed_reward_errors_name_the_field_and_write_nothing(
+    client: AllocatorClient, stub: pb_grpc.AllocatorStub, server: Running
+) -> None:
+    client.create_experiment(_spec("one"))
+    client.create_experiment(_spec("two"))
+    b = client.assign_batch("one", 4)
+    forged = b.batch_token[:-2] + ("AA" if not b.batch_token.endswith("AA") else "BA")
+
+    def req(**kw: object) -> pb.RewardBatchRequest:
+        base: dict[str, object] = {
+            "experiment": "one",
+            "batch_token": b.batch_token,
+            "indices": [0, 1],
+            "values": [1.0, 1.0],
+        }
+        return pb.RewardBatchRequest(**{**base, **kw})
+
+    for bad, field in [
+        (req(batch_token=forged), "batch_token"),
+        (req(batch_token="not a token"), "batch_token"),
+        (req(experiment="two"), "belongs to 'one'"),
+        (req(decision_ids=["x"]), "batch_token"),
+        (req(indices=[0, 4]), "indices[1]"),
+        (req(values=[1.0]), "values"),
+        (req(values=[1.0, 2.0]), "values"),  # Bernoulli rewards are in [0, 1]
+        (req(prediction_scores=[0.5]), "prediction_scores"),
+        (req(values=[]), "values"),
+    ]:
+        code, details = _code(stub.RewardBatch, bad)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+        assert field in details, details
+    assert sum(server.app.engine.counts("one").values()) == 0
+    assert stub.RewardBatch(req()).accepted == 2
+
+
+def test_indexed_rewards_of_an_expired_batch_are_expired(
+    client: AllocatorClient, stub: pb_grpc.AllocatorStub, server: Running
+) -> None:
+    client.create_experiment(_spec(attribution_window_seconds=60))
+    b = client.assign_batch("exp", 3)
+    clock = server.app.clock
+    # Past the experiment's own window (60 s), then past the token lifetime too.
+    for later in (61.0, server.app.signer.ttl_seconds + 10):
+        server.app.clock = lambda later=later: clock() + later  # type: ignore[misc]
+        try:
+            resp = stub.RewardBatch(
+                pb.RewardBatchRequest(
+                    experiment="exp", batch_token=b.batch_token, indices=[0, 2], values=[1, 1]
+                )
+            )
+        finally:
+            server.app.clock = clock
+        assert (resp.accepted, resp.expired) == (0, 2)
+        assert list(resp.statuses) == [pb.REWARD_STATUS_EXPIRED] * 2
+    assert sum(server.app.engine.counts("exp").values()) == 0

@@ -15,6 +15,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
@@ -29,6 +30,7 @@ from allocator.store import (
     EventRecord,
     NotFound,
     ReplicaConflict,
+    RewardColumns,
     RewardRow,
     SchemaTooNew,
     SqlStore,
@@ -399,6 +401,99 @@ def test_logged_reward_round_trips_all_fields(store: SqlStore) -> None:
     [logged] = store.rewards_since({})
     assert (logged.replica_id, logged.replica_seq) == ("r1", 1)
     assert RewardRow(**{f: getattr(logged, f) for f in RewardRow.__dataclass_fields__}) == row
+
+
+def _columns(
+    keys: list[str], experiment_id: int, guardrails_json: list[str | None] | None = None
+) -> RewardColumns:
+    n = len(keys)
+    arms = [i % 2 for i in range(n)]
+    return RewardColumns.of(
+        experiment_id,
+        keys,
+        arms,
+        [0.5] * n,
+        [0] * n,
+        received_at=5.0,
+        guardrails_json=guardrails_json,
+    )
+
+
+def test_columns_count_duplicates_like_rows(store: SqlStore) -> None:
+    exp = _new_experiment(store)
+    first = store.append_rewards("r1", _columns(["a", "b", "a", "c", "b"], exp))
+    assert first == [True, True, False, True, False]
+    second = store.append_rewards("r1", [_reward(k, exp) for k in ["c", "d", "a", "d"]])
+    assert second == [False, True, False, False]
+    assert store.append_rewards("r2", _columns(["d", "e"], exp)) == [False, True]
+    logged = store.rewards_since({})
+    assert [r.dedup_key for r in logged] == ["a", "b", "c", "d", "e"]
+    assert [r.arm for r in logged[:3]] == [0, 1, 1]  # first occurrences' columns
+
+
+def test_columns_round_trip_scores_and_guardrails(store: SqlStore) -> None:
+    exp = _new_experiment(store)
+    cols = RewardColumns(
+        ["k0", "k1"],
+        np.array([exp, exp]),
+        np.array([3, 1]),
+        np.array([0.25, 1e-300]),
+        np.array([7, 8]),
+        np.array([123.5, 124.5]),
+        np.array([0.9, np.nan]),  # NaN: no score, stored as NULL
+        ['{"latency_ms": 12}', None],
+    )
+    assert store.append_rewards("r1", cols) == [True, True]
+    logged = store.rewards_since({})
+    as_rows = [
+        RewardRow(**{f: getattr(r, f) for f in RewardRow.__dataclass_fields__}) for r in logged
+    ]
+    assert as_rows == [
+        RewardRow(
+            dedup_key="k0",
+            experiment_id=exp,
+            arm=3,
+            value=0.25,
+            epoch=7,
+            received_at=123.5,
+            prediction_score=0.9,
+            guardrails_json='{"latency_ms": 12}',
+        ),
+        RewardRow(
+            dedup_key="k1", experiment_id=exp, arm=1, value=1e-300, epoch=8, received_at=124.5
+        ),
+    ]
+
+
+def test_columns_take_concat_and_from_rows_agree() -> None:
+    rows = [_reward(f"k{i}", 1, arm=i % 3, value=i / 10) for i in range(6)]
+    cols = RewardColumns.from_rows(rows)
+    assert cols.guardrails_json is None and np.isnan(cols.scores).all()
+    parts = [cols.take(np.array([0, 1])), cols.take(np.array([2, 3, 4, 5]))]
+    joined = RewardColumns.concat(parts)
+    assert joined.keys == cols.keys
+    np.testing.assert_array_equal(joined.arms, cols.arms)
+    np.testing.assert_array_equal(joined.values, cols.values)
+    picked = cols.take(np.array([4, 1]))
+    assert picked.keys == ["k4", "k1"] and picked.arms.tolist() == [1, 1]
+    guarded = RewardColumns.concat([parts[0], _columns(["g"], 1, guardrails_json=["{}"])])
+    assert guarded.guardrails_json == [None, None, "{}"]
+
+
+def test_columns_of_unequal_length_are_rejected() -> None:
+    with pytest.raises(ValueError, match="arms must have shape"):
+        RewardColumns.of(1, ["a", "b"], [0], [1.0, 1.0], [0, 0], received_at=0.0)
+    with pytest.raises(ValueError, match="guardrails_json must have 2 items"):
+        _columns(["a", "b"], 1, guardrails_json=["{}"])
+
+
+def test_columns_with_bad_keys_are_rejected(store: SqlStore) -> None:
+    exp = _new_experiment(store)
+    with pytest.raises(ValueError, match="dedup_key"):
+        store.append_rewards("r1", _columns(["ok", ""], exp))
+    with pytest.raises(ValueError, match="dedup_key"):
+        store.append_rewards("r1", _columns(["x" * 129], exp))
+    assert store.rewards_since({}) == []
 
 
 def test_rewards_since_with_two_replicas(store: SqlStore) -> None:

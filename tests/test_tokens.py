@@ -14,6 +14,7 @@ from allocator.tokens import (
     MAX_TOKEN_CHARS,
     Decision,
     ExpiredToken,
+    IndexOutOfRange,
     InvalidToken,
     TokenSigner,
     decision_key,
@@ -315,6 +316,45 @@ def test_batch_index_out_of_range_on_batch_object(signer: TokenSigner) -> None:
     with pytest.raises(InvalidToken, match="out of range"):
         batch.key(-1)
     assert not batch.variants.flags.writeable
+
+
+def test_batch_keys_match_every_other_way_to_name_the_item(signer: TokenSigner) -> None:
+    token = signer.issue_batch(3, np.arange(12, dtype=np.uint32) % 4, epoch=0, now=NOW)
+    batch = signer.verify_batch(token, NOW)
+    indices = np.array([11, 0, 5, 5], dtype=np.int64)
+    keys = batch.keys(indices)
+    assert keys == [batch.key(i) for i in (11, 0, 5, 5)]
+    assert keys == [decision_key(f"{token}.{i}") for i in (11, 0, 5, 5)]
+    assert keys == [signer.verify(f"{token}.{i}", NOW).key for i in (11, 0, 5, 5)]
+    # No per-item hash: the batch's base64 tag, a dot, the canonical decimal index.
+    assert all(k.startswith(keys[0].split(".")[0] + ".") for k in keys)
+    assert batch.keys(np.array([], dtype=np.uint32)) == []
+
+
+def test_batch_keys_of_two_batches_never_collide(signer: TokenSigner) -> None:
+    a = signer.verify_batch(signer.issue_batch(1, [0] * 100, epoch=0, now=NOW), NOW)
+    b = signer.verify_batch(signer.issue_batch(1, [0] * 100, epoch=0, now=NOW), NOW)
+    every = np.arange(100)
+    assert not set(a.keys(every)) & set(b.keys(every))
+
+
+@pytest.mark.parametrize(("indices", "position", "index"), [([0, 3, 1], 1, 3), ([-1], 0, -1)])
+def test_batch_keys_name_the_first_index_out_of_range(
+    signer: TokenSigner, indices: list[int], position: int, index: int
+) -> None:
+    batch = signer.verify_batch(signer.issue_batch("e", [1, 2, 0], epoch=1, now=NOW), NOW)
+    with pytest.raises(IndexOutOfRange, match="out of range") as err:
+        batch.keys(np.array(indices, dtype=np.int64))
+    assert (err.value.position, err.value.index, err.value.size) == (position, index, 3)
+    assert isinstance(err.value, InvalidToken)
+
+
+def test_batch_keys_reject_non_integer_indices(signer: TokenSigner) -> None:
+    batch = signer.verify_batch(signer.issue_batch("e", [1, 2], epoch=1, now=NOW), NOW)
+    with pytest.raises(TypeError, match="1-D integer"):
+        batch.keys(np.array([0.0, 1.0]))
+    with pytest.raises(TypeError, match="1-D integer"):
+        batch.keys(np.zeros((1, 2), dtype=np.int64))
 
 
 @pytest.mark.parametrize(
