@@ -437,11 +437,14 @@ def server_config(url: str, **overrides: Any) -> Any:
 
 
 def _spec(name: str, n_arms: int) -> pb.ExperimentSpec:
+    # auto_promote off: a promotion mid-run would switch Assign to the (faster) fixed
+    # table and make the "Assign alone" baselines incomparable.
     return pb.ExperimentSpec(
         name=name,
         variants=[f"v{i}" for i in range(n_arms)],
         policy=pb.POLICY_THOMPSON,
         seed=1,
+        promotion=pb.PromotionSettings(auto_promote=False),
     )
 
 

@@ -594,8 +594,14 @@ def run(settings: ServiceSettings, phases: Sequence[str] = SCENARIOS) -> dict[st
             variants = [f"v{i}" for i in range(settings.n_arms)]
             with AllocatorClient(target, admin_token=ADMIN_TOKEN, timeout=30) as client:
                 client.create_experiment(
+                    # auto_promote off: the run measures the adaptive (exact Thompson)
+                    # path throughout, not a promoted experiment's fixed table.
                     pb.ExperimentSpec(
-                        name=EXPERIMENT, variants=variants, policy=pb.POLICY_THOMPSON, seed=1
+                        name=EXPERIMENT,
+                        variants=variants,
+                        policy=pb.POLICY_THOMPSON,
+                        seed=1,
+                        promotion=pb.PromotionSettings(auto_promote=False),
                     )
                 )
                 # The echo server answers with the bytes of a real AssignResponse.
