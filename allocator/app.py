@@ -566,18 +566,7 @@ class Allocator:
             if not batch:
                 return
             for e in batch:
-                rec = self.by_id.get(e.experiment_id or -1)
-                yield StoredEvent(
-                    e.seq or 0,
-                    Event(
-                        EventType(e.type),
-                        rec.name if rec else "",
-                        e.variant,
-                        e.at,
-                        e.reason,
-                        json.loads(e.details_json or "{}"),
-                    ),
-                )
+                yield self._stored_event(e)
                 seq = max(seq, e.seq or 0)
 
     # -- decisions -------------------------------------------------------------------------
@@ -981,20 +970,20 @@ class Allocator:
                     self._adopt_row(rec, row)
         for e in self.store.events_after(self._last_event_seq, limit=1000):
             self._last_event_seq = max(self._last_event_seq, e.seq or 0)
-            rec = self.by_id.get(e.experiment_id or -1)
-            self.events.publish(
-                StoredEvent(
-                    e.seq or 0,
-                    Event(
-                        EventType(e.type),
-                        rec.name if rec else "",
-                        e.variant,
-                        e.at,
-                        e.reason,
-                        json.loads(e.details_json or "{}"),
-                    ),
-                )
-            )
+            self.events.publish(self._stored_event(e))
+
+    def _stored_event(self, e: EventRecord) -> StoredEvent:
+        """A stored event row as the hub and WatchEvents carry it."""
+        rec = self.by_id.get(e.experiment_id or -1)
+        event = Event(
+            EventType(e.type),
+            rec.name if rec else "",
+            e.variant,
+            e.at,
+            e.reason,
+            json.loads(e.details_json or "{}"),
+        )
+        return StoredEvent(e.seq or 0, event)
 
     def _adopt_row(self, rec: Record, row: ExperimentRow) -> None:
         """Take over the stored state of ``rec`` if it is newer (caller holds rec.lock)."""
