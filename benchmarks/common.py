@@ -377,6 +377,25 @@ class SummaryRow:
         return [c.replace("|", "\\|") for c in raw]
 
 
+def target_rows(benchmark: str, targets: Sequence[Mapping[str, Any]]) -> list[SummaryRow]:
+    """Summary rows for a benchmark's ``targets`` list (name, measured, unit, comparison,
+    target, met), the shape the service and durability benchmarks write."""
+    rows = []
+    for t in targets:
+        value = "n/a" if t["measured"] is None else format_value(t["measured"])
+        rows.append(
+            SummaryRow(
+                benchmark,
+                t["name"],
+                value,
+                t["unit"],
+                f"{t['comparison']} {format_value(t['target'])}",
+                t["met"],
+            )
+        )
+    return rows
+
+
 def format_value(x: float, digits: int = 3) -> str:
     """``x`` to ``digits`` significant digits, without scientific notation below 1e9."""
     if not math.isfinite(x):

@@ -53,6 +53,7 @@ from benchmarks.common import (
     base_parser,
     format_value,
     machine_info,
+    target_rows,
     update_summary,
     write_json,
 )
@@ -1042,19 +1043,7 @@ def make_plot(doc: Mapping[str, Any], path: Path) -> None:
 
 def summary_rows(doc: Mapping[str, Any]) -> list[SummaryRow]:
     """The durability rows of results/summary.md: the targets and each measured rate."""
-    rows = []
-    for t in doc["targets"]:
-        value = "n/a" if t["measured"] is None else format_value(t["measured"])
-        rows.append(
-            SummaryRow(
-                NAME,
-                t["name"],
-                value,
-                t["unit"],
-                f"{t['comparison']} {format_value(t['target'])}",
-                t["met"],
-            )
-        )
+    rows = target_rows(NAME, doc["targets"])
     for r in doc["results"]:
         if r["mode"] == "per_reward":
             rows.append(

@@ -54,6 +54,7 @@ from benchmarks.common import (
     base_parser,
     format_value,
     machine_info,
+    target_rows,
     update_summary,
     write_json,
 )
@@ -886,19 +887,7 @@ def make_plot(results: Sequence[Mapping[str, Any]], path: Path) -> None:
 
 def summary_rows(doc: Mapping[str, Any]) -> list[SummaryRow]:
     """The service rows of results/summary.md: the targets and each phase's throughput."""
-    rows = []
-    for t in doc["targets"]:
-        value = "n/a" if t["measured"] is None else format_value(t["measured"])
-        rows.append(
-            SummaryRow(
-                NAME,
-                t["name"],
-                value,
-                t["unit"],
-                f"{t['comparison']} {format_value(t['target'])}",
-                t["met"],
-            )
-        )
+    rows = target_rows(NAME, doc["targets"])
     for r in doc["results"]:
         rows.append(
             SummaryRow(
