@@ -19,10 +19,14 @@ install: $(STAMP)
 proto: $(STAMP)
 	$(BIN)/python -m allocator_client.codegen
 
-serve: $(STAMP)
+# Stubs are checked in; regenerated only when the .proto is newer (codegen is deterministic).
+$(GEN_DIR)/allocator_pb2.py: proto/allocator/v1/allocator.proto | $(STAMP)
+	$(BIN)/python -m allocator_client.codegen
+
+serve: $(STAMP) $(GEN_DIR)/allocator_pb2.py
 	$(BIN)/allocator serve
 
-demo: $(STAMP)
+demo: $(STAMP) $(GEN_DIR)/allocator_pb2.py
 	$(BIN)/python -m allocator.demo
 
 lint: $(STAMP)
