@@ -40,6 +40,7 @@ from allocator import kernels
 from allocator.errors import ExperimentExists, InvalidArgument, UnknownExperiment, WrongState
 from allocator.policies import (
     FixedSplit,
+    IndexPolicy,
     PolicyConfig,
     PolicyKind,
     RewardKind,
@@ -348,7 +349,10 @@ class _Experiment:
         whenever an array it holds is replaced (epoch growth, restore, a new variant).
         """
         pulls = self.epoch_pulls[self.epoch]
-        self.live_props = not self.table_active and self.policy.deterministic
+        # Index policies (UCBs, epsilon-greedy) report the exact probability of each
+        # decision, computed with it; the others the refreshed allocation in force.
+        self.live_props = not self.table_active and isinstance(self.policy, IndexPolicy)
+        self.last_props = self.alloc
         pc = self.config.policy
         self.assign_one: Callable[[], int]
         if self.table_active:
@@ -372,7 +376,7 @@ class _Experiment:
             self.assign_one = self._assign_general
 
     def _assign_general(self) -> int:
-        self.decide(self.one)
+        self.last_props = self.decide(self.one)
         arm = int(self.one[0])
         self.epoch_pulls[self.epoch, arm] += 1
         return arm
@@ -383,22 +387,25 @@ class _Experiment:
         self._compute_allocation(now, force_epoch=force_epoch, estimate=estimate)
 
     # -- decisions ---------------------------------------------------------------------
-    def decide(self, out: np.ndarray) -> None:
+    def decide(self, out: np.ndarray) -> np.ndarray:
+        """Decisions into ``out``; returns the choice probabilities they were made with.
+
+        Exact for index policies (computed with the decisions, from the same index),
+        else the refreshed allocation in force.
+        """
         if self.table_active:
             kernels.table_decide(self.rng, self.prob, self.alias, out)
-            return
-        self.policy.decide(self.rng, self.stats, out)
+            return self.alloc
+        live: np.ndarray | None = None
+        if isinstance(self.policy, IndexPolicy):
+            live = self.policy.decide_with_allocation(self.rng, self.stats, out)
+        else:
+            self.policy.decide(self.rng, self.stats, out)
         if self.fixed_mass > 0:
             kernels.mix_fixed(self.rng, self.fixed_prob, self.fixed_alias, self.fixed_mass, out)
-
-    def propensities(self) -> np.ndarray:
-        """Choice probabilities right now: exact for index policies, else the refreshed ones."""
-        if self.table_active or not self.policy.deterministic:
-            return self.alloc
-        live = self.policy.allocation(self.rng, self.stats)
-        if self.fixed_mass > 0:
-            live = self._fixed_shares() + (1.0 - self.fixed_mass) * live
-        return live
+            if live is not None:
+                live = self._fixed_shares() + (1.0 - self.fixed_mass) * live
+        return self.alloc if live is None else live
 
     # -- growth --------------------------------------------------------------------------
     def add_arm(self, config: ExperimentConfig, now: float) -> None:
@@ -628,7 +635,7 @@ class Engine:
                 raise WrongState(name, "archived", "assign")
             if unit_id is None:
                 arm = exp.assign_one()
-                prop = exp.propensities()[arm] if exp.live_props else exp.alloc[arm]
+                prop = exp.last_props[arm] if exp.live_props else exp.alloc[arm]
             else:
                 u = _unit_uniform(name, unit_id, exp.epoch)
                 arm = kernels.alias_at(exp.unit_prob, exp.unit_alias, u)
@@ -657,8 +664,7 @@ class Engine:
                     )
                 props = exp.epoch_shares[exp.epoch][out]
             else:
-                exp.decide(out)
-                props = exp.propensities()[out]
+                props = exp.decide(out)[out]
             kernels.count_arms(out, exp.epoch_pulls[exp.epoch])
             exp.pending += count
             return BatchDecision(out, props, exp.epoch, exp.variants)

@@ -931,6 +931,27 @@ def index_decide(
 
 
 @njit(cache=True, nogil=True)
+def index_decide_alloc(
+    s: np.ndarray,
+    stats: np.ndarray,
+    kind: int,
+    c: float,
+    eps: float,
+    out: np.ndarray,
+    alloc: np.ndarray,
+) -> None:
+    """:func:`index_decide` plus the exact choice probabilities, from one index.
+
+    The index of KL-UCB costs a bisection per arm; deciding and then asking for the
+    propensities computed it twice. Same draws as :func:`index_decide`.
+    """
+    index = np.empty(stats.shape[0], dtype=np.float64)
+    policy_index(kind, stats, c, index)
+    index_allocation(index, eps, alloc)
+    epsilon_greedy_batch(s, index, eps, out)
+
+
+@njit(cache=True, nogil=True)
 def index_propensities(stats: np.ndarray, kind: int, c: float, eps: float, out: np.ndarray) -> None:
     """Exact choice probabilities of an (epsilon-)greedy index policy into ``out``."""
     index = np.empty(stats.shape[0], dtype=np.float64)

@@ -216,6 +216,14 @@ class IndexPolicy(_Base):
         """Decisions with the index fixed for the whole batch (no reward in between)."""
         kernels.index_decide(rng, stats, self.kind_code, self.c, self.eps, out)
 
+    def decide_with_allocation(
+        self, rng: np.ndarray, stats: np.ndarray, out: np.ndarray
+    ) -> np.ndarray:
+        """:meth:`decide` and :meth:`allocation` from one computation of the index."""
+        alloc = np.empty(self.n_arms)
+        kernels.index_decide_alloc(rng, stats, self.kind_code, self.c, self.eps, out, alloc)
+        return alloc
+
     def allocation(self, rng: np.ndarray, stats: np.ndarray) -> np.ndarray:
         """Exact: (1 - eps) split over the tied leaders plus eps / K everywhere."""
         out = np.empty(self.n_arms)

@@ -316,3 +316,25 @@ def test_concurrent_assign_and_reward_counts_are_exact() -> None:
     assert view.pulls.sum() == decisions
     assert view.reward_counts.sum() == decisions
     assert view.stats[:, 0].sum() == decisions
+
+
+def test_index_policies_report_exact_propensities() -> None:
+    engine = Engine(clock=FakeClock())
+    engine.create(
+        ExperimentConfig(
+            name="eg",
+            variants=("a", "b", "c"),
+            seed=2,
+            policy=PolicyConfig(kind=PolicyKind.EPSILON_GREEDY, epsilon=0.3),
+        )
+    )
+    engine.reward_batch("eg", [0, 1, 2], [0.1, 0.9, 0.2])
+    b = engine.assign_batch("eg", 3000)
+    # Greedy arm b: 0.7 + 0.3 / 3; the others 0.3 / 3, exactly, per decision.
+    expected = np.where(b.arms == 1, 0.8, 0.1)
+    np.testing.assert_allclose(b.propensities, expected, rtol=1e-12)
+    d = engine.assign("eg")
+    assert d.propensity == pytest.approx(0.8 if d.arm == 1 else 0.1, rel=1e-12)
+    # And the decisions follow those probabilities: share of b ~ Binomial(3000, 0.8),
+    # 5 sd = 0.037.
+    assert abs((b.arms == 1).mean() - 0.8) < 0.037
