@@ -405,7 +405,9 @@ class Allocator:
             finally:
                 unsubscribe()
             try:
-                self._persist_state(rec, audit.from_state.value, action, actor, reason, summary)
+                seqs = self._persist_state(
+                    rec, audit.from_state.value, action, actor, reason, summary, pending
+                )
             except VersionConflict:
                 # Another replica changed the experiment first (e.g. both were asked to
                 # promote): theirs stands. Serve it from now on instead of waiting for the
@@ -421,8 +423,8 @@ class Allocator:
                 self._wire_lifecycle(rec)
                 raise
             self._apply_state(rec)
-        for event in pending:
-            self._record_event(rec, event)
+        for seq, event in zip(seqs, pending, strict=True):
+            self._publish(rec, seq, event)
         return rec
 
     def add_variant(self, name: str, variant: str, *, actor: str, reason: str) -> Record:
@@ -441,6 +443,7 @@ class Allocator:
             if new_spec.weights:
                 new_spec.weights.append(1.0)
             spec_to_config(new_spec)  # validates before anything changes
+            before = rec.lifecycle.to_dict()
             pending: list[Event] = []
             unsubscribe = rec.lifecycle.subscribe(pending.append)
             try:
@@ -454,13 +457,22 @@ class Allocator:
                 raise WrongState(name, rec.lifecycle.state.value, "add a variant") from err
             finally:
                 unsubscribe()
-            config = self.engine.add_variant(name, variant)
-            rec.spec = new_spec
-            rec.config = config
-            self._persist_state(rec, audit.from_state.value, Action.ADD_VARIANT, actor, reason, {})
+            # Persist first: if another replica changed the experiment meanwhile (or the
+            # store is down) nothing here has changed, the engine included.
+            old_spec, rec.spec = rec.spec, new_spec
+            try:
+                seqs = self._persist_state(
+                    rec, audit.from_state.value, Action.ADD_VARIANT, actor, reason, {}, pending
+                )
+            except BaseException:
+                rec.spec = old_spec
+                rec.lifecycle = Lifecycle.from_dict(before)
+                self._wire_lifecycle(rec)
+                raise
+            rec.config = self.engine.add_variant(name, variant)
             self._apply_state(rec)
-        for event in pending:
-            self._record_event(rec, event)
+        for seq, event in zip(seqs, pending, strict=True):
+            self._publish(rec, seq, event)
         return rec
 
     def _persist_state(
@@ -471,9 +483,13 @@ class Allocator:
         actor: str,
         reason: str,
         summary: dict[str, list[float]],
-    ) -> None:
+        events: Sequence[Event] = (),
+    ) -> list[int]:
+        """Persist the state with its audit row and events; returns the events' seqs."""
         now = self.clock()
-        # State, spec and audit row commit in one transaction.
+        seqs: list[int] = []
+        # State, spec, audit row and events commit in one transaction: every transition
+        # is in the history with its event, or not at all.
         row = self.store.update_state(
             rec.name,
             state=rec.lifecycle.state.value,
@@ -492,9 +508,12 @@ class Allocator:
                 reason=reason,
                 summary_json=json.dumps(summary),
             ),
+            events=[self._event_row(rec, e) for e in events],
+            event_seqs=seqs,
         )
         rec.version = row.version
         rec.updated_at = now
+        return seqs
 
     def _apply_state(self, rec: Record) -> None:
         """Make the engine's allocation follow the lifecycle state."""
@@ -525,17 +544,23 @@ class Allocator:
     def _wire_lifecycle(self, rec: Record) -> None:
         """Lifecycle events emitted outside ``transition`` (monitor, promotion) get stored."""
 
-    def _record_event(self, rec: Record, event: Event) -> None:
-        seq = self.store.append_event(
-            EventRecord(
-                experiment_id=rec.id,
-                type=event.type.value,
-                at=event.at,
-                variant=event.variant,
-                reason=event.reason,
-                details_json=json.dumps(dict(event.details), default=str),
-            )
+    @staticmethod
+    def _event_row(rec: Record, event: Event) -> EventRecord:
+        return EventRecord(
+            experiment_id=rec.id,
+            type=event.type.value,
+            at=event.at,
+            variant=event.variant,
+            reason=event.reason,
+            details_json=json.dumps(dict(event.details), default=str),
         )
+
+    def _record_event(self, rec: Record, event: Event) -> None:
+        """Store an event that is not a state change, then publish it."""
+        self._publish(rec, self.store.append_event(self._event_row(rec, event)), event)
+
+    def _publish(self, rec: Record, seq: int, event: Event) -> None:
+        """Tell watchers, metrics and listeners (webhooks) about a stored event."""
         self.metrics.events.labels(type=event.type.value).inc()
         self._last_event_seq = max(self._last_event_seq, seq)
         self.events.publish(StoredEvent(seq, event))

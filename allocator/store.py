@@ -480,6 +480,7 @@ class Store(Protocol):
         config_json: str | None = None,
         audit: AuditRecord | None = None,
         events: Sequence[EventRecord] = (),
+        event_seqs: list[int] | None = None,
     ) -> ExperimentRow:
         """Compare-and-set the experiment, with its audit row and events, atomically."""
         ...
@@ -985,11 +986,13 @@ class SqlStore:
         config_json: str | None = None,
         audit: AuditRecord | None = None,
         events: Sequence[EventRecord] = (),
+        event_seqs: list[int] | None = None,
     ) -> ExperimentRow:
         """Compare-and-set the experiment, with its audit row and events, atomically.
 
         NotFound if no such experiment, VersionConflict if its version is not
-        `expected_version`; either way nothing is written.
+        `expected_version`; either way nothing is written. The sequence numbers of the
+        events written are appended to `event_seqs` when it is given.
         """
         values: dict[str, Any] = {
             "state": state,
@@ -1019,8 +1022,12 @@ class SqlStore:
             if audit is not None:
                 record = dataclasses.replace(audit, experiment_id=updated.id)
                 self._insert_audit(conn, record)
-            for event in events:
+            seqs = [
                 self._insert_event(conn, dataclasses.replace(event, experiment_id=updated.id))
+                for event in events
+            ]
+        if event_seqs is not None:
+            event_seqs.extend(seqs)
         return updated
 
     # ------------------------------------------------------------ reward log

@@ -525,3 +525,34 @@ def test_indexed_rewards_of_an_expired_batch_are_expired(
         assert (resp.accepted, resp.expired) == (0, 2)
         assert list(resp.statuses) == [pb.REWARD_STATUS_EXPIRED] * 2
     assert sum(server.app.engine.counts("exp").values()) == 0
+
+
+def test_failed_transition_writes_nothing_and_changes_nothing(
+    stub: pb_grpc.AllocatorStub, server: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from allocator.store import StoreUnavailable
+
+    stub.CreateExperiment(pb.CreateExperimentRequest(spec=_spec()))
+    rec = server.app.records["exp"]
+    real = server.app.store.update_state
+
+    def down(*args: object, **kwargs: object) -> object:
+        raise StoreUnavailable("update_state", "injected")
+
+    monkeypatch.setattr(server.app.store, "update_state", down)
+    code, _ = _code(stub.Promote, pb.PromoteRequest(experiment="exp", variant="b"), metadata=ADMIN)
+    assert code == grpc.StatusCode.UNAVAILABLE
+    code, _ = _code(stub.AddVariant, pb.AddVariantRequest(experiment="exp", variant="d"))
+    assert code == grpc.StatusCode.UNAVAILABLE
+    assert rec.lifecycle.state.value == "RUNNING" and rec.config.n_arms == 3
+    assert server.app.engine.view("exp").stats.shape == (3, 3)
+    assert server.app.engine.view("exp").override is None
+    assert server.app.store.events_after(0, experiment_id=rec.id) == []
+    monkeypatch.setattr(server.app.store, "update_state", real)
+    stub.Promote(pb.PromoteRequest(experiment="exp", variant="b"), metadata=ADMIN)
+    stub.AddVariant(pb.AddVariantRequest(experiment="exp", variant="d"))
+    # Each transition's event was committed with its state change and audit row.
+    kinds = [e.type for e in server.app.store.events_after(0, experiment_id=rec.id)]
+    assert kinds == ["PROMOTED", "VARIANT_ADDED", "REOPENED"]
+    actions = [a.action for a in server.app.store.list_audit(rec.id)]
+    assert actions == ["CREATE", "PROMOTE", "ADD_VARIANT"]
