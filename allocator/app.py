@@ -73,12 +73,23 @@ STATUSES = (ACCEPTED, DUPLICATE, EXPIRED)
 _LEADER_LOCK_KEY = 0x616C6C6F63  # "alloc": one promoter at a time across replicas
 
 
-def _check_extras(n: int, n_scores: int, guardrails: Sequence[dict[str, float]]) -> None:
+def _check_extras(
+    n: int, scores: Sequence[float] | np.ndarray | None, guardrails: Sequence[dict[str, float]]
+) -> None:
     """Checks shared by every reward form: item count, scores and guardrails."""
     if n == 0:
         raise InvalidArgument("values", "at least one reward is required")
-    if n_scores and n_scores != n:
-        raise InvalidArgument("prediction_scores", f"{n_scores} scores for {n} values")
+    if scores is not None and len(scores):
+        if len(scores) != n:
+            raise InvalidArgument("prediction_scores", f"{len(scores)} scores for {n} values")
+        s = np.asarray(scores, dtype=np.float64)
+        # NaN means "no score for this item"; an infinity is a caller bug that would break
+        # the drift statistics later, so it is refused here.
+        bad = np.flatnonzero(np.isinf(s))
+        if bad.size:
+            raise InvalidArgument(
+                f"prediction_scores[{int(bad[0])}]", "must be finite (NaN: no score)"
+            )
     if guardrails and len(guardrails) != n:
         raise InvalidArgument("guardrails", f"{len(guardrails)} items for {n} values")
     for i, g in enumerate(guardrails):
@@ -771,7 +782,7 @@ class Allocator:
         written. Returns only after the accepted rewards are committed.
         """
         n = len(values)
-        _check_extras(n, len(scores), guardrails)
+        _check_extras(n, scores, guardrails)
         if decision_ids and event_ids:
             raise InvalidArgument(field, "send decision ids or event ids, not both")
         resolved: list[tuple[int, int, str] | None]
@@ -861,7 +872,7 @@ class Allocator:
             raise InvalidArgument("values", f"{n} values for {indices.shape[0]} indices")
         if scores is not None and scores.shape != (n,):
             raise InvalidArgument("prediction_scores", f"{scores.shape[0]} scores for {n} values")
-        _check_extras(n, 0, guardrails)
+        _check_extras(n, scores, guardrails)
         expired = np.full(n, STATUSES.index(EXPIRED), dtype=np.int8)
         now = self.clock()
         rec: Record | None = self.get(experiment) if experiment else None

@@ -556,3 +556,39 @@ def test_failed_transition_writes_nothing_and_changes_nothing(
     assert kinds == ["PROMOTED", "VARIANT_ADDED", "REOPENED"]
     actions = [a.action for a in server.app.store.list_audit(rec.id)]
     assert actions == ["CREATE", "PROMOTE", "ADD_VARIANT"]
+
+
+def test_infinite_prediction_score_is_rejected_in_every_form(
+    client: AllocatorClient, stub: pb_grpc.AllocatorStub, server: Running
+) -> None:
+    client.create_experiment(_spec())
+    b = client.assign_batch("exp", 2)
+    inf = float("inf")
+    forms = [
+        pb.RewardBatchRequest(
+            experiment="exp",
+            batch_token=b.batch_token,
+            indices=[0, 1],
+            values=[1.0, 0.0],
+            prediction_scores=[0.5, inf],
+        ),
+        pb.RewardBatchRequest(
+            experiment="exp",
+            event_ids=["s0", "s1"],
+            variants=["a", "b"],
+            values=[1.0, 0.0],
+            prediction_scores=[inf, 0.5],
+        ),
+    ]
+    for req, index in zip(forms, (1, 0), strict=True):
+        code, details = _code(stub.RewardBatch, req)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and f"prediction_scores[{index}]" in details
+    single = pb.RewardRequest(decision_id=b.decision_id(0), value=1.0, prediction_score=-inf)
+    code, details = _code(stub.Reward, single)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "prediction_scores[0]" in details
+    assert sum(server.app.engine.counts("exp").values()) == 0
+    # NaN still means "no score": accepted.
+    ok = forms[0]
+    del ok.prediction_scores[:]
+    ok.prediction_scores.extend([float("nan"), 0.25])
+    assert stub.RewardBatch(ok).accepted == 2
