@@ -394,16 +394,18 @@ class Allocator:
                 if variant not in rec.config.variants:
                     raise InvalidArgument("variant", f"{variant!r} is not a variant of {name!r}")
                 index = rec.config.variants.index(variant)
-            before = rec.lifecycle.to_dict()
             p_best, loss, _ = self.engine.prob_best(name)
             summary = {
                 "p_best": [float(x) for x in p_best],
                 "expected_loss": [float(x) for x in loss],
             }
+            # The action runs on a copy that replaces the live lifecycle only once the
+            # commit succeeded: nobody reads a state that may still fail to persist.
+            candidate = Lifecycle.from_dict(rec.lifecycle.to_dict())
             pending: list[Event] = []
-            unsubscribe = rec.lifecycle.subscribe(pending.append)
+            candidate.subscribe(pending.append)
             try:
-                audit = rec.lifecycle.apply(
+                audit = candidate.apply(
                     action,
                     actor=actor,
                     reason=reason,
@@ -413,26 +415,27 @@ class Allocator:
                 )
             except IllegalTransition as err:
                 raise WrongState(name, rec.lifecycle.state.value, action.value.lower()) from err
-            finally:
-                unsubscribe()
             try:
                 seqs = self._persist_state(
-                    rec, audit.from_state.value, action, actor, reason, summary, pending
+                    rec,
+                    candidate,
+                    audit.from_state.value,
+                    action,
+                    actor,
+                    reason,
+                    summary,
+                    pending,
                 )
             except VersionConflict:
                 # Another replica changed the experiment first (e.g. both were asked to
                 # promote): theirs stands. Serve it from now on instead of waiting for the
                 # next sync, so a retry here is judged against the state that won.
-                rec.lifecycle = Lifecycle.from_dict(before)
-                self._wire_lifecycle(rec)
                 row = self.store.get_experiment(name)
                 if row is not None:
                     self._adopt_row(rec, row)
                 raise
-            except BaseException:
-                rec.lifecycle = Lifecycle.from_dict(before)
-                self._wire_lifecycle(rec)
-                raise
+            rec.lifecycle = Lifecycle.from_dict(candidate.to_dict())
+            self._wire_lifecycle(rec)
             self._apply_state(rec)
         for seq, event in zip(seqs, pending, strict=True):
             self._publish(rec, seq, event)
@@ -454,11 +457,11 @@ class Allocator:
             if new_spec.weights:
                 new_spec.weights.append(1.0)
             spec_to_config(new_spec)  # validates before anything changes
-            before = rec.lifecycle.to_dict()
+            candidate = Lifecycle.from_dict(rec.lifecycle.to_dict())
             pending: list[Event] = []
-            unsubscribe = rec.lifecycle.subscribe(pending.append)
+            candidate.subscribe(pending.append)
             try:
-                audit = rec.lifecycle.apply(
+                audit = candidate.apply(
                     Action.ADD_VARIANT,
                     actor=actor,
                     reason=reason or f"added {variant}",
@@ -466,20 +469,29 @@ class Allocator:
                 )
             except IllegalTransition as err:
                 raise WrongState(name, rec.lifecycle.state.value, "add a variant") from err
-            finally:
-                unsubscribe()
             # Persist first: if another replica changed the experiment meanwhile (or the
             # store is down) nothing here has changed, the engine included.
-            old_spec, rec.spec = rec.spec, new_spec
             try:
                 seqs = self._persist_state(
-                    rec, audit.from_state.value, Action.ADD_VARIANT, actor, reason, {}, pending
+                    rec,
+                    candidate,
+                    audit.from_state.value,
+                    Action.ADD_VARIANT,
+                    actor,
+                    reason,
+                    {},
+                    pending,
+                    spec=new_spec,
                 )
-            except BaseException:
-                rec.spec = old_spec
-                rec.lifecycle = Lifecycle.from_dict(before)
-                self._wire_lifecycle(rec)
+            except VersionConflict:
+                # As in transition(): another replica's change stands; serve it now.
+                row = self.store.get_experiment(name)
+                if row is not None:
+                    self._adopt_row(rec, row)
                 raise
+            rec.spec = new_spec
+            rec.lifecycle = Lifecycle.from_dict(candidate.to_dict())
+            self._wire_lifecycle(rec)
             rec.config = self.engine.add_variant(name, variant)
             self._apply_state(rec)
         for seq, event in zip(seqs, pending, strict=True):
@@ -489,33 +501,40 @@ class Allocator:
     def _persist_state(
         self,
         rec: Record,
+        lifecycle: Lifecycle,
         from_state: str,
         action: Action,
         actor: str,
         reason: str,
         summary: dict[str, list[float]],
         events: Sequence[Event] = (),
+        spec: pb.ExperimentSpec | None = None,
     ) -> list[int]:
-        """Persist the state with its audit row and events; returns the events' seqs."""
+        """Persist ``lifecycle`` (and ``spec``) for ``rec`` with its audit row and events.
+
+        Returns the events' sequence numbers. ``rec`` itself is only updated (version,
+        time) once the commit succeeded; the caller then installs the new lifecycle.
+        """
+        spec = rec.spec if spec is None else spec
         now = self.clock()
         seqs: list[int] = []
         # State, spec, audit row and events commit in one transaction: every transition
         # is in the history with its event, or not at all.
         row = self.store.update_state(
             rec.name,
-            state=rec.lifecycle.state.value,
-            champion=rec.lifecycle.champion,
-            lifecycle_json=json.dumps(rec.lifecycle.to_dict()),
+            state=lifecycle.state.value,
+            champion=lifecycle.champion,
+            lifecycle_json=json.dumps(lifecycle.to_dict()),
             expected_version=rec.version,
             now=now,
-            config_json=spec_to_json(rec.spec),
+            config_json=spec_to_json(spec),
             audit=AuditRecord(
                 experiment_id=rec.id,
                 action=action.value,
                 actor=actor,
                 at=now,
                 from_state=from_state,
-                to_state=rec.lifecycle.state.value,
+                to_state=lifecycle.state.value,
                 reason=reason,
                 summary_json=json.dumps(summary),
             ),
