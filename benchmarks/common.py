@@ -377,6 +377,35 @@ class SummaryRow:
         return [c.replace("|", "\\|") for c in raw]
 
 
+def target_entry(
+    name: str,
+    description: str,
+    measured: float | None,
+    comparison: str,
+    target: float,
+    unit: str,
+    detail: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One entry of a benchmark's ``targets`` list; ``met`` is None when not measured."""
+    met = (
+        None
+        if measured is None
+        else (measured <= target if comparison == "<=" else measured >= target)
+    )
+    out: dict[str, Any] = {
+        "name": name,
+        "description": description,
+        "measured": measured,
+        "unit": unit,
+        "comparison": comparison,
+        "target": target,
+        "met": met,
+    }
+    if detail is not None:
+        out["detail"] = dict(detail)
+    return out
+
+
 def target_rows(benchmark: str, targets: Sequence[Mapping[str, Any]]) -> list[SummaryRow]:
     """Summary rows for a benchmark's ``targets`` list (name, measured, unit, comparison,
     target, met), the shape the service and durability benchmarks write."""

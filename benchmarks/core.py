@@ -46,6 +46,7 @@ from benchmarks.common import (
     machine_info,
     measure_interleaved,
     plot_panels,
+    target_entry,
     update_summary,
     write_json,
 )
@@ -730,32 +731,6 @@ def _ns(
     return None if m is None else m.timing.median_ns
 
 
-def _target(
-    name: str,
-    description: str,
-    measured: float | None,
-    comparison: str,
-    target: float,
-    unit: str,
-    detail: dict[str, Any],
-) -> dict[str, Any]:
-    met = (
-        None
-        if measured is None
-        else (measured <= target if comparison == "<=" else measured >= target)
-    )
-    return {
-        "name": name,
-        "description": description,
-        "measured": measured,
-        "unit": unit,
-        "comparison": comparison,
-        "target": target,
-        "met": met,
-        "detail": detail,
-    }
-
-
 def evaluate_targets(measured: Sequence[Measured]) -> list[dict[str, Any]]:
     """The four performance targets, measured value against target (None if not measured)."""
     idx = _index(measured)
@@ -780,7 +755,7 @@ def evaluate_targets(measured: Sequence[Measured]) -> list[dict[str, Any]]:
         return None if num is None or den is None else num / den
 
     return [
-        _target(
+        target_entry(
             "exact_thompson_batch_k10",
             "exact Thompson (Beta) batch, Engine.assign_batch, ns/decision at K=10",
             ts_batch,
@@ -789,7 +764,7 @@ def evaluate_targets(measured: Sequence[Measured]) -> list[dict[str, Any]]:
             "ns/decision",
             {"raw_kernel_ts_beta_batch_ns": ts_kernel},
         ),
-        _target(
+        target_entry(
             "table_mode_max_k_le_1000",
             "allocation-table mode, Engine.assign_batch, worst ns/decision over K <= 1000",
             max(table.values()) if table else None,
@@ -798,7 +773,7 @@ def evaluate_targets(measured: Sequence[Measured]) -> list[dict[str, Any]]:
             "ns/decision",
             {"engine_ns_by_k": table, "raw_kernel_alias_batch_ns_by_k": table_kernel},
         ),
-        _target(
+        target_entry(
             "single_assign_k10",
             "Engine.assign (exact Thompson), one decision per call in-process, ns at K=10",
             single,
@@ -807,7 +782,7 @@ def evaluate_targets(measured: Sequence[Measured]) -> list[dict[str, Any]]:
             "ns/decision",
             {"raw_kernel_thompson_beta_one_ns": _ns(idx, ("thompson", "kernel", "single", 10))},
         ),
-        _target(
+        target_entry(
             "speedup_vs_mabwiser_batch_k10",
             "MABWiser ThompsonSampling batch (predict with n contexts) / exact Thompson "
             "Engine.assign_batch, at K=10",

@@ -53,6 +53,7 @@ from benchmarks.common import (
     base_parser,
     format_value,
     machine_info,
+    target_entry,
     target_rows,
     update_summary,
     write_json,
@@ -797,30 +798,11 @@ def _loadavg() -> list[float] | None:
         return None
 
 
-def _target(
-    name: str, description: str, measured: float | None, comparison: str, target: float, unit: str
-) -> dict[str, Any]:
-    met = (
-        None
-        if measured is None
-        else (measured <= target if comparison == "<=" else measured >= target)
-    )
-    return {
-        "name": name,
-        "description": description,
-        "measured": measured,
-        "unit": unit,
-        "comparison": comparison,
-        "target": target,
-        "met": met,
-    }
-
-
 def evaluate_targets(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Measured against target; ``met`` is None for what was not measured."""
     rates = {(r["store"], r["mode"]): r["rewards_per_s"] for r in doc["results"]}
     out = [
-        _target(
+        target_entry(
             f"{kind}_durable_rewards_per_s",
             f"RewardBatch rewards acknowledged (= committed) per second, group commit, {kind}",
             rates.get((kind, "group_commit")),
@@ -832,7 +814,7 @@ def evaluate_targets(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
     ]
     load = doc.get("assign_under_load") or {}
     out.append(
-        _target(
+        target_entry(
             "assign_under_paced_reward_load_ratio",
             "AssignBatch decisions/s while a paced reward load runs / alone",
             (load.get("paced") or {}).get("ratio_to_alone"),
@@ -844,7 +826,7 @@ def evaluate_targets(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
     memory = doc.get("memory") or {}
     full = memory.get("experiments") == 1_000 and memory.get("variants") == 10
     out.append(
-        _target(
+        target_entry(
             "rss_delta_mb_1000x10",
             "server RSS with 1,000 experiments x 10 variants used, minus idle",
             memory.get("rss_delta_mb") if full else None,
@@ -854,7 +836,7 @@ def evaluate_targets(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
         )
     )
     out.append(
-        _target(
+        target_entry(
             "metrics_scrape_s",
             "median /metrics scrape time with all experiments loaded",
             memory.get("metrics_scrape_s"),

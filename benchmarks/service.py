@@ -54,6 +54,7 @@ from benchmarks.common import (
     base_parser,
     format_value,
     machine_info,
+    target_entry,
     target_rows,
     update_summary,
     write_json,
@@ -740,30 +741,6 @@ def _fmt(x: float | None) -> str:
 # ----------------------------------------------------------------------------------------
 
 
-def _target(
-    name: str,
-    description: str,
-    measured: float | None,
-    comparison: str,
-    target: float,
-    unit: str,
-) -> dict[str, Any]:
-    met = (
-        None
-        if measured is None
-        else (measured <= target if comparison == "<=" else measured >= target)
-    )
-    return {
-        "name": name,
-        "description": description,
-        "measured": measured,
-        "unit": unit,
-        "comparison": comparison,
-        "target": target,
-        "met": met,
-    }
-
-
 def evaluate_targets(
     results: Sequence[Mapping[str, Any]], decision_p99_us: float | None
 ) -> list[dict[str, Any]]:
@@ -780,7 +757,7 @@ def evaluate_targets(
         return None if r is None else float(r["decisions_per_s"])
 
     return [
-        _target(
+        target_entry(
             "assign_unary_throughput_vs_echo",
             "unary Assign calls/s / echo calls/s, same client and in-flight count",
             ratio("assign_unary", "echo_unary", "per_s"),
@@ -788,7 +765,7 @@ def evaluate_targets(
             TARGET_UNARY_THROUGHPUT_RATIO,
             "x",
         ),
-        _target(
+        target_entry(
             "assign_unary_p99_vs_echo",
             "unary Assign p99 / echo p99 (client-side)",
             ratio("assign_unary", "echo_unary", "p99_ms"),
@@ -796,7 +773,7 @@ def evaluate_targets(
             TARGET_UNARY_P99_RATIO,
             "x",
         ),
-        _target(
+        target_entry(
             "assign_batch_decisions_per_s",
             "AssignBatch decisions per second",
             rate("assign_batch"),
@@ -804,7 +781,7 @@ def evaluate_targets(
             TARGET_BATCH_DECISIONS_PER_S,
             "decisions/s",
         ),
-        _target(
+        target_entry(
             "assign_stream_decisions_per_s",
             "AssignStream decisions per second",
             rate("assign_stream"),
@@ -812,7 +789,7 @@ def evaluate_targets(
             TARGET_BATCH_DECISIONS_PER_S,
             "decisions/s",
         ),
-        _target(
+        target_entry(
             "server_decision_p99_us",
             "server-side p99 of one Assign decision (engine call, histogram)",
             decision_p99_us,
