@@ -403,7 +403,7 @@ class Allocator:
             # commit succeeded: nobody reads a state that may still fail to persist.
             candidate = Lifecycle.from_dict(rec.lifecycle.to_dict())
             pending: list[Event] = []
-            candidate.subscribe(pending.append)
+            unsubscribe = candidate.subscribe(pending.append)
             try:
                 audit = candidate.apply(
                     action,
@@ -415,6 +415,8 @@ class Allocator:
                 )
             except IllegalTransition as err:
                 raise WrongState(name, rec.lifecycle.state.value, action.value.lower()) from err
+            finally:
+                unsubscribe()
             try:
                 seqs = self._persist_state(
                     rec,
@@ -434,7 +436,7 @@ class Allocator:
                 if row is not None:
                     self._adopt_row(rec, row)
                 raise
-            rec.lifecycle = Lifecycle.from_dict(candidate.to_dict())
+            rec.lifecycle = candidate
             self._wire_lifecycle(rec)
             self._apply_state(rec)
         for seq, event in zip(seqs, pending, strict=True):
@@ -459,7 +461,7 @@ class Allocator:
             spec_to_config(new_spec)  # validates before anything changes
             candidate = Lifecycle.from_dict(rec.lifecycle.to_dict())
             pending: list[Event] = []
-            candidate.subscribe(pending.append)
+            unsubscribe = candidate.subscribe(pending.append)
             try:
                 audit = candidate.apply(
                     Action.ADD_VARIANT,
@@ -469,6 +471,8 @@ class Allocator:
                 )
             except IllegalTransition as err:
                 raise WrongState(name, rec.lifecycle.state.value, "add a variant") from err
+            finally:
+                unsubscribe()
             # Persist first: if another replica changed the experiment meanwhile (or the
             # store is down) nothing here has changed, the engine included.
             try:
@@ -490,7 +494,7 @@ class Allocator:
                     self._adopt_row(rec, row)
                 raise
             rec.spec = new_spec
-            rec.lifecycle = Lifecycle.from_dict(candidate.to_dict())
+            rec.lifecycle = candidate
             self._wire_lifecycle(rec)
             rec.config = self.engine.add_variant(name, variant)
             self._apply_state(rec)
