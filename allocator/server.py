@@ -220,6 +220,16 @@ def setup_logging(config: ServerConfig) -> None:
 def serve(config: ServerConfig) -> int:
     """Run until SIGTERM/SIGINT; then drain, flush and exit 0."""
     setup_logging(config)
+    done = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("signal %d: draining", signum)
+        done.set()
+
+    # Installed before the server starts: health turns SERVING inside create_server, and a
+    # SIGTERM arriving between that and a later install would kill the process outright.
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     running = create_server(config)
     log.info(
         "allocator serving gRPC on %s (port %d), metrics on http://%s:%d/metrics, store %s",
@@ -234,14 +244,6 @@ def serve(config: ServerConfig) -> int:
         f"metrics at http://{config.http_host}:{running.http_port}/metrics",
         flush=True,
     )
-    done = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        log.info("signal %d: draining", signum)
-        done.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     while not done.wait(1.0):
         pass
     t0 = time.monotonic()
