@@ -249,4 +249,9 @@ def serve(config: ServerConfig) -> int:
     t0 = time.monotonic()
     running.stop(config.grace_s)
     log.info("stopped cleanly in %.2f s", time.monotonic() - t0)
+    # Everything is flushed. Interpreter teardown resets Python-level handlers to the
+    # default, so a repeated SIGTERM arriving now would end the process with -15 instead of
+    # 0; ignoring it is right, the shutdown it asks for is done.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     return 0

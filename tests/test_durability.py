@@ -916,3 +916,17 @@ def test_sigterm_drains_flushes_and_exits_zero(tmp_path: Path) -> None:
         with AllocatorClient(server.target, timeout=10) as c:
             assert sum(v.rewards for v in c.get_report("t").variants) == 100
         assert server.terminate() == 0
+
+
+def test_repeated_sigterm_still_exits_zero(tmp_path: Path) -> None:
+    """Supervisors often signal twice: the second SIGTERM must not turn exit 0 into -15."""
+    server = ServerProcess(f"sqlite:///{tmp_path / 'twice.sqlite'}", "twice", tmp_path)
+    with server_processes(server):
+        server.start()
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while server.proc.poll() is None and time.monotonic() < deadline:
+            server.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.02)
+        assert server.proc.wait(30) == 0
