@@ -650,6 +650,7 @@ def assign_under_load(
         load = phases[name]["reward_load"]
         out[name] = {
             "decisions_per_s": phases[name]["items_per_s"],
+            "decisions_total": phases[name]["total_items"],
             "ratio_to_alone": phases[name]["items_per_s"] / mean_alone if mean_alone else None,
             "reward_load_target_per_s": s.paced_rewards_per_s if name == "paced" else None,
             "reward_load_rewards_per_s": load["total_items"] / load_s,

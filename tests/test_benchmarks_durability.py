@@ -70,6 +70,16 @@ def _positive(x: object) -> bool:
     return isinstance(x, float | int) and math.isfinite(x) and x > 0
 
 
+def _rate(x: object) -> bool:
+    """A rate over a fixed window: finite and >= 0.
+
+    The tiny windows here (0.3-0.4 s) can legitimately hold no completed call when the
+    shared CI machine stalls (an fsync, another job), so only the work done over the whole
+    run (totals) is required to be positive, never a windowed rate.
+    """
+    return isinstance(x, float | int) and math.isfinite(x) and x >= 0
+
+
 def test_results_schema(run: tuple[Path, dict[str, object]]) -> None:
     _, doc = run
     results = doc["results"]
@@ -82,7 +92,7 @@ def test_results_schema(run: tuple[Path, dict[str, object]]) -> None:
         (s, m) for s in stores for m in ("group_commit", "per_reward")
     }
     for r in results:
-        assert _positive(r["rewards_per_s"])
+        assert _rate(r["rewards_per_s"])
     for r in (r for r in results if r["mode"] == "group_commit"):
         # Every acknowledged reward is in the store, and nothing else is.
         assert r["acknowledged"] > 0 and r["rows_in_store"] == r["acknowledged"]
@@ -96,9 +106,11 @@ def test_assign_memory_and_metrics_schema(run: tuple[Path, dict[str, object]]) -
     _, doc = run
     load = doc["assign_under_load"]
     assert isinstance(load, dict)
-    assert _positive(load["decisions_per_s_alone"])
+    assert _rate(load["decisions_per_s_alone"])
     for name in ("paced", "saturating"):
-        assert _positive(load[name]["decisions_per_s"]) and _positive(load[name]["ratio_to_alone"])
+        assert _rate(load[name]["decisions_per_s"]) and load[name]["decisions_total"] > 0
+        ratio = load[name]["ratio_to_alone"]
+        assert ratio is None or _rate(ratio)
         assert _positive(load[name]["reward_load_rewards_per_s"])
         assert load[name]["errors"] == 0
     memory = doc["memory"]
