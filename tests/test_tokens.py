@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hmac
 
 import numpy as np
 import pytest
@@ -17,6 +18,8 @@ from allocator.tokens import (
     IndexOutOfRange,
     InvalidToken,
     TokenSigner,
+    _derive_key,
+    _Sha256Mac,
     decision_key,
     event_key,
     load_or_create_secret,
@@ -447,3 +450,34 @@ def test_load_or_create_secret_keeps_the_first() -> None:
     first = load_or_create_secret(meta)
     assert load_or_create_secret(meta) == first
     assert len(first) == 32
+
+
+# ---------------------------------------------------------------- the MAC itself
+
+
+@given(st.binary(max_size=200), st.binary(max_size=300))
+def test_mac_is_rfc2104_hmac_sha256(key: bytes, msg: bytes) -> None:
+    # Keys longer than SHA-256's 64-byte block are hashed first, as RFC 2104 says.
+    assert _Sha256Mac(key).digest(msg) == hmac.digest(key, msg, "sha256")
+
+
+def test_tag_is_hmac_of_the_body_so_older_ids_still_verify(signer: TokenSigner) -> None:
+    raw = base64.urlsafe_b64decode(signer.issue(5, variant=1, epoch=0, now=NOW) + "==")
+    body, tag = raw[:-16], raw[-16:]
+    assert tag == hmac.digest(_derive_key(SECRET), body, "sha256")[:16]
+
+
+def test_issue_and_verify_keep_the_gil(
+    signer: TokenSigner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # hmac.digest releases the GIL around OpenSSL on every call; in the thread-pool server
+    # each Assign then queued behind the other handler threads to get it back. The hot
+    # path must not use it (hashlib keeps the GIL for inputs under 2 KiB).
+    def released(*args: object) -> bytes:
+        raise AssertionError("hmac.digest on the hot path")
+
+    monkeypatch.setattr(hmac, "digest", released)
+    token = signer.issue(5, variant=1, epoch=0, now=NOW)
+    assert signer.verify(token, NOW).variant == 1
+    batch = signer.issue_batch(5, np.array([0, 1, 2]), epoch=0, now=NOW)
+    assert signer.verify(f"{batch}.2", NOW).variant == 2
