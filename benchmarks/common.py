@@ -17,10 +17,12 @@ True
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import importlib.metadata
 import json
 import math
+import multiprocessing as mp
 import os
 import platform
 import re
@@ -29,6 +31,7 @@ import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +160,86 @@ def measure_interleaved(
         for i, (run, ops_per_unit) in enumerate(tasks):
             per_op[i].append(_elapsed_ns(run, units[i]) / (units[i] * ops_per_unit))
     return [_timing(p, u, u * o) for p, u, (_, o) in zip(per_op, units, tasks, strict=True)]
+
+
+# ----------------------------------------------------------------------------------------
+# Client processes: load generators that don't share the server's GIL
+# ----------------------------------------------------------------------------------------
+
+
+def _client_loop(conn: Connection, task: Callable[..., dict[str, Any]]) -> None:
+    """Spawned client: ``task(*args, mark)`` per request until ``None`` arrives.
+
+    ``mark()`` sends ("mark", None) when the task's clock starts; then ("ok", stats) or
+    ("error", repr) follows.
+    """
+    while True:
+        msg = conn.recv()
+        if msg is None:
+            return
+        try:
+            stats = task(*msg, lambda: conn.send(("mark", None)))
+            conn.send(("ok", stats))
+        except Exception as err:  # sent back to the parent
+            conn.send(("error", repr(err)))
+
+
+class ClientProcess:
+    """A spawned process running ``task(*args, mark)`` on request; a context manager.
+
+    ``task`` must be a module-level function (spawn pickles it by name). ``start`` a task,
+    ``wait_mark`` until its clock starts (connected, tokens drawn), then ``result``.
+    """
+
+    def __init__(self, task: Callable[..., dict[str, Any]]) -> None:
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_client_loop, args=(child, task), daemon=True)
+        self._proc.start()
+        child.close()
+        self._marked = False
+
+    def start(self, *args: Any) -> None:
+        """Send a task; returns at once."""
+        self._marked = False
+        self._conn.send(args)
+
+    def wait_mark(self) -> None:
+        """Block until the running task starts its clock."""
+        if self._marked:
+            return
+        status, payload = self._conn.recv()
+        if status != "mark":
+            raise RuntimeError(f"client task failed before starting: {payload}")
+        self._marked = True
+
+    def result(self) -> dict[str, Any]:
+        """Block until the running task finishes; its statistics."""
+        self.wait_mark()
+        status, payload = self._conn.recv()
+        if status != "ok":
+            raise RuntimeError(f"client task failed: {payload}")
+        return dict(payload)
+
+    def run(self, *args: Any) -> dict[str, Any]:
+        """Start a task and wait for its result."""
+        self.start(*args)
+        return self.result()
+
+    def close(self) -> None:
+        """Ask the child to exit and wait for it."""
+        with contextlib.suppress(OSError):
+            self._conn.send(None)
+        self._proc.join(timeout=10)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join()
+
+    def __enter__(self) -> ClientProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 # ----------------------------------------------------------------------------------------

@@ -49,6 +49,7 @@ from allocator_client.v1 import allocator_pb2 as pb
 from allocator_client.v1 import allocator_pb2_grpc as pb_grpc
 
 from benchmarks.common import (
+    ClientProcess,
     SummaryRow,
     base_parser,
     format_value,
@@ -323,73 +324,11 @@ _CLIENT_TASKS: dict[str, Callable[[str, Mapping[str, Any], Callable[[], None]], 
 _CLIENT_TASKS = {"rewards": reward_load, "assign": assign_load}
 
 
-def _client_main(conn: Connection) -> None:
-    """Spawned client: run tasks on request; sends ("mark", None) when a task's clock starts."""
-    while True:
-        msg = conn.recv()
-        if msg is None:
-            return
-        task, target, params = msg
-        try:
-            stats = _CLIENT_TASKS[task](target, params, lambda: conn.send(("mark", None)))
-            conn.send(("ok", stats))
-        except Exception as err:  # sent back to the parent
-            conn.send(("error", repr(err)))
-
-
-class ClientProcess:
-    """A spawned client process; ``start`` a task, ``wait_mark``, then ``result``."""
-
-    def __init__(self) -> None:
-        ctx = mp.get_context("spawn")
-        self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_client_main, args=(child,), daemon=True)
-        self._proc.start()
-        child.close()
-        self._marked = False
-
-    def start(self, task: str, target: str, params: Mapping[str, Any]) -> None:
-        """Send a task; returns at once."""
-        self._marked = False
-        self._conn.send((task, target, dict(params)))
-
-    def wait_mark(self) -> None:
-        """Block until the running task starts its clock (tokens drawn, connected)."""
-        if self._marked:
-            return
-        status, payload = self._conn.recv()
-        if status == "mark":
-            self._marked = True
-            return
-        raise RuntimeError(f"client task failed before starting: {payload}")
-
-    def result(self) -> dict[str, Any]:
-        """Block until the running task finishes; its statistics."""
-        self.wait_mark()
-        status, payload = self._conn.recv()
-        if status != "ok":
-            raise RuntimeError(f"client task failed: {payload}")
-        return dict(payload)
-
-    def run(self, task: str, target: str, params: Mapping[str, Any]) -> dict[str, Any]:
-        """Start a task and wait for its result."""
-        self.start(task, target, params)
-        return self.result()
-
-    def close(self) -> None:
-        """Ask the child to exit and wait for it."""
-        with contextlib.suppress(OSError):
-            self._conn.send(None)
-        self._proc.join(timeout=10)
-        if self._proc.is_alive():
-            self._proc.kill()
-            self._proc.join()
-
-    def __enter__(self) -> ClientProcess:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+def client_task(
+    task: str, target: str, params: Mapping[str, Any], mark: Callable[[], None]
+) -> dict[str, Any]:
+    """Entry point of the spawned client (see :class:`benchmarks.common.ClientProcess`)."""
+    return _CLIENT_TASKS[task](target, params, mark)
 
 
 # ----------------------------------------------------------------------------------------
@@ -863,7 +802,7 @@ def run(settings: DurabilitySettings) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-durability-")))
         # Spawned once, used by parts 1 and 2 (each spawn re-imports grpc and numpy).
-        with ClientProcess() as first, ClientProcess() as second:
+        with ClientProcess(client_task) as first, ClientProcess(client_task) as second:
             for kind in settings.stores:
                 if kind == "postgresql":
                     why = postgres_unavailable()

@@ -29,10 +29,8 @@ histogram covers the engine call only, not parsing, signing or gRPC).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
-import multiprocessing as mp
 import os
 import sys
 import tempfile
@@ -40,7 +38,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +47,7 @@ from allocator_client.v1 import allocator_pb2 as pb
 from allocator_client.v1 import allocator_pb2_grpc as pb_grpc
 
 from benchmarks.common import (
+    ClientProcess,
     SummaryRow,
     base_parser,
     format_value,
@@ -385,69 +383,30 @@ def _reward_phase(
     return out
 
 
-def _client_process(conn: Connection) -> None:
-    """Entry point of the spawned client: run phases on request until told to stop."""
-    while True:
-        msg = conn.recv()
-        if msg is None:
-            return
-        target, phase, params = msg
-        try:
-            stats = run_client_phase(
-                target, phase, ServiceSettings(**params), lambda: conn.send(("mark", None))
-            )
-            conn.send(("ok", stats))
-        except Exception as err:  # sent back to the parent
-            conn.send(("error", repr(err)))
+def client_task(
+    target: str, phase: str, params: Mapping[str, Any], mark: Callable[[], None]
+) -> dict[str, Any]:
+    """Entry point of the spawned client (see :class:`benchmarks.common.ClientProcess`)."""
+    return run_client_phase(target, phase, ServiceSettings(**params), mark)
 
 
-class ClientProcess:
-    """A spawned process that runs client phases; use as a context manager.
+def run_phase(
+    proc: ClientProcess, target: str, phase: str, settings: ServiceSettings
+) -> dict[str, Any]:
+    """Run one phase in the client and return its statistics plus this process's CPU.
 
-    The parent measures its own (server) CPU time between the child's start mark and the
-    result, so each phase also reports the server's CPU per call.
+    The server runs in this process, so its CPU time between the client's start mark and
+    the result gives each phase's server CPU per call.
     """
-
-    def __init__(self) -> None:
-        ctx = mp.get_context("spawn")
-        self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_client_process, args=(child,), daemon=True)
-        self._proc.start()
-        child.close()
-
-    def run(self, target: str, phase: str, settings: ServiceSettings) -> dict[str, Any]:
-        """Run one phase in the child and return its statistics plus server CPU."""
-        self._conn.send((target, phase, asdict(settings)))
-        cpu0, wall0 = time.process_time(), time.perf_counter()
-        while True:
-            status, payload = self._conn.recv()
-            if status == "mark":
-                cpu0, wall0 = time.process_time(), time.perf_counter()
-                continue
-            break
-        cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
-        if status != "ok":
-            raise RuntimeError(f"client phase {phase} failed: {payload}")
-        out = dict(payload)
-        total = out.get("total_calls") or 0
-        out["server_cpu_cores"] = cpu / wall if wall > 0 else None
-        out["server_cpu_us_per_call"] = cpu / total * 1e6 if total else None
-        return out
-
-    def close(self) -> None:
-        """Ask the child to exit and wait for it."""
-        with contextlib.suppress(OSError):
-            self._conn.send(None)
-        self._proc.join(timeout=10)
-        if self._proc.is_alive():
-            self._proc.kill()
-            self._proc.join()
-
-    def __enter__(self) -> ClientProcess:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    proc.start(target, phase, asdict(settings))
+    proc.wait_mark()
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    out = proc.result()
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    total = out.get("total_calls") or 0
+    out["server_cpu_cores"] = cpu / wall if wall > 0 else None
+    out["server_cpu_us_per_call"] = cpu / total * 1e6 if total else None
+    return out
 
 
 # ----------------------------------------------------------------------------------------
@@ -617,7 +576,7 @@ def run(settings: ServiceSettings, phases: Sequence[str] = SCENARIOS) -> dict[st
                 p for p in phases if p not in ("echo_unary", "assign_unary")
             ]
             measured: dict[str, list[dict[str, Any]]] = {}
-            with ClientProcess() as proc:
+            with ClientProcess(client_task) as proc:
                 # Untimed: the client's first calls pay for imports, channel and thread
                 # start-up and would make whichever phase runs first look slow.
                 warm = ServiceSettings(
@@ -627,8 +586,8 @@ def run(settings: ServiceSettings, phases: Sequence[str] = SCENARIOS) -> dict[st
                         "warmup_s": 0.0,
                     }
                 )
-                proc.run(f"127.0.0.1:{echo_port}", "echo_unary", warm)
-                proc.run(target, "assign_unary", warm)
+                run_phase(proc, f"127.0.0.1:{echo_port}", "echo_unary", warm)
+                run_phase(proc, target, "assign_unary", warm)
                 for phase in schedule:
                     hist: dict[str, tuple[str, dict[str, str] | None]] = {}
                     # The reward phase draws its tokens with AssignBatch inside the interval.
@@ -637,7 +596,7 @@ def run(settings: ServiceSettings, phases: Sequence[str] = SCENARIOS) -> dict[st
                     if phase in _RPC_OF:
                         hist["rpc"] = (RPC_HISTOGRAM, {"rpc": _RPC_OF[phase]})
                     before = {k: histogram_buckets(registry, n, lb) for k, (n, lb) in hist.items()}
-                    stats = proc.run(f"127.0.0.1:{ports[phase]}", phase, settings)
+                    stats = run_phase(proc, f"127.0.0.1:{ports[phase]}", phase, settings)
                     if phase != "echo_unary":
                         for key, (n, lb) in hist.items():
                             after = histogram_buckets(registry, n, lb)
