@@ -396,6 +396,13 @@ def plot_panels(path: Path, panels: Sequence[Panel], title: str = "") -> None:
             )
     if title:
         fig.suptitle(title, fontsize=11)
+    save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Lay out, write ``path`` (parents created) at the benchmarks' resolution, and close."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -506,6 +513,17 @@ def target_rows(benchmark: str, targets: Sequence[Mapping[str, Any]]) -> list[Su
             )
         )
     return rows
+
+
+def print_targets(targets: Sequence[Mapping[str, Any]]) -> None:
+    """One line per target: measured value, the target, and met / NOT met / not measured."""
+    for t in targets:
+        value = "n/a" if t["measured"] is None else format_value(t["measured"])
+        verdict = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
+        print(
+            f"{t['name']}: {value} {t['unit']} (target {t['comparison']} "
+            f"{format_value(t['target'])}): {verdict}"
+        )
 
 
 def format_value(x: float, digits: int = 3) -> str:

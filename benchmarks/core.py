@@ -46,6 +46,7 @@ from benchmarks.common import (
     machine_info,
     measure_interleaved,
     plot_panels,
+    print_targets,
     target_entry,
     update_summary,
     write_json,
@@ -1016,13 +1017,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         update_summary(
             summary_rows(doc["targets"], measured), args.summary, replace_benchmarks=True
         )
-    for t in doc["targets"]:
-        value = "n/a" if t["measured"] is None else format_value(t["measured"])
-        verdict = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
-        print(
-            f"{t['name']}: {value} {t['unit']} (target {t['comparison']} "
-            f"{format_value(t['target'])}): {verdict}"
-        )
+    print_targets(doc["targets"])
     print(f"wrote {args.json} and {args.png} in {doc['elapsed_s']} s")
     return 0
 

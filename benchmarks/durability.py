@@ -54,6 +54,8 @@ from benchmarks.common import (
     base_parser,
     format_value,
     machine_info,
+    print_targets,
+    save_figure,
     target_entry,
     target_rows,
     update_summary,
@@ -957,10 +959,7 @@ def make_plot(doc: Mapping[str, Any], path: Path) -> None:
         f"(server and clients share {os.cpu_count()} CPUs)",
         fontsize=11,
     )
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def summary_rows(doc: Mapping[str, Any]) -> list[SummaryRow]:
@@ -1034,13 +1033,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     make_plot(doc, args.png)
     if not args.no_summary:
         update_summary(summary_rows(doc), args.summary, replace_benchmarks=True)
-    for t in doc["targets"]:
-        verdict = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
-        measured = "n/a" if t["measured"] is None else format_value(t["measured"])
-        print(
-            f"{t['name']}: {measured} {t['unit']} "
-            f"(target {t['comparison']} {format_value(t['target'])}): {verdict}"
-        )
+    print_targets(doc["targets"])
     print(f"wrote {args.json} and {args.png} in {doc['elapsed_s']} s")
     return 0
 

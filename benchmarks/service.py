@@ -52,6 +52,8 @@ from benchmarks.common import (
     base_parser,
     format_value,
     machine_info,
+    print_targets,
+    save_figure,
     target_entry,
     target_rows,
     update_summary,
@@ -815,10 +817,7 @@ def make_plot(results: Sequence[Mapping[str, Any]], path: Path) -> None:
         f"allocator over gRPC: client and servers share this machine ({os.cpu_count()} CPUs)",
         fontsize=11,
     )
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def summary_rows(doc: Mapping[str, Any]) -> list[SummaryRow]:
@@ -880,13 +879,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     make_plot(doc["results"], args.png)
     if not args.no_summary:
         update_summary(summary_rows(doc), args.summary, replace_benchmarks=True)
-    for t in doc["targets"]:
-        value = "n/a" if t["measured"] is None else format_value(t["measured"])
-        verdict = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
-        print(
-            f"{t['name']}: {value} {t['unit']} (target {t['comparison']} "
-            f"{format_value(t['target'])}): {verdict}"
-        )
+    print_targets(doc["targets"])
     print(f"wrote {args.json} and {args.png} in {doc['elapsed_s']} s")
     return 0
 
