@@ -500,6 +500,33 @@ def _monitor() -> CusumSettings:
     )
 
 
+def _alarm_time(
+    sc: Scenario,
+    arm_rng: np.ndarray,
+    kind: int,
+    arm: int,
+    start: int,
+    par0: np.ndarray,
+    par1: np.ndarray,
+    change_at: int,
+) -> int:
+    """When the post-decision CUSUM on ``arm``'s batch means (from ``start``) alarms and its
+    reward arrives; ``sc.budget`` if it never does."""
+    means = _batch_means(
+        arm_rng[arm : arm + 1].copy(),
+        kind,
+        0,
+        start,
+        sc.budget,
+        sc.batch,
+        par0[arm : arm + 1],
+        par1[arm : arm + 1],
+        change_at,
+    )
+    j = Cusum(_monitor()).update_many(means) if means.size else None
+    return sc.budget if j is None else start + (j + 1) * sc.batch + sc.delay
+
+
 @dataclass
 class RunResult:
     """What one seeded run of the adaptive procedure did."""
@@ -598,19 +625,7 @@ def simulate_run(
             res.change_eligible = (
                 sc.change_at is not None and t_dec < change_at and (mu1[cand] < mu0[cand])
             )
-        means = _batch_means(
-            arm_rng[cand : cand + 1].copy(),
-            kind,
-            0,
-            t_dec,
-            sc.budget,
-            sc.batch,
-            par0[cand : cand + 1],
-            par1[cand : cand + 1],
-            change_at,
-        )
-        j = Cusum(_monitor()).update_many(means) if means.size else None
-        t_alarm = sc.budget if j is None else t_dec + (j + 1) * sc.batch + sc.delay
+        t_alarm = _alarm_time(sc, arm_rng, kind, cand, t_dec, par0, par1, change_at)
         if t_alarm >= sc.budget:
             res.regret += _gap_sum(gap0, gap1, change_at, cand, t_dec, sc.budget)
             break
@@ -717,19 +732,7 @@ def simulate_fixed(sc: Scenario, plan: FixedPlan, seed: int) -> FixedResult:
     ship = _fixed_winner(sc, sums)
     gaps = gap0 if test_end < change_at else gap1
     wrong = bool(gaps[ship] > sc.effective_margin)
-    means = _batch_means(
-        arm_rng[ship : ship + 1].copy(),
-        kind,
-        0,
-        test_end,
-        sc.budget,
-        sc.batch,
-        par0[ship : ship + 1],
-        par1[ship : ship + 1],
-        change_at,
-    )
-    j = Cusum(_monitor()).update_many(means) if means.size else None
-    t_alarm = sc.budget if j is None else min(sc.budget, test_end + (j + 1) * sc.batch + sc.delay)
+    t_alarm = min(sc.budget, _alarm_time(sc, arm_rng, kind, ship, test_end, par0, par1, change_at))
     regret += _gap_sum(gap0, gap1, change_at, ship, test_end, t_alarm)
     # Rollback to control on an alarm: what a team without a bandit would do.
     regret += _gap_sum(gap0, gap1, change_at, 0, t_alarm, sc.budget)
