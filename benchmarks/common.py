@@ -496,16 +496,22 @@ def target_entry(
     return out
 
 
-def target_rows(benchmark: str, targets: Sequence[Mapping[str, Any]]) -> list[SummaryRow]:
+def target_rows(
+    benchmark: str,
+    targets: Sequence[Mapping[str, Any]],
+    *,
+    label: str = "name",
+    missing: str = "n/a",
+) -> list[SummaryRow]:
     """Summary rows for a benchmark's ``targets`` list (name, measured, unit, comparison,
-    target, met), the shape the service and durability benchmarks write."""
+    target, met): the metric is ``t[label]``, an unmeasured value reads ``missing``."""
     rows = []
     for t in targets:
-        value = "n/a" if t["measured"] is None else format_value(t["measured"])
+        value = missing if t["measured"] is None else format_value(t["measured"])
         rows.append(
             SummaryRow(
                 benchmark,
-                t["name"],
+                t[label],
                 value,
                 t["unit"],
                 f"{t['comparison']} {format_value(t['target'])}",

@@ -48,6 +48,7 @@ from benchmarks.common import (
     plot_panels,
     print_targets,
     target_entry,
+    target_rows,
     update_summary,
     write_json,
 )
@@ -880,19 +881,7 @@ def summary_rows(
     targets: Sequence[dict[str, Any]], measured: Sequence[Measured]
 ) -> list[SummaryRow]:
     """The core rows of results/summary.md: the targets and a few reference numbers."""
-    rows = []
-    for t in targets:
-        value = "not measured" if t["measured"] is None else format_value(t["measured"])
-        rows.append(
-            SummaryRow(
-                NAME,
-                t["description"],
-                value,
-                t["unit"],
-                f"{t['comparison']} {format_value(t['target'])}",
-                t["met"],
-            )
-        )
+    rows = target_rows(NAME, targets, label="description", missing="not measured")
     speed = next(t for t in targets if t["name"] == "speedup_vs_mabwiser_batch_k10")["detail"]
     for detail, metric in (
         ("table_mode_speedup", "MABWiser TS batch / table-mode Engine.assign_batch, at K=10"),
