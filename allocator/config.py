@@ -95,7 +95,7 @@ class ServerConfig:
             "flush_max_rows": "most rewards written in one group commit",
             "flush_max_delay_ms": "longest a reward waits for its group commit to start",
             "max_queue": "rewards queued before Reward answers RESOURCE_EXHAUSTED",
-            "max_workers": "gRPC handler threads",
+            "max_workers": "threads for RPC handlers that may block (Assign runs on the loop)",
             "max_experiments": "most experiments (live and archived) the server will hold",
             "metrics_max_experiments": "experiments with their own metric labels; rest summed",
             "tls_cert": "PEM certificate chain: serve gRPC over TLS",

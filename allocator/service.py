@@ -1,19 +1,28 @@
 """The gRPC servicer: validate -> application -> response. No maths, no SQL.
 
-Domain errors are mapped to status codes by type in one place (:func:`_abort_for`), so no
+It runs on a ``grpc.aio`` server. Each unary handler is a plain function; :func:`_rpc`
+runs it on the event loop (Assign: microseconds, no I/O) or in a thread pool (everything
+that may wait on the store or do real work), so the per-call thread hand-off of a
+thread-pool server is paid only where the work dwarfs it. Streams are async generators and
+hold no thread between messages.
+
+Domain errors are mapped to status codes by type in one place (:func:`_code_for`), so no
 RPC ever answers UNKNOWN or leaks a traceback.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hmac
+import itertools
 import json
 import logging
 import math
 import queue
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from concurrent.futures import Executor
 from typing import Any, TypeVar
 
 import grpc
@@ -61,7 +70,16 @@ _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (VersionConflict, grpc.StatusCode.ABORTED),
 )
 
-F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
+Handler = Callable[..., Any]
+AsyncHandler = Callable[..., Awaitable[Any]]
+StreamHandler = Callable[..., AsyncIterator[Any]]
+
+# A WatchEvents stream with nothing to send looks for new events this often. Polling, not a
+# thread blocked on the subscriber queue, so idle watchers hold no handler thread.
+_WATCH_POLL_S = 0.05
+# Stored events are replayed in pages of this many (one store read per page).
+_REPLAY_PAGE = 1000
 
 
 def _code_for(err: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -71,53 +89,71 @@ def _code_for(err: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, "internal error; see the server log"
 
 
-def _rpc(fn: F) -> F:
-    """Time the call, count it by status code, map domain errors to a status."""
+def _rpc(*, inline: bool = False) -> Callable[[Handler], AsyncHandler]:
+    """Make a plain handler body an asyncio RPC: timed, counted, errors mapped to a status.
+
+    ``inline`` bodies run on the event loop itself: only for microseconds of CPU with no
+    I/O and no lock held for longer (Assign), where a hand-off to a thread would cost more
+    than the work. Every other body runs in the servicer's thread pool, so a store write, a
+    report or a large batch never stalls the loop.
+    """
+
+    def wrap(fn: Handler) -> AsyncHandler:
+        name = fn.__name__
+
+        @functools.wraps(fn)
+        async def unary(
+            self: AllocatorServicer, request: Any, context: grpc.aio.ServicerContext
+        ) -> Any:
+            start = time.perf_counter()
+            code = grpc.StatusCode.OK
+            try:
+                if inline:
+                    return fn(self, request, context)
+                return await self._blocking(fn, self, request, context)
+            except Exception as err:
+                code, details = _code_for(err)
+                if code == grpc.StatusCode.INTERNAL:
+                    log.exception("%s failed", name)
+                await context.abort(code, details)
+            finally:
+                self._counter(name, code).inc()
+                self._seconds(name).observe(time.perf_counter() - start)
+
+        return unary
+
+    return wrap
+
+
+def _stream(fn: StreamHandler) -> StreamHandler:
+    """Same mapping for streaming handlers (async generators)."""
     name = fn.__name__
 
     @functools.wraps(fn)
-    def unary(self: AllocatorServicer, request: Any, context: grpc.ServicerContext) -> Any:
-        start = time.perf_counter()
+    async def gen(
+        self: AllocatorServicer, request: Any, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
         code = grpc.StatusCode.OK
         try:
-            return fn(self, request, context)
+            async for item in fn(self, request, context):
+                yield item
         except Exception as err:
             code, details = _code_for(err)
             if code == grpc.StatusCode.INTERNAL:
                 log.exception("%s failed", name)
-            context.abort(code, details)
-        finally:
-            self._counter(name, code).inc()
-            self._seconds(name).observe(time.perf_counter() - start)
-
-    return unary  # type: ignore[return-value]
-
-
-def _stream(fn: F) -> F:
-    """Same mapping for streaming handlers (generators)."""
-    name = fn.__name__
-
-    @functools.wraps(fn)
-    def gen(self: AllocatorServicer, request: Any, context: grpc.ServicerContext) -> Any:
-        code = grpc.StatusCode.OK
-        try:
-            yield from fn(self, request, context)
-        except Exception as err:
-            code, details = _code_for(err)
-            if code == grpc.StatusCode.INTERNAL:
-                log.exception("%s failed", name)
-            context.abort(code, details)
+            await context.abort(code, details)
         finally:
             self._counter(name, code).inc()
 
-    return gen  # type: ignore[return-value]
+    return gen
 
 
 class AllocatorServicer(pb_grpc.AllocatorServicer):
     """allocator.v1.Allocator over an :class:`Allocator` application."""
 
-    def __init__(self, app: Allocator, metrics: Metrics, admin_token: str) -> None:
+    def __init__(self, app: Allocator, metrics: Metrics, admin_token: str, pool: Executor) -> None:
         self.app = app
+        self.pool = pool  # runs every handler body that is not ``inline``
         self.metrics = metrics
         self.admin_token = admin_token
         # labels() takes a lock and builds the label tuple on every call (~2 us each, twice
@@ -142,8 +178,12 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
             self._timers[rpc] = child
         return child
 
+    async def _blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in the thread pool, awaited from the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
     # -- helpers -----------------------------------------------------------------------------
-    def _admin(self, context: grpc.ServicerContext) -> str:
+    def _admin(self, context: grpc.aio.ServicerContext) -> str:
         """Check the bearer token; returns the actor name for the audit log."""
         sent = ""
         for key, value in context.invocation_metadata() or ():
@@ -171,24 +211,24 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
         return out
 
     # -- experiments -------------------------------------------------------------------------
-    @_rpc
+    @_rpc()
     def CreateExperiment(
-        self, request: pb.CreateExperimentRequest, context: grpc.ServicerContext
+        self, request: pb.CreateExperimentRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreateExperimentResponse:
         rec = self.app.create(request.spec)
         return pb.CreateExperimentResponse(experiment=self._experiment(rec))
 
-    @_rpc
+    @_rpc()
     def GetExperiment(
-        self, request: pb.GetExperimentRequest, context: grpc.ServicerContext
+        self, request: pb.GetExperimentRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetExperimentResponse:
         return pb.GetExperimentResponse(
             experiment=self._experiment(self.app.get(request.experiment))
         )
 
-    @_rpc
+    @_rpc()
     def ListExperiments(
-        self, request: pb.ListExperimentsRequest, context: grpc.ServicerContext
+        self, request: pb.ListExperimentsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListExperimentsResponse:
         for i, s in enumerate(request.states):
             if s not in PB_TO_STATE:
@@ -206,18 +246,18 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
             next_page_token=page[-1].name if len(recs) > size else "",
         )
 
-    @_rpc
+    @_rpc()
     def ArchiveExperiment(
-        self, request: pb.ArchiveExperimentRequest, context: grpc.ServicerContext
+        self, request: pb.ArchiveExperimentRequest, context: grpc.aio.ServicerContext
     ) -> pb.ArchiveExperimentResponse:
         rec = self.app.transition(
             request.experiment, Action.ARCHIVE, actor="api", reason=request.reason or "archived"
         )
         return pb.ArchiveExperimentResponse(experiment=self._experiment(rec))
 
-    @_rpc
+    @_rpc()
     def AddVariant(
-        self, request: pb.AddVariantRequest, context: grpc.ServicerContext
+        self, request: pb.AddVariantRequest, context: grpc.aio.ServicerContext
     ) -> pb.AddVariantResponse:
         rec = self.app.add_variant(
             request.experiment, request.variant, actor="api", reason=request.reason
@@ -225,8 +265,10 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
         return pb.AddVariantResponse(experiment=self._experiment(rec))
 
     # -- decisions ---------------------------------------------------------------------------
-    @_rpc
-    def Assign(self, request: pb.AssignRequest, context: grpc.ServicerContext) -> pb.AssignResponse:
+    @_rpc(inline=True)
+    def Assign(
+        self, request: pb.AssignRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AssignResponse:
         rec, d, token = self.app.assign(request.experiment, request.unit_id)
         return pb.AssignResponse(
             variant=d.variant,
@@ -250,24 +292,27 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
             allocation_epoch=b.epoch,
         )
 
-    @_rpc
+    @_rpc()
     def AssignBatch(
-        self, request: pb.AssignBatchRequest, context: grpc.ServicerContext
+        self, request: pb.AssignBatchRequest, context: grpc.aio.ServicerContext
     ) -> pb.AssignBatchResponse:
         return self._assign_batch(request)
 
     @_stream
-    def AssignStream(
-        self, request_iterator: Iterator[pb.AssignStreamRequest], context: grpc.ServicerContext
-    ) -> Iterator[pb.AssignStreamResponse]:
-        for req in request_iterator:
-            yield pb.AssignStreamResponse(
-                request_id=req.request_id, batch=self._assign_batch(req.batch)
-            )
+    async def AssignStream(
+        self,
+        request_iterator: AsyncIterator[pb.AssignStreamRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.AssignStreamResponse]:
+        async for req in request_iterator:
+            batch = await self._blocking(self._assign_batch, req.batch)
+            yield pb.AssignStreamResponse(request_id=req.request_id, batch=batch)
 
     # -- rewards -----------------------------------------------------------------------------
-    @_rpc
-    def Reward(self, request: pb.RewardRequest, context: grpc.ServicerContext) -> pb.RewardResponse:
+    @_rpc()
+    def Reward(
+        self, request: pb.RewardRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RewardResponse:
         score = [request.prediction_score] if request.HasField("prediction_score") else []
         guard = [dict(request.guardrails)] if request.guardrails else []
         which = request.WhichOneof("target")
@@ -366,25 +411,26 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
             statuses=[_STATUS[s] for s in statuses],
         )
 
-    @_rpc
+    @_rpc()
     def RewardBatch(
-        self, request: pb.RewardBatchRequest, context: grpc.ServicerContext
+        self, request: pb.RewardBatchRequest, context: grpc.aio.ServicerContext
     ) -> pb.RewardBatchResponse:
         return self._reward_batch(request)
 
     @_stream
-    def RewardStream(
-        self, request_iterator: Iterator[pb.RewardStreamRequest], context: grpc.ServicerContext
-    ) -> Iterator[pb.RewardStreamResponse]:
-        for req in request_iterator:
-            yield pb.RewardStreamResponse(
-                request_id=req.request_id, batch=self._reward_batch(req.batch)
-            )
+    async def RewardStream(
+        self,
+        request_iterator: AsyncIterator[pb.RewardStreamRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.RewardStreamResponse]:
+        async for req in request_iterator:
+            batch = await self._blocking(self._reward_batch, req.batch)
+            yield pb.RewardStreamResponse(request_id=req.request_id, batch=batch)
 
     # -- reports -----------------------------------------------------------------------------
-    @_rpc
+    @_rpc()
     def GetReport(
-        self, request: pb.GetReportRequest, context: grpc.ServicerContext
+        self, request: pb.GetReportRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetReportResponse:
         rec = self.app.get(request.experiment)
         resp = build_report(self.app.engine, rec.name)
@@ -418,7 +464,7 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
 
     # -- admin -------------------------------------------------------------------------------
     def _admin_transition(
-        self, action: Action, request: Any, context: grpc.ServicerContext, variant: str = ""
+        self, action: Action, request: Any, context: grpc.aio.ServicerContext, variant: str = ""
     ) -> pb.Experiment:
         actor = self._admin(context)
         rec = self.app.transition(
@@ -430,9 +476,9 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
         )
         return self._experiment(rec)
 
-    @_rpc
+    @_rpc()
     def Promote(
-        self, request: pb.PromoteRequest, context: grpc.ServicerContext
+        self, request: pb.PromoteRequest, context: grpc.aio.ServicerContext
     ) -> pb.PromoteResponse:
         if not request.variant:
             self._admin(context)
@@ -440,44 +486,53 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
         exp = self._admin_transition(Action.PROMOTE, request, context, request.variant)
         return pb.PromoteResponse(experiment=exp)
 
-    @_rpc
+    @_rpc()
     def Rollback(
-        self, request: pb.RollbackRequest, context: grpc.ServicerContext
+        self, request: pb.RollbackRequest, context: grpc.aio.ServicerContext
     ) -> pb.RollbackResponse:
         exp = self._admin_transition(Action.ROLLBACK, request, context, request.variant)
         return pb.RollbackResponse(experiment=exp)
 
-    @_rpc
-    def Pause(self, request: pb.PauseRequest, context: grpc.ServicerContext) -> pb.PauseResponse:
+    @_rpc()
+    def Pause(
+        self, request: pb.PauseRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PauseResponse:
         return pb.PauseResponse(experiment=self._admin_transition(Action.PAUSE, request, context))
 
-    @_rpc
-    def Resume(self, request: pb.ResumeRequest, context: grpc.ServicerContext) -> pb.ResumeResponse:
+    @_rpc()
+    def Resume(
+        self, request: pb.ResumeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ResumeResponse:
         return pb.ResumeResponse(experiment=self._admin_transition(Action.RESUME, request, context))
 
     # -- events ------------------------------------------------------------------------------
     @_stream
-    def WatchEvents(
-        self, request: pb.WatchEventsRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.WatchEventsResponse]:
+    async def WatchEvents(
+        self, request: pb.WatchEventsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchEventsResponse]:
         if request.experiment:
-            self.app.get(request.experiment)
+            await self._blocking(self.app.get, request.experiment)
         for i, t in enumerate(request.types):
             if t not in PB_TO_EVENT:
                 raise InvalidArgument(f"types[{i}]", f"unknown event type {t}")
         types = {PB_TO_EVENT[t] for t in request.types}
+        # Subscribed before the replay, so nothing published meanwhile is missed; what
+        # both deliver is skipped by sequence number.
         sub = self.app.events.subscribe()
         try:
             last = request.after_sequence
             if request.after_sequence:
-                for item in self.app.stored_events(request.after_sequence):
-                    if self._wanted(item.event, request.experiment, types):
-                        yield self._event(item.seq, item.event)
-                    last = max(last, item.seq)
-            while context.is_active():
+                stored = self.app.stored_events(request.after_sequence)
+                while page := await self._blocking(_take, stored, _REPLAY_PAGE):
+                    for item in page:
+                        if self._wanted(item.event, request.experiment, types):
+                            yield self._event(item.seq, item.event)
+                        last = max(last, item.seq)
+            while not context.done():
                 try:
-                    live = sub.get(timeout=0.25)
+                    live = sub.get_nowait()
                 except queue.Empty:
+                    await asyncio.sleep(_WATCH_POLL_S)
                     continue
                 if live is None:
                     return
@@ -509,3 +564,8 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
         )
         out.time.FromNanoseconds(int(event.at * 1e9))
         return pb.WatchEventsResponse(event=out)
+
+
+def _take(items: Iterator[T], n: int) -> list[T]:
+    """Up to ``n`` more items of ``items``."""
+    return list(itertools.islice(items, n))

@@ -2,10 +2,10 @@
 
 One run measures, against the same client:
 
-* ``echo_unary``: a gRPC server with the real server's settings (thread pool size, channel
-  options) whose one generic unary handler answers every request with a canned
-  AssignResponse (the bytes of a real one), without parsing the request: the ceiling for a
-  unary call through grpcio on this machine;
+* ``echo_unary``: a gRPC server of the real server's kind (``grpc.aio``, handler on the
+  event loop, same channel options) whose one generic unary handler answers every request
+  with a canned AssignResponse (the bytes of a real one), without parsing the request: the
+  ceiling for a unary call through grpcio on this machine;
 * ``assign_unary``: ``Assign`` on the real server (``create_server``, SQLite in a temporary
   directory), one experiment with K=10 variants, Thompson sampling, ``inflight`` calls in
   flight (futures API, a closed loop: each completion launches the next call);
@@ -72,13 +72,6 @@ TARGET_UNARY_P99_RATIO = 2.0  # Assign p99 <= 2 x echo p99
 TARGET_BATCH_DECISIONS_PER_S = 1_000_000.0
 TARGET_DECISION_P99_US = 20.0
 
-# Copied from allocator.server.create_server (it keeps them inline): the echo server must
-# run with the same channel options for the comparison to be fair.
-SERVER_OPTIONS = (
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
-    ("grpc.so_reuseport", 0),
-)
 CLIENT_OPTIONS = (
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
@@ -101,7 +94,7 @@ class ServiceSettings:
     stream_inflight: int = 4  # AssignStream messages in flight
     reward_inflight: int = 4  # RewardBatch calls in flight
     n_arms: int = 10
-    max_workers: int = 16  # the server's default handler threads
+    max_workers: int = 16  # the server's default thread pool (blocking handlers)
     max_reward_batches: int = 200  # most AssignBatch tokens drawn for the reward phase
     rounds: int = 2  # echo / Assign measured alternately this many times each
 
@@ -416,28 +409,42 @@ def run_phase(
 # ----------------------------------------------------------------------------------------
 
 
-def start_echo_server(reply: bytes, max_workers: int) -> tuple[grpc.Server, int]:
-    """A server with the real one's executor and options, answering ``reply`` to anything."""
-    from concurrent.futures import ThreadPoolExecutor
+class EchoServer:
+    """A server like the real one, answering ``reply`` to anything; ``stop`` it after use.
 
-    def handle(request: bytes, context: grpc.ServicerContext) -> bytes:
-        return reply
+    The same kind of server as :func:`allocator.server.create_server` builds (``grpc.aio``
+    on an event loop of its own thread, the same channel options) with one generic unary
+    handler that runs on the loop, as Assign does, and returns raw bytes (no
+    (de)serialization on the server).
+    """
 
-    server = grpc.server(
-        ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
-        options=list(SERVER_OPTIONS),
-    )
-    # No (de)serializers: the handler sees and returns raw bytes.
-    server.add_generic_rpc_handlers(
-        (
-            grpc.method_handlers_generic_handler(
-                "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(handle)}
-            ),
-        )
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    return server, port
+    def __init__(self, reply: bytes) -> None:
+        # Imported here: the spawned client imports this module without the server stack.
+        from allocator.server import SERVER_OPTIONS, LoopThread
+
+        async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            return reply
+
+        async def start() -> tuple[grpc.aio.Server, int]:
+            server = grpc.aio.server(options=list(SERVER_OPTIONS))
+            server.add_generic_rpc_handlers(
+                (
+                    grpc.method_handlers_generic_handler(
+                        "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(handle)}
+                    ),
+                )
+            )
+            port = server.add_insecure_port("127.0.0.1:0")
+            await server.start()
+            return server, port
+
+        self._loop = LoopThread("echo")
+        self._server, self.port = self._loop.run(start())
+
+    def stop(self) -> None:
+        """Stop serving and release the loop."""
+        self._loop.run(self._server.stop(1.0))
+        self._loop.close()
 
 
 def histogram_buckets(
@@ -551,7 +558,7 @@ def run(settings: ServiceSettings, phases: Sequence[str] = SCENARIOS) -> dict[st
         )
         registry = CollectorRegistry()
         running = create_server(config, registry=registry)
-        echo_server: grpc.Server | None = None
+        echo_server: EchoServer | None = None
         try:
             target = f"127.0.0.1:{running.port}"
             variants = [f"v{i}" for i in range(settings.n_arms)]
@@ -571,7 +578,8 @@ def run(settings: ServiceSettings, phases: Sequence[str] = SCENARIOS) -> dict[st
                 sample = client.assign(EXPERIMENT)
             reply = sample.SerializeToString()
             request_bytes = len(pb.AssignRequest(experiment=EXPERIMENT).SerializeToString())
-            echo_server, echo_port = start_echo_server(reply, settings.max_workers)
+            echo_server = EchoServer(reply)
+            echo_port = echo_server.port
             ports = {p: running.port for p in SCENARIOS} | {"echo_unary": echo_port}
             unary = [p for p in ("echo_unary", "assign_unary") if p in phases]
             schedule = unary * settings.rounds + [
@@ -613,7 +621,7 @@ def run(settings: ServiceSettings, phases: Sequence[str] = SCENARIOS) -> dict[st
                     )
         finally:
             if echo_server is not None:
-                echo_server.stop(1).wait(2)
+                echo_server.stop()
             running.stop(grace=2.0)
     results: list[dict[str, Any]] = [
         {"name": p, **_merge_phase(measured[p])} for p in SCENARIOS if p in measured
@@ -637,8 +645,8 @@ def run(settings: ServiceSettings, phases: Sequence[str] = SCENARIOS) -> dict[st
             f"machine's {os.cpu_count()} logical CPUs (and any other load on it)",
             "echo": "generic unary handler, no (de)serialization on the server, answers the "
             f"{len(reply)}-byte serialized AssignResponse of a real call to "
-            f"{request_bytes}-byte AssignRequests; same executor size "
-            f"({settings.max_workers}) and channel options as create_server",
+            f"{request_bytes}-byte AssignRequests; a grpc.aio server with the handler on "
+            "its event loop (as Assign is) and the channel options of create_server",
             "rounds": f"echo_unary and assign_unary alternate {settings.rounds} time(s); "
             "their numbers are averages over the rounds",
             "latency": "client-side, from launching a call to its completion callback (ms)",

@@ -6,6 +6,8 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -14,10 +16,11 @@ from allocator_client.v1 import allocator_pb2 as pb
 from allocator_client.v1 import allocator_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from allocator.server import STORE_HEALTH, Running
-from tests.conftest import ADMIN_TOKEN
+from allocator.server import STORE_HEALTH, Running, create_server
+from tests.conftest import ADMIN_TOKEN, server_config
 
 
 def _spec(
@@ -163,15 +166,10 @@ def test_decision_of_another_experiment_is_rejected(
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "belongs to 'one'" in details
 
 
-def test_expired_decision_is_reported_expired(tmp_path: object, registry: object) -> None:
-    from pathlib import Path
-
-    from allocator.server import create_server
-    from tests.conftest import server_config
-
+def test_expired_decision_is_reported_expired(tmp_path: Path, registry: CollectorRegistry) -> None:
     running = create_server(
-        server_config(f"sqlite:///{Path(str(tmp_path)) / 'e.sqlite'}", attribution_window_s=1),
-        registry=registry,  # type: ignore[arg-type]
+        server_config(f"sqlite:///{tmp_path / 'e.sqlite'}", attribution_window_s=1),
+        registry=registry,
     )
     try:
         with AllocatorClient(f"127.0.0.1:{running.port}", timeout=5) as c:
@@ -360,7 +358,7 @@ def test_health_reflection_and_shutdown(server: Running) -> None:
         )
         names = {s.name for s in out[0].list_services_response.service}
         assert {"allocator.v1.Allocator", "grpc.health.v1.Health"} <= names
-        server.health.enter_graceful_shutdown()
+        server.enter_graceful_shutdown()
         resp = health.Check(health_pb2.HealthCheckRequest(service=""))
         assert resp.status == health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -592,3 +590,43 @@ def test_infinite_prediction_score_is_rejected_in_every_form(
     del ok.prediction_scores[:]
     ok.prediction_scores.extend([float("nan"), 0.25])
     assert stub.RewardBatch(ok).accepted == 2
+
+
+def test_open_streams_hold_no_handler_thread(tmp_path: Path, registry: CollectorRegistry) -> None:
+    """Long-lived streams must not starve unary calls of the (small) blocking pool.
+
+    With a thread-pool server every open stream held one of ``max_workers`` threads for its
+    whole life, so as many idle watchers as threads made every other RPC hang.
+    """
+    running = create_server(
+        server_config(f"sqlite:///{tmp_path / 's.sqlite'}", max_workers=2), registry=registry
+    )
+    idle = threading.Event()
+
+    def quiet() -> Iterator[pb.AssignStreamRequest]:
+        idle.wait(30)  # an open stream that sends nothing until the test ends
+        return
+        yield
+
+    calls: list[Any] = []
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            stub = pb_grpc.AllocatorStub(ch)
+            stub.CreateExperiment(pb.CreateExperimentRequest(spec=_spec()), timeout=10)
+            for _ in range(6):
+                call = stub.WatchEvents(pb.WatchEventsRequest())
+                calls.append(call)
+            calls += [stub.AssignStream(quiet()), stub.RewardStream(quiet())]
+            time.sleep(0.5)  # every stream is open on the server by now
+            # Assign runs on the loop, GetExperiment and RewardBatch in the 2-thread pool.
+            d = stub.Assign(pb.AssignRequest(experiment="exp"), timeout=5)
+            assert stub.GetExperiment(pb.GetExperimentRequest(experiment="exp"), timeout=5)
+            out = stub.RewardBatch(
+                pb.RewardBatchRequest(decision_ids=[d.decision_id], values=[1.0]), timeout=5
+            )
+            assert out.accepted == 1
+    finally:
+        idle.set()
+        for call in calls:
+            call.cancel()
+        running.stop(1.0)
