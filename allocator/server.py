@@ -4,8 +4,8 @@
 free one) and returns it with its port, so tests can run a real server and call it
 through a real stub; ``serve`` adds signal handling and blocks.
 
-The gRPC server is a ``grpc.aio`` server on an event loop of its own thread
-(:class:`LoopThread`), so callers stay synchronous; handlers that block run in a thread
+The gRPC server is a ``grpc.aio`` server on an event loop running in a thread of its own
+(:func:`grpc_loop`), so callers stay synchronous; handlers that block run in a thread
 pool of ``max_workers`` threads (see :mod:`allocator.service`).
 """
 
@@ -70,13 +70,25 @@ class LoopThread:
         """Run ``coro`` on the loop and wait for its result (from any other thread)."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
-    def close(self) -> None:
-        """Stop the loop, wait for its thread, release it."""
-        if self.loop.is_closed():
-            return
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join()
-        self.loop.close()
+
+_LOOP: LoopThread | None = None
+_LOOP_LOCK = threading.Lock()
+
+
+def grpc_loop() -> LoopThread:
+    """The process's one loop for grpc.aio servers: started on first use, never stopped.
+
+    grpc.aio polls all of a process's completions on one thread and hands them to the loop
+    it was first used on, which forwards those of any other loop with a cross-thread hop;
+    with a loop per server, one server would pay that hop on every event (and a closed
+    first loop would strand the rest). Servers of one process (tests, replicas, the
+    benchmark's echo server) therefore share this loop.
+    """
+    global _LOOP
+    with _LOOP_LOCK:
+        if _LOOP is None:
+            _LOOP = LoopThread("grpc")
+        return _LOOP
 
 
 @dataclass
@@ -107,7 +119,6 @@ class Running:
             await self.server.stop(grace)
 
         self.loop.run(drain(), timeout=grace + 5)
-        self.loop.close()
         # Bodies still in the pool (a reward waiting for its commit) finish before the
         # writer is flushed and stopped.
         self.pool.shutdown(wait=True)
@@ -187,13 +198,12 @@ def create_server(
     supervisor = Supervisor(app, config.promotion_interval_s, evaluate=evaluate_promotion)
     app.start()
     supervisor.start()
-    loop = LoopThread("grpc")
+    loop = grpc_loop()
     pool = ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="rpc")
     servicer = AllocatorServicer(app, metrics, config.admin_token, pool)
     try:
         server, port, health_servicer, watch = loop.run(_start_grpc(config, servicer))
     except BaseException:
-        loop.close()
         pool.shutdown()
         supervisor.stop()
         app.stop()

@@ -106,19 +106,24 @@ def _rpc(*, inline: bool = False) -> Callable[[Handler], AsyncHandler]:
             self: AllocatorServicer, request: Any, context: grpc.aio.ServicerContext
         ) -> Any:
             start = time.perf_counter()
-            code = grpc.StatusCode.OK
             try:
                 if inline:
-                    return fn(self, request, context)
-                return await self._blocking(fn, self, request, context)
+                    response = fn(self, request, context)
+                else:
+                    response = await self._blocking(fn, self, request, context)
+            except asyncio.CancelledError:
+                self._done(name, grpc.StatusCode.CANCELLED, start)
+                raise
             except Exception as err:
                 code, details = _code_for(err)
                 if code == grpc.StatusCode.INTERNAL:
                     log.exception("%s failed", name)
+                # Counted before aborting: abort sends the status at once, and whoever
+                # sees it may read /metrics next.
+                self._done(name, code, start)
                 await context.abort(code, details)
-            finally:
-                self._counter(name, code).inc()
-                self._seconds(name).observe(time.perf_counter() - start)
+            self._done(name, grpc.StatusCode.OK, start)
+            return response
 
         return unary
 
@@ -133,17 +138,20 @@ def _stream(fn: StreamHandler) -> StreamHandler:
     async def gen(
         self: AllocatorServicer, request: Any, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[Any]:
-        code = grpc.StatusCode.OK
         try:
             async for item in fn(self, request, context):
                 yield item
+        except (asyncio.CancelledError, GeneratorExit):  # the client went away
+            self._counter(name, grpc.StatusCode.CANCELLED).inc()
+            raise
         except Exception as err:
             code, details = _code_for(err)
             if code == grpc.StatusCode.INTERNAL:
                 log.exception("%s failed", name)
+            self._counter(name, code).inc()  # before the status is sent, as in _rpc
             await context.abort(code, details)
-        finally:
-            self._counter(name, code).inc()
+        else:
+            self._counter(name, grpc.StatusCode.OK).inc()
 
     return gen
 
@@ -169,6 +177,11 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
             child = self.metrics.requests.labels(rpc=rpc, code=code.name)
             self._counters[(rpc, code)] = child
         return child
+
+    def _done(self, rpc: str, code: grpc.StatusCode, start: float) -> None:
+        """Count a finished call by status code and observe its duration."""
+        self._counter(rpc, code).inc()
+        self._seconds(rpc).observe(time.perf_counter() - start)
 
     def _seconds(self, rpc: str) -> Any:
         """The request duration histogram child of ``rpc``."""

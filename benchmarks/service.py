@@ -412,15 +412,16 @@ def run_phase(
 class EchoServer:
     """A server like the real one, answering ``reply`` to anything; ``stop`` it after use.
 
-    The same kind of server as :func:`allocator.server.create_server` builds (``grpc.aio``
-    on an event loop of its own thread, the same channel options) with one generic unary
-    handler that runs on the loop, as Assign does, and returns raw bytes (no
+    The same kind of server as :func:`allocator.server.create_server` builds, on the same
+    event loop (:func:`allocator.server.grpc_loop`; a second loop would cost one of the
+    two servers a cross-thread hop per event), with the same channel options; one generic
+    unary handler that runs on the loop, as Assign does, and returns raw bytes (no
     (de)serialization on the server).
     """
 
     def __init__(self, reply: bytes) -> None:
         # Imported here: the spawned client imports this module without the server stack.
-        from allocator.server import SERVER_OPTIONS, LoopThread
+        from allocator.server import SERVER_OPTIONS, grpc_loop
 
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
             return reply
@@ -438,13 +439,12 @@ class EchoServer:
             await server.start()
             return server, port
 
-        self._loop = LoopThread("echo")
+        self._loop = grpc_loop()
         self._server, self.port = self._loop.run(start())
 
     def stop(self) -> None:
-        """Stop serving and release the loop."""
+        """Stop serving (the loop stays with its server)."""
         self._loop.run(self._server.stop(1.0))
-        self._loop.close()
 
 
 def histogram_buckets(
@@ -645,8 +645,9 @@ def run(settings: ServiceSettings, phases: Sequence[str] = SCENARIOS) -> dict[st
             f"machine's {os.cpu_count()} logical CPUs (and any other load on it)",
             "echo": "generic unary handler, no (de)serialization on the server, answers the "
             f"{len(reply)}-byte serialized AssignResponse of a real call to "
-            f"{request_bytes}-byte AssignRequests; a grpc.aio server with the handler on "
-            "its event loop (as Assign is) and the channel options of create_server",
+            f"{request_bytes}-byte AssignRequests; a grpc.aio server on the allocator "
+            "server's own event loop, handler on the loop (as Assign is), channel options "
+            "of create_server",
             "rounds": f"echo_unary and assign_unary alternate {settings.rounds} time(s); "
             "their numbers are averages over the rounds",
             "latency": "client-side, from launching a call to its completion callback (ms)",
