@@ -632,8 +632,9 @@ class Allocator:
     def assign(self, name: str, unit_id: str = "") -> tuple[Record, Decision, str]:
         """One decision and its signed id."""
         rec = self.get(name)
-        with self.metrics.decision_single.time():
-            d = self.engine.assign(name, unit_id or None)
+        start = time.perf_counter()
+        d = self.engine.assign(name, unit_id or None)
+        self.metrics.rpc.decision("Assign", time.perf_counter() - start)
         now = self.clock()
         token = self.signer.issue(rec.id, d.arm, d.epoch, now)
         if rec.spec.HasField("default_reward"):
@@ -651,8 +652,9 @@ class Allocator:
             raise InvalidArgument("count", f"is {count} but {len(unit_ids)} unit_ids were given")
         if any(not u for u in unit_ids):
             raise InvalidArgument("unit_ids", "must not contain empty strings")
-        with self.metrics.decision_batch.time():
-            b = self.engine.assign_batch(name, count, list(unit_ids) or None)
+        start = time.perf_counter()
+        b = self.engine.assign_batch(name, count, list(unit_ids) or None)
+        self.metrics.rpc.decision("AssignBatch", time.perf_counter() - start)
         now = self.clock()
         token = self.signer.issue_batch(rec.id, b.arms, b.epoch, now)
         if rec.spec.HasField("default_reward"):

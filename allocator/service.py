@@ -142,16 +142,16 @@ def _stream(fn: StreamHandler) -> StreamHandler:
             async for item in fn(self, request, context):
                 yield item
         except (asyncio.CancelledError, GeneratorExit):  # the client went away
-            self._counter(name, grpc.StatusCode.CANCELLED).inc()
+            self.metrics.rpc.count(name, "CANCELLED")
             raise
         except Exception as err:
             code, details = _code_for(err)
             if code == grpc.StatusCode.INTERNAL:
                 log.exception("%s failed", name)
-            self._counter(name, code).inc()  # before the status is sent, as in _rpc
+            self.metrics.rpc.count(name, code.name)  # before the status is sent, as in _rpc
             await context.abort(code, details)
         else:
-            self._counter(name, grpc.StatusCode.OK).inc()
+            self.metrics.rpc.count(name, "OK")
 
     return gen
 
@@ -164,32 +164,10 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
         self.pool = pool  # runs every handler body that is not ``inline``
         self.metrics = metrics
         self.admin_token = admin_token
-        # labels() takes a lock and builds the label tuple on every call (~2 us each, twice
-        # per RPC); the children never change, so each is looked up once. A race only makes
-        # two threads fetch the same child.
-        self._counters: dict[tuple[str, grpc.StatusCode], Any] = {}
-        self._timers: dict[str, Any] = {}
-
-    def _counter(self, rpc: str, code: grpc.StatusCode) -> Any:
-        """The requests counter child of (rpc, code)."""
-        child = self._counters.get((rpc, code))
-        if child is None:
-            child = self.metrics.requests.labels(rpc=rpc, code=code.name)
-            self._counters[(rpc, code)] = child
-        return child
 
     def _done(self, rpc: str, code: grpc.StatusCode, start: float) -> None:
         """Count a finished call by status code and observe its duration."""
-        self._counter(rpc, code).inc()
-        self._seconds(rpc).observe(time.perf_counter() - start)
-
-    def _seconds(self, rpc: str) -> Any:
-        """The request duration histogram child of ``rpc``."""
-        child = self._timers.get(rpc)
-        if child is None:
-            child = self.metrics.request_seconds.labels(rpc=rpc)
-            self._timers[rpc] = child
-        return child
+        self.metrics.rpc.done(rpc, code.name, time.perf_counter() - start)
 
     async def _blocking(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` in the thread pool, awaited from the event loop."""
