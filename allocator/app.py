@@ -10,6 +10,7 @@ commit writer, decision ids, the lifecycle of each experiment and the event fan-
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import queue
@@ -19,6 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 import numpy as np
 import numpy.typing as npt
@@ -139,11 +141,27 @@ class StoredEvent:
     event: Event
 
 
+class Ended(StrEnum):
+    """The last item of a WatchEvents subscription: why it ended."""
+
+    SLOW = "slow"  # the subscriber fell a whole queue behind and was dropped
+    SHUTDOWN = "shutdown"  # the server is stopping
+
+
+WatchItem = StoredEvent | Ended
+
+
 class EventHub:
-    """Fans events out to WatchEvents subscribers; bounded queues drop slow watchers."""
+    """Fans events out to WatchEvents subscribers; bounded queues drop slow watchers.
+
+    Every subscription ends with an :class:`Ended` item, so its reader can tell the client
+    why and where to resume; publishing never blocks, even on a full queue.
+    """
+
+    QUEUE_SIZE = 10_000
 
     def __init__(self) -> None:
-        self._subs: list[queue.Queue[StoredEvent | None]] = []
+        self._subs: list[queue.Queue[WatchItem]] = []
         self._lock = threading.Lock()
 
     def publish(self, item: StoredEvent) -> None:
@@ -156,27 +174,39 @@ class EventHub:
             except queue.Full:
                 log.warning("dropping a slow WatchEvents subscriber")
                 self.unsubscribe(q)
-                q.put(None)
+                _end(q, Ended.SLOW)
 
-    def subscribe(self) -> queue.Queue[StoredEvent | None]:
-        """A queue that receives every event from now on (None: closed)."""
-        q: queue.Queue[StoredEvent | None] = queue.Queue(maxsize=10_000)
+    def subscribe(self) -> queue.Queue[WatchItem]:
+        """A queue that receives every event from now on, then an ``Ended``."""
+        q: queue.Queue[WatchItem] = queue.Queue(maxsize=self.QUEUE_SIZE)
         with self._lock:
             self._subs.append(q)
         return q
 
-    def unsubscribe(self, q: queue.Queue[StoredEvent | None]) -> None:
+    def unsubscribe(self, q: queue.Queue[WatchItem]) -> None:
         """Stop delivering to ``q``."""
         with self._lock:
             if q in self._subs:
                 self._subs.remove(q)
 
     def close(self) -> None:
-        """End every subscription."""
+        """End every subscription (the server is stopping)."""
         with self._lock:
             subs, self._subs = self._subs, []
         for q in subs:
-            q.put(None)
+            _end(q, Ended.SHUTDOWN)
+
+
+def _end(q: queue.Queue[WatchItem], why: Ended) -> None:
+    """Put ``why`` even into a full queue, making room by dropping its oldest events: the
+    subscription is over, and its reader resumes from the last event it delivered."""
+    while True:
+        try:
+            q.put_nowait(why)
+            return
+        except queue.Full:
+            with contextlib.suppress(queue.Empty):
+                q.get_nowait()
 
 
 class Allocator:
@@ -629,11 +659,13 @@ class Allocator:
                 seq = max(seq, e.seq or 0)
 
     # -- decisions -------------------------------------------------------------------------
-    def assign(self, name: str, unit_id: str = "") -> tuple[Record, Decision, str]:
-        """One decision and its signed id."""
+    def assign(
+        self, name: str, unit_id: str = "", *, wait: bool = True
+    ) -> tuple[Record, Decision, str]:
+        """One decision and its signed id (``wait=False``: see ``Engine.assign``)."""
         rec = self.get(name)
         start = time.perf_counter()
-        d = self.engine.assign(name, unit_id or None)
+        d = self.engine.assign(name, unit_id or None, wait=wait)
         self.metrics.rpc.decision("Assign", time.perf_counter() - start)
         now = self.clock()
         token = self.signer.issue(rec.id, d.arm, d.epoch, now)

@@ -44,6 +44,9 @@ class Pending:
         return batch_keys(self.token)
 
 
+_DUE_CHUNK = 1_000  # entries popped per lock hold in DefaultRewards.due
+
+
 class DefaultRewards:
     """Per-experiment queues of issued decisions awaiting their window's end."""
 
@@ -65,15 +68,27 @@ class DefaultRewards:
             self._size += n
 
     def due(self, deadline: Callable[[str], float]) -> list[Pending]:
-        """Pop every entry issued before ``deadline(experiment)`` (oldest first)."""
+        """Pop every entry issued before ``deadline(experiment)`` (oldest first).
+
+        The lock is taken per ``_DUE_CHUNK`` entries, not for the whole sweep: ``track``
+        runs on the Assign path, which must not wait out millions of pops.
+        """
         out: list[Pending] = []
         with self._lock:
-            for name, q in self._queues.items():
-                cutoff = deadline(name)
-                while q and q[0].issued_at < cutoff:
-                    item = q.popleft()
-                    self._size -= int(item.arms.shape[0])
-                    out.append(item)
+            names = list(self._queues)
+        for name in names:
+            cutoff = deadline(name)
+            while True:
+                with self._lock:
+                    q = self._queues.get(name)
+                    popped = 0
+                    while q and q[0].issued_at < cutoff and popped < _DUE_CHUNK:
+                        item = q.popleft()
+                        self._size -= int(item.arms.shape[0])
+                        out.append(item)
+                        popped += 1
+                if popped < _DUE_CHUNK:
+                    break
         return out
 
     def forget(self, experiment: str) -> None:

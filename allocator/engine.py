@@ -37,7 +37,13 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from allocator import kernels
-from allocator.errors import ExperimentExists, InvalidArgument, UnknownExperiment, WrongState
+from allocator.errors import (
+    Busy,
+    ExperimentExists,
+    InvalidArgument,
+    UnknownExperiment,
+    WrongState,
+)
 from allocator.policies import (
     FixedSplit,
     IndexPolicy,
@@ -624,13 +630,19 @@ class Engine:
             return config
 
     # -- decisions -----------------------------------------------------------------------
-    def assign(self, name: str, unit_id: str | None = None) -> Decision:
-        """One decision. With ``unit_id``, the same unit gets the same arm within an epoch."""
+    def assign(self, name: str, unit_id: str | None = None, *, wait: bool = True) -> Decision:
+        """One decision. With ``unit_id``, the same unit gets the same arm within an epoch.
+
+        ``wait=False``: raise :class:`Busy`, having changed nothing, when another thread
+        holds the experiment (an event loop must not wait out a batch or an estimate).
+        """
         try:
             exp = self._experiments[name]
         except KeyError:
             raise UnknownExperiment(name) from None
-        with exp.lock:
+        if not exp.lock.acquire(wait):
+            raise Busy(name)
+        try:
             if exp.archived:
                 raise WrongState(name, "archived", "assign")
             if unit_id is None:
@@ -643,6 +655,8 @@ class Engine:
                 prop = exp.epoch_shares[exp.epoch, arm]
             exp.pending += 1
             return Decision(arm, exp.variants[arm], float(prop), exp.epoch)
+        finally:
+            exp.lock.release()
 
     def assign_batch(
         self, name: str, count: int, unit_ids: Sequence[str] | None = None
@@ -654,14 +668,18 @@ class Engine:
             raise InvalidArgument("count", f"must be between 1 and {MAX_BATCH}, got {count}")
         exp = self._get(name)
         out = np.empty(count, dtype=np.int64)
+        # Units are hashed before the lock is taken (a hash per unit, up to MAX_BATCH of
+        # them), for the epoch read now; rehashed under it in the rare case it moved on.
+        epoch = exp.epoch
+        uniforms = [_unit_uniform(name, unit, epoch) for unit in unit_ids or ()]
         with exp.lock:
             if exp.archived:
                 raise WrongState(name, "archived", "assign")
             if unit_ids:
-                for i, unit in enumerate(unit_ids):
-                    out[i] = kernels.alias_at(
-                        exp.unit_prob, exp.unit_alias, _unit_uniform(name, unit, exp.epoch)
-                    )
+                if exp.epoch != epoch:
+                    uniforms = [_unit_uniform(name, unit, exp.epoch) for unit in unit_ids]
+                for i, u in enumerate(uniforms):
+                    out[i] = kernels.alias_at(exp.unit_prob, exp.unit_alias, u)
                 props = exp.epoch_shares[exp.epoch][out]
             else:
                 props = exp.decide(out)[out]

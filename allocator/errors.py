@@ -51,6 +51,15 @@ class Overloaded(RuntimeError):
     """Too much queued work (RESOURCE_EXHAUSTED)."""
 
 
+class Busy(RuntimeError):
+    """Another thread holds the experiment and the caller asked not to wait (internal: the
+    server retries the call where it may wait; never sent to a client)."""
+
+
+class ShuttingDown(RuntimeError):
+    """The server is stopping; try again, here or on another replica (UNAVAILABLE)."""
+
+
 class Unauthenticated(PermissionError):
     """No admin credentials were sent (UNAUTHENTICATED)."""
 

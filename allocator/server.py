@@ -116,17 +116,22 @@ class Running:
         async def drain() -> None:
             await self.health.enter_graceful_shutdown()
             self._watch.cancel()
+            # WatchEvents never ends by itself: end it now (UNAVAILABLE, with where to
+            # resume) instead of holding the stop for the whole grace period.
+            self.app.events.close()
             await self.server.stop(grace)
 
-        self.loop.run(drain(), timeout=grace + 5)
-        # Bodies still in the pool (a reward waiting for its commit) finish before the
-        # writer is flushed and stopped.
-        self.pool.shutdown(wait=True)
-        self.supervisor.stop()
-        self.app.stop()
-        if self.http is not None:
-            self.http.shutdown()
-            self.http.server_close()
+        try:
+            self.loop.run(drain(), timeout=grace + 5)
+        finally:
+            # Even if draining failed: bodies still in the pool (a reward waiting for its
+            # commit) finish before the writer is flushed and stopped.
+            self.pool.shutdown(wait=True)
+            self.supervisor.stop()
+            self.app.stop()
+            if self.http is not None:
+                self.http.shutdown()
+                self.http.server_close()
 
 
 def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:

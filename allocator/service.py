@@ -13,6 +13,7 @@ RPC ever answers UNKNOWN or leaks a traceback.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hmac
 import itertools
@@ -21,7 +22,7 @@ import logging
 import math
 import queue
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import Executor
 from typing import Any, TypeVar
 
@@ -30,13 +31,24 @@ import numpy as np
 from allocator_client.v1 import allocator_pb2 as pb
 from allocator_client.v1 import allocator_pb2_grpc as pb_grpc
 
-from allocator.app import ACCEPTED, DUPLICATE, EXPIRED, STATUSES, Allocator, Record
+from allocator.app import (
+    ACCEPTED,
+    DUPLICATE,
+    EXPIRED,
+    STATUSES,
+    Allocator,
+    Ended,
+    EventHub,
+    Record,
+)
 from allocator.convert import EVENT_TO_PB, PB_TO_EVENT, PB_TO_STATE, STATE_TO_PB
 from allocator.errors import (
+    Busy,
     ExperimentExists,
     InvalidArgument,
     Overloaded,
     PermissionDenied,
+    ShuttingDown,
     Unauthenticated,
     UnknownExperiment,
     WrongState,
@@ -66,6 +78,7 @@ _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (StoreUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (ShuttingDown, grpc.StatusCode.UNAVAILABLE),
     # Another replica changed the experiment between our read and our write.
     (VersionConflict, grpc.StatusCode.ABORTED),
 )
@@ -73,7 +86,7 @@ _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
 T = TypeVar("T")
 Handler = Callable[..., Any]
 AsyncHandler = Callable[..., Awaitable[Any]]
-StreamHandler = Callable[..., AsyncIterator[Any]]
+StreamHandler = Callable[..., AsyncGenerator[Any, None]]
 
 # A WatchEvents stream with nothing to send looks for new events this often. Polling, not a
 # thread blocked on the subscriber queue, so idle watchers hold no handler thread.
@@ -93,9 +106,11 @@ def _rpc(*, inline: bool = False) -> Callable[[Handler], AsyncHandler]:
     """Make a plain handler body an asyncio RPC: timed, counted, errors mapped to a status.
 
     ``inline`` bodies run on the event loop itself: only for microseconds of CPU with no
-    I/O and no lock held for longer (Assign), where a hand-off to a thread would cost more
-    than the work. Every other body runs in the servicer's thread pool, so a store write, a
-    report or a large batch never stalls the loop.
+    I/O (Assign), where a hand-off to a thread would cost more than the work. They are
+    called with ``wait=False`` and raise :class:`Busy`, having changed nothing, rather than
+    wait for a lock another thread holds (a large batch, an estimate); the call then runs
+    in the pool with ``wait=True``. Every other body runs in the servicer's thread pool, so
+    a store write, a report or a large batch never stalls the loop.
     """
 
     def wrap(fn: Handler) -> AsyncHandler:
@@ -108,7 +123,10 @@ def _rpc(*, inline: bool = False) -> Callable[[Handler], AsyncHandler]:
             start = time.perf_counter()
             try:
                 if inline:
-                    response = fn(self, request, context)
+                    try:
+                        response = fn(self, request, context, False)
+                    except Busy:
+                        response = await self._blocking(fn, self, request, context, True)
                 else:
                     response = await self._blocking(fn, self, request, context)
             except asyncio.CancelledError:
@@ -137,10 +155,13 @@ def _stream(fn: StreamHandler) -> StreamHandler:
     @functools.wraps(fn)
     async def gen(
         self: AllocatorServicer, request: Any, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncGenerator[Any, None]:
         try:
-            async for item in fn(self, request, context):
-                yield item
+            # aclosing: when the client goes away, the handler's own ``finally`` (a
+            # WatchEvents unsubscribe) runs now, not whenever the generator is collected.
+            async with contextlib.aclosing(fn(self, request, context)) as items:
+                async for item in items:
+                    yield item
         except (asyncio.CancelledError, GeneratorExit):  # the client went away
             self.metrics.rpc.count(name, "CANCELLED")
             raise
@@ -154,6 +175,16 @@ def _stream(fn: StreamHandler) -> StreamHandler:
             self.metrics.rpc.count(name, "OK")
 
     return gen
+
+
+def _watch_ended(why: Ended, last: int) -> Exception:
+    """The status a WatchEvents call ends with, saying where to resume."""
+    resume = f"reconnect with after_sequence={last}"
+    if why == Ended.SHUTDOWN:
+        return ShuttingDown(f"server is shutting down; {resume}")
+    return Overloaded(
+        f"watcher fell {EventHub.QUEUE_SIZE:,} events behind and was dropped; {resume}"
+    )
 
 
 class AllocatorServicer(pb_grpc.AllocatorServicer):
@@ -258,9 +289,9 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
     # -- decisions ---------------------------------------------------------------------------
     @_rpc(inline=True)
     def Assign(
-        self, request: pb.AssignRequest, context: grpc.aio.ServicerContext
+        self, request: pb.AssignRequest, context: grpc.aio.ServicerContext, wait: bool = True
     ) -> pb.AssignResponse:
-        rec, d, token = self.app.assign(request.experiment, request.unit_id)
+        rec, d, token = self.app.assign(request.experiment, request.unit_id, wait=wait)
         return pb.AssignResponse(
             variant=d.variant,
             variant_index=d.arm,
@@ -294,7 +325,7 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
         self,
         request_iterator: AsyncIterator[pb.AssignStreamRequest],
         context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[pb.AssignStreamResponse]:
+    ) -> AsyncGenerator[pb.AssignStreamResponse, None]:
         async for req in request_iterator:
             batch = await self._blocking(self._assign_batch, req.batch)
             yield pb.AssignStreamResponse(request_id=req.request_id, batch=batch)
@@ -413,7 +444,7 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
         self,
         request_iterator: AsyncIterator[pb.RewardStreamRequest],
         context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[pb.RewardStreamResponse]:
+    ) -> AsyncGenerator[pb.RewardStreamResponse, None]:
         async for req in request_iterator:
             batch = await self._blocking(self._reward_batch, req.batch)
             yield pb.RewardStreamResponse(request_id=req.request_id, batch=batch)
@@ -500,7 +531,7 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
     @_stream
     async def WatchEvents(
         self, request: pb.WatchEventsRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.WatchEventsResponse]:
+    ) -> AsyncGenerator[pb.WatchEventsResponse, None]:
         if request.experiment:
             await self._blocking(self.app.get, request.experiment)
         for i, t in enumerate(request.types):
@@ -525,12 +556,13 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
                 except queue.Empty:
                     await asyncio.sleep(_WATCH_POLL_S)
                     continue
-                if live is None:
-                    return
+                if isinstance(live, Ended):
+                    raise _watch_ended(live, last)
                 if live.seq <= last:
                     continue
                 if self._wanted(live.event, request.experiment, types):
                     yield self._event(live.seq, live.event)
+                last = live.seq
         finally:
             self.app.events.unsubscribe(sub)
 

@@ -10,7 +10,7 @@ from allocator_client import AllocatorClient
 from allocator_client.v1 import allocator_pb2 as pb
 from prometheus_client import CollectorRegistry
 
-from allocator.defaults import DefaultRewards, Pending
+from allocator.defaults import _DUE_CHUNK, DefaultRewards, Pending
 from allocator.server import create_server
 from tests.conftest import server_config
 
@@ -95,3 +95,19 @@ def test_tracker_is_bounded_and_pops_in_order() -> None:
     assert tracker.size == 3 and tracker.dropped == 3
     assert [p.token for p in tracker.due(lambda _: 1.5)] == ["t1"]
     assert tracker.size == 0 and tracker.due(lambda _: 10.0) == []
+
+
+def test_due_pops_across_lock_chunks_in_order() -> None:
+    # More entries than one lock hold pops (_DUE_CHUNK), over two experiments, with the
+    # cutoff inside the run: everything before it comes out once, in order; the rest stays.
+    n = 2 * _DUE_CHUNK + 7
+    tracker = DefaultRewards()
+    one = np.zeros(1, dtype=np.int64)
+    for i in range(n):
+        tracker.track(Pending("a", float(i), f"a{i}", one, 0, False))
+        tracker.track(Pending("b", float(i), f"b{i}", one, 0, False))
+    cutoff = {"a": float(n - 3), "b": float(_DUE_CHUNK)}
+    out = tracker.due(lambda name: cutoff[name])
+    assert [p.token for p in out if p.experiment == "a"] == [f"a{i}" for i in range(n - 3)]
+    assert [p.token for p in out if p.experiment == "b"] == [f"b{i}" for i in range(_DUE_CHUNK)]
+    assert tracker.size == 3 + (n - _DUE_CHUNK)

@@ -19,7 +19,10 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from allocator.app import Ended, EventHub, StoredEvent
+from allocator.lifecycle import Event, EventType
 from allocator.server import STORE_HEALTH, Running, create_server
+from allocator.service import _code_for, _watch_ended
 from tests.conftest import ADMIN_TOKEN, server_config
 
 
@@ -630,3 +633,86 @@ def test_open_streams_hold_no_handler_thread(tmp_path: Path, registry: Collector
         for call in calls:
             call.cancel()
         running.stop(1.0)
+
+
+def test_a_busy_experiment_never_stalls_the_event_loop(
+    server: Running, stub: pb_grpc.AllocatorStub
+) -> None:
+    """Assign runs on the event loop; if it waited there for an experiment another thread
+    holds (a 100k-unit AssignBatch, an estimate on Resume), every RPC would wait with it."""
+    for name in ("busy", "free"):
+        stub.CreateExperiment(pb.CreateExperimentRequest(spec=_spec(name)))
+    lock = server.app.engine._experiments["busy"].lock  # what those long operations hold
+    lock.acquire()
+    try:
+        waiting = stub.Assign.future(pb.AssignRequest(experiment="busy"), timeout=30)
+        # Answered while "busy" is still held: the loop did not block on its lock.
+        assert stub.Assign(pb.AssignRequest(experiment="free"), timeout=5).variant
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+            resp = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+        assert not waiting.done()  # the busy experiment's call waits in the pool instead
+    finally:
+        lock.release()
+    d = waiting.result(timeout=10)
+    assert d.variant in ("a", "b", "c") and d.decision_id
+    out = stub.Reward(pb.RewardRequest(decision_id=d.decision_id, value=1.0))
+    assert out.status == pb.REWARD_STATUS_ACCEPTED
+
+
+def test_watchers_end_with_unavailable_when_the_server_stops(
+    tmp_path: Path, registry: CollectorRegistry
+) -> None:
+    """A stop ends open WatchEvents calls at once, saying where to resume, instead of
+    holding the stop for its whole grace period and then cancelling them."""
+    running = create_server(server_config(f"sqlite:///{tmp_path / 's.sqlite'}"), registry=registry)
+    with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+        stub = pb_grpc.AllocatorStub(ch)
+        stub.CreateExperiment(pb.CreateExperimentRequest(spec=_spec()), timeout=10)
+        stub.Pause(pb.PauseRequest(experiment="exp"), metadata=ADMIN, timeout=10)
+        call = stub.WatchEvents(pb.WatchEventsRequest(after_sequence=0))
+        first: list[pb.Event] = []
+        ended: list[grpc.RpcError] = []
+
+        def read() -> None:
+            try:
+                for resp in call:
+                    first.append(resp.event)
+            except grpc.RpcError as err:
+                ended.append(err)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        time.sleep(0.3)  # subscribed by now
+        stub.Resume(pb.ResumeRequest(experiment="exp"), metadata=ADMIN, timeout=10)
+        time.sleep(0.3)
+        # A grace far longer than the test: before, the watcher held the stop for all of it.
+        stopper = threading.Thread(target=running.stop, args=(120.0,))
+        stopper.start()
+        reader.join(30)
+        assert ended, "the watcher was not ended by the stop"
+        assert ended[0].code() == grpc.StatusCode.UNAVAILABLE
+        assert f"after_sequence={first[-1].sequence}" in ended[0].details()
+        stopper.join(60)
+        assert not stopper.is_alive()
+
+
+def test_a_slow_watcher_is_dropped_without_blocking_the_publisher() -> None:
+    hub = EventHub()
+    q = hub.subscribe()
+    event = StoredEvent(1, Event(EventType.PROMOTED, "exp", 0, 0.0))
+    publisher = threading.Thread(
+        target=lambda: [hub.publish(event) for _ in range(EventHub.QUEUE_SIZE + 5)]
+    )
+    publisher.start()
+    publisher.join(30)
+    assert not publisher.is_alive(), "publish blocked on a full subscriber queue"
+    items = [q.get_nowait() for _ in range(q.qsize())]
+    assert items[-1] == Ended.SLOW and all(i == event for i in items[:-1])
+    hub.publish(event)  # no longer subscribed: nothing more arrives
+    assert q.empty()
+    code, details = _code_for(_watch_ended(Ended.SLOW, 41))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "after_sequence=41" in details
+    code, details = _code_for(_watch_ended(Ended.SHUTDOWN, 41))
+    assert code == grpc.StatusCode.UNAVAILABLE and "after_sequence=41" in details
