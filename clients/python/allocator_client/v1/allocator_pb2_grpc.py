@@ -273,7 +273,9 @@ class AllocatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchEvents(self, request, context):
-        """Lifecycle and monitoring events, live; optionally replays stored ones first.
+        """Lifecycle and monitoring events, live; optionally replays stored ones first. Ends
+        with UNAVAILABLE when the server stops and RESOURCE_EXHAUSTED when the watcher falls
+        a whole queue behind; both say the after_sequence to reconnect with.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
