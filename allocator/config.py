@@ -11,6 +11,7 @@ given on the command line wins over the environment, which wins over the default
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import socket
 from collections.abc import Mapping, Sequence
@@ -43,6 +44,7 @@ class ServerConfig:
     tls_key: str = ""
     tls_client_ca: str = ""
     grace_s: float = 10.0
+    shutdown_delay_s: float = 0.0
     log_level: str = "INFO"
     log_json: bool = True
 
@@ -64,6 +66,10 @@ class ServerConfig:
             raise ValueError("tls_cert and tls_key go together")
         if self.tls_client_ca and not self.tls_cert:
             raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        for name in ("grace_s", "shutdown_delay_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ValueError(
                 f"log_level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level}"
@@ -102,6 +108,8 @@ class ServerConfig:
             "tls_key": "PEM private key for --tls-cert",
             "tls_client_ca": "PEM CA bundle: require and verify client certificates (mTLS)",
             "grace_s": "seconds in-flight RPCs get to finish on SIGTERM",
+            "shutdown_delay_s": "seconds between reporting NOT_SERVING and refusing new calls "
+            "on SIGTERM (time for load balancers' health checks to notice)",
             "log_level": "DEBUG, INFO, WARNING or ERROR",
             "log_json": "structured JSON logs (true/false)",
         }

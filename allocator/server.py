@@ -110,11 +110,15 @@ class Running:
         """Report NOT_SERVING for every service (and keep doing so)."""
         self.loop.run(self.health.enter_graceful_shutdown())
 
-    def stop(self, grace: float = 5.0) -> None:
-        """NOT_SERVING, drain in-flight RPCs, flush rewards, close the store."""
+    def stop(self, grace: float = 5.0, delay: float = 0.0) -> None:
+        """NOT_SERVING; after ``delay`` s still serving, drain in-flight RPCs, flush rewards,
+        close the store."""
 
         async def drain() -> None:
             await self.health.enter_graceful_shutdown()
+            # Still serving: pollers of the health service (load balancers) see NOT_SERVING
+            # and move traffic away before new calls are refused.
+            await asyncio.sleep(delay)
             self._watch.cancel()
             # WatchEvents never ends by itself: end it now (UNAVAILABLE, with where to
             # resume) instead of holding the stop for the whole grace period.
@@ -122,7 +126,7 @@ class Running:
             await self.server.stop(grace)
 
         try:
-            self.loop.run(drain(), timeout=grace + 5)
+            self.loop.run(drain(), timeout=delay + grace + 5)
         finally:
             # Even if draining failed: bodies still in the pool (a reward waiting for its
             # commit) finish before the writer is flushed and stopped.
@@ -328,7 +332,7 @@ def serve(config: ServerConfig) -> int:
     while not done.wait(1.0):
         pass
     t0 = time.monotonic()
-    running.stop(config.grace_s)
+    running.stop(config.grace_s, config.shutdown_delay_s)
     log.info("stopped cleanly in %.2f s", time.monotonic() - t0)
     # Everything is flushed. Interpreter teardown resets Python-level handlers to the
     # default, so a repeated SIGTERM arriving now would end the process with -15 instead of

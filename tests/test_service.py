@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from allocator.app import Ended, EventHub, StoredEvent
+from allocator.config import ServerConfig
 from allocator.lifecycle import Event, EventType
 from allocator.server import STORE_HEALTH, Running, create_server
 from allocator.service import _code_for, _watch_ended
@@ -716,3 +717,43 @@ def test_a_slow_watcher_is_dropped_without_blocking_the_publisher() -> None:
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "after_sequence=41" in details
     code, details = _code_for(_watch_ended(Ended.SHUTDOWN, 41))
     assert code == grpc.StatusCode.UNAVAILABLE and "after_sequence=41" in details
+
+
+def test_shutdown_delay_reports_not_serving_while_still_serving(
+    tmp_path: Path, registry: CollectorRegistry
+) -> None:
+    """Load balancers poll health: during the delay they must see NOT_SERVING while calls
+    that still arrive are answered, and only then are new calls refused."""
+    running = create_server(server_config(f"sqlite:///{tmp_path / 's.sqlite'}"), registry=registry)
+    with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+        stub = pb_grpc.AllocatorStub(ch)
+        health = health_pb2_grpc.HealthStub(ch)
+        stub.CreateExperiment(pb.CreateExperimentRequest(spec=_spec()), timeout=10)
+        stopper = threading.Thread(target=running.stop, args=(1.0, 5.0))
+        stopper.start()
+        for _ in range(200):
+            status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
+            if status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                break
+            time.sleep(0.05)
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        # Inside the 5 s delay: a late caller still gets its decision and its reward in.
+        d = stub.Assign(pb.AssignRequest(experiment="exp"), timeout=5)
+        out = stub.Reward(pb.RewardRequest(decision_id=d.decision_id, value=1.0), timeout=5)
+        assert out.status == pb.REWARD_STATUS_ACCEPTED
+        assert stopper.is_alive()
+        stopper.join(30)
+        assert not stopper.is_alive()
+        code, _ = _code(stub.Assign, pb.AssignRequest(experiment="exp"), timeout=5)
+        assert code == grpc.StatusCode.UNAVAILABLE  # stopped: new calls are refused
+
+
+def test_config_rejects_negative_shutdown_times() -> None:
+    for name in ("grace_s", "shutdown_delay_s"):
+        with pytest.raises(ValueError, match=name):
+            ServerConfig(**{name: -1.0})
+        with pytest.raises(ValueError, match=name):
+            ServerConfig(**{name: float("nan")})
+    env = {"ALLOCATOR_SHUTDOWN_DELAY_S": "2.5"}
+    assert ServerConfig.from_args([], env=env).shutdown_delay_s == 2.5
+    assert ServerConfig.from_args(["--shutdown-delay-s", "4"], env=env).shutdown_delay_s == 4.0
