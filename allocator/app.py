@@ -155,46 +155,48 @@ class EventHub:
     """Fans events out to WatchEvents subscribers; bounded queues drop slow watchers.
 
     Every subscription ends with an :class:`Ended` item, so its reader can tell the client
-    why and where to resume; publishing never blocks, even on a full queue.
+    why and where to resume; publishing never blocks, even on a full queue. A subscriber's
+    ``notify`` is called after each item is queued for it (from the publishing thread).
     """
 
     QUEUE_SIZE = 10_000
 
     def __init__(self) -> None:
-        self._subs: list[queue.Queue[WatchItem]] = []
+        self._subs: dict[queue.Queue[WatchItem], Callable[[], object]] = {}
         self._lock = threading.Lock()
 
     def publish(self, item: StoredEvent) -> None:
         """Deliver to every live subscriber."""
         with self._lock:
-            subs = list(self._subs)
-        for q in subs:
+            subs = list(self._subs.items())
+        for q, notify in subs:
             try:
                 q.put_nowait(item)
             except queue.Full:
                 log.warning("dropping a slow WatchEvents subscriber")
                 self.unsubscribe(q)
                 _end(q, Ended.SLOW)
+            _call(notify)
 
-    def subscribe(self) -> queue.Queue[WatchItem]:
+    def subscribe(self, notify: Callable[[], object] = lambda: None) -> queue.Queue[WatchItem]:
         """A queue that receives every event from now on, then an ``Ended``."""
         q: queue.Queue[WatchItem] = queue.Queue(maxsize=self.QUEUE_SIZE)
         with self._lock:
-            self._subs.append(q)
+            self._subs[q] = notify
         return q
 
     def unsubscribe(self, q: queue.Queue[WatchItem]) -> None:
         """Stop delivering to ``q``."""
         with self._lock:
-            if q in self._subs:
-                self._subs.remove(q)
+            self._subs.pop(q, None)
 
     def close(self) -> None:
         """End every subscription (the server is stopping)."""
         with self._lock:
-            subs, self._subs = self._subs, []
-        for q in subs:
+            subs, self._subs = self._subs, {}
+        for q, notify in subs.items():
             _end(q, Ended.SHUTDOWN)
+            _call(notify)
 
 
 def _end(q: queue.Queue[WatchItem], why: Ended) -> None:
@@ -207,6 +209,14 @@ def _end(q: queue.Queue[WatchItem], why: Ended) -> None:
         except queue.Full:
             with contextlib.suppress(queue.Empty):
                 q.get_nowait()
+
+
+def _call(notify: Callable[[], object]) -> None:
+    """A subscriber's wake-up; its failure (say, a loop already closed) is its own."""
+    try:
+        notify()
+    except Exception:
+        log.debug("WatchEvents wake-up failed", exc_info=True)
 
 
 class Allocator:

@@ -88,9 +88,6 @@ Handler = Callable[..., Any]
 AsyncHandler = Callable[..., Awaitable[Any]]
 StreamHandler = Callable[..., AsyncGenerator[Any, None]]
 
-# A WatchEvents stream with nothing to send looks for new events this often. Polling, not a
-# thread blocked on the subscriber queue, so idle watchers hold no handler thread.
-_WATCH_POLL_S = 0.05
 # Stored events are replayed in pages of this many (one store read per page).
 _REPLAY_PAGE = 1000
 
@@ -539,8 +536,11 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
                 raise InvalidArgument(f"types[{i}]", f"unknown event type {t}")
         types = {PB_TO_EVENT[t] for t in request.types}
         # Subscribed before the replay, so nothing published meanwhile is missed; what
-        # both deliver is skipped by sequence number.
-        sub = self.app.events.subscribe()
+        # both deliver is skipped by sequence number. The hub wakes this loop when it
+        # queues an item: no polling.
+        loop = asyncio.get_running_loop()
+        wake = asyncio.Event()
+        sub = self.app.events.subscribe(lambda: loop.call_soon_threadsafe(wake.set))
         try:
             last = request.after_sequence
             if request.after_sequence:
@@ -554,7 +554,10 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
                 try:
                     live = sub.get_nowait()
                 except queue.Empty:
-                    await asyncio.sleep(_WATCH_POLL_S)
+                    # No await between the check and clear(): a wake-up for an item queued
+                    # since runs on this loop only after it, so none is lost.
+                    wake.clear()
+                    await wake.wait()
                     continue
                 if isinstance(live, Ended):
                     raise _watch_ended(live, last)

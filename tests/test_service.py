@@ -757,3 +757,22 @@ def test_config_rejects_negative_shutdown_times() -> None:
     env = {"ALLOCATOR_SHUTDOWN_DELAY_S": "2.5"}
     assert ServerConfig.from_args([], env=env).shutdown_delay_s == 2.5
     assert ServerConfig.from_args(["--shutdown-delay-s", "4"], env=env).shutdown_delay_s == 4.0
+
+
+def test_a_cancelled_watcher_is_unsubscribed(server: Running, stub: pb_grpc.AllocatorStub) -> None:
+    """Idle watchers wait for the hub's wake-up (no polling); a client that goes away must
+    still end its subscription at once, not at the next event."""
+    hub = server.app.events
+    calls = [stub.WatchEvents(pb.WatchEventsRequest()) for _ in range(3)]
+    for _ in range(100):
+        if len(hub._subs) == 3:
+            break
+        time.sleep(0.05)
+    assert len(hub._subs) == 3
+    for call in calls:
+        call.cancel()
+    for _ in range(100):
+        if not hub._subs:
+            break
+        time.sleep(0.05)
+    assert not hub._subs
