@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from allocator_client import AllocatorClient
+from allocator_client import AllocatorClient, RetryPolicy
 from allocator_client.v1 import allocator_pb2 as pb
 from google.protobuf import json_format
 
@@ -88,10 +88,19 @@ def _admin(ns: argparse.Namespace) -> int:
     return 0
 
 
+# `allocator watch` outlives a server restart: 30 reconnects in a row, backoff capped at 2 s
+# (about half a minute with full jitter), before it gives up and exits 1.
+_WATCH_RETRY = RetryPolicy(max_attempts=30, initial_backoff=0.1, max_backoff=2.0)
+
+
 def _watch(ns: argparse.Namespace) -> int:
-    with _client(ns) as c:
+    client = AllocatorClient(
+        ns.target, admin_token=ns.admin_token or None, timeout=ns.timeout, retries=_WATCH_RETRY
+    )
+    with client as c:
         try:
-            for event in c.watch_events(ns.name or "", after_sequence=ns.after):
+            events = c.watch_events(ns.name or "", after_sequence=ns.after, resume=True)
+            for event in events:
                 print(json.dumps(json_format.MessageToDict(event)), flush=True)
         except KeyboardInterrupt:
             return 0

@@ -275,12 +275,17 @@ def test_list_experiments_follows_pages() -> None:
 
 
 class FakeStream:
-    def __init__(self, events: Sequence[pb.Event]) -> None:
+    """A server stream: its events, then ``error`` (if any) as the stream's end."""
+
+    def __init__(self, events: Sequence[pb.Event], error: BaseException | None = None) -> None:
         self.responses = [pb.WatchEventsResponse(event=e) for e in events]
+        self.error = error
         self.cancelled = False
 
     def __iter__(self) -> Iterator[pb.WatchEventsResponse]:
-        return iter(self.responses)
+        yield from self.responses
+        if self.error is not None:
+            raise self.error
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -550,3 +555,48 @@ def test_batcher_validates_its_settings(kwargs: dict[str, Any], error: type[Exce
     settings: dict[str, Any] = {"experiment": "e", **kwargs}
     with pytest.raises(error):
         RewardBatcher(client, **settings)
+
+
+def _events(*sequences: int) -> list[pb.Event]:
+    return [pb.Event(sequence=i, type=pb.EVENT_TYPE_PROMOTED) for i in sequences]
+
+
+def test_watch_events_resumes_after_the_last_event_seen() -> None:
+    stub = FakeStub(
+        {
+            "WatchEvents": [
+                FakeStream(_events(7, 8), FakeRpcError(grpc.StatusCode.UNAVAILABLE)),
+                # Dropped for falling behind, before any event of this connection.
+                FakeStream([], FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED)),
+                FakeStream(_events(9)),
+            ]
+        }
+    )
+    client, sleeps = make_client(stub)
+    got = [e.sequence for e in client.watch_events("e", after_sequence=6, resume=True)]
+    assert got == [7, 8, 9]
+    assert [c.request.after_sequence for c in stub.calls] == [6, 8, 8]
+    assert all(c.request.experiment == "e" for c in stub.calls)
+    # Backoff of failures in a row: 1st, then 2nd retry (rand() = 1: the cap).
+    assert sleeps == pytest.approx([0.05, 0.1])
+
+
+def test_watch_events_gives_up_and_does_not_resume_other_codes() -> None:
+    unavailable = FakeRpcError(grpc.StatusCode.UNAVAILABLE)
+    stub = FakeStub({"WatchEvents": [FakeStream([], unavailable) for _ in range(5)]})
+    client, sleeps = make_client(stub, retries=RetryPolicy(max_attempts=3))
+    with pytest.raises(grpc.RpcError):
+        list(client.watch_events(resume=True))
+    assert len(stub.calls) == 3 and len(sleeps) == 2
+    for code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.NOT_FOUND):
+        stub = FakeStub({"WatchEvents": [FakeStream(_events(1), FakeRpcError(code))]})
+        client, sleeps = make_client(stub)
+        with pytest.raises(grpc.RpcError):
+            list(client.watch_events(resume=True))
+        assert len(stub.calls) == 1 and sleeps == []
+    # Without resume, even UNAVAILABLE ends the watch.
+    stub = FakeStub({"WatchEvents": [FakeStream(_events(1), unavailable)]})
+    client, sleeps = make_client(stub)
+    with pytest.raises(grpc.RpcError):
+        list(client.watch_events())
+    assert len(stub.calls) == 1

@@ -27,6 +27,8 @@ RETRYABLE_CODES: frozenset[grpc.StatusCode] = frozenset(
     }
 )
 PUSHBACK_KEY = "grpc-retry-pushback-ms"
+# How a WatchEvents stream ends when reconnecting helps (see watch_events).
+_RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
 
 
 def _require_finite(name: str, value: float) -> None:
@@ -557,23 +559,59 @@ class AllocatorClient:
         types: Iterable[pb.EventType] = (),
         after_sequence: int = 0,
         timeout: float | None = None,
+        resume: bool = False,
     ) -> Generator[pb.Event, None, None]:
         """Yield events as they happen; ``timeout`` None means no deadline (long-lived).
 
-        Not retried: resume after a failure with ``after_sequence`` = last seen sequence.
-        Closing the generator cancels the call.
+        ``resume``: when the stream ends with UNAVAILABLE (the server stopping, or
+        unreachable) or RESOURCE_EXHAUSTED (this watcher fell behind and was dropped),
+        reconnect after the retry policy's backoff with ``after_sequence`` = the last
+        sequence seen, so nothing is missed or repeated; give up (raise) after
+        ``max_attempts`` failures in a row. ``timeout`` applies to each connection. With
+        ``after_sequence`` 0 and no event seen yet, the reconnect is live-only too, so
+        events of the gap are not replayed. Without ``resume``, resume yourself with
+        ``after_sequence``. Closing the generator cancels the call.
         """
-        request = pb.WatchEventsRequest(
-            experiment=experiment, types=list(types), after_sequence=after_sequence
-        )
-        call = self._stub.WatchEvents(request, timeout=timeout)
-        try:
-            for response in call:
-                yield response.event
-        finally:
-            cancel = getattr(call, "cancel", None)
-            if callable(cancel):
-                cancel()
+        types = list(types)
+        last = after_sequence
+        failures = 0
+        while True:
+            request = pb.WatchEventsRequest(experiment=experiment, types=types, after_sequence=last)
+            call = None
+            try:
+                call = self._stub.WatchEvents(request, timeout=timeout)
+                for response in call:
+                    failures = 0
+                    last = max(last, response.event.sequence)
+                    yield response.event
+                return
+            except grpc.RpcError as error:
+                code = status_code(error)
+                failures += 1
+                wait = (
+                    self._retries.delay(
+                        code,
+                        failures,
+                        idempotent=True,
+                        rand=self._rand,
+                        pushback=pushback_seconds(error),
+                    )
+                    if resume and code in _RESUMABLE
+                    else None
+                )
+                if wait is None:
+                    raise
+                _log.info(
+                    "WatchEvents ended (%s); resuming after sequence %d in %.2f s",
+                    error,
+                    last,
+                    wait,
+                )
+                self._sleep(wait)
+            finally:
+                cancel = getattr(call, "cancel", None)
+                if callable(cancel):
+                    cancel()
 
 
 ErrorHandler = Callable[[BaseException, pb.RewardBatchRequest], None]
