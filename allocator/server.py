@@ -12,6 +12,7 @@ pool of ``max_workers`` threads (see :mod:`allocator.service`).
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import signal
@@ -217,9 +218,18 @@ def create_server(
         supervisor.stop()
         app.stop()
         raise
-    http = (
-        _http_server(config, registry, app) if config.http_port >= 0 else None  # -1: off
-    )
+    http = None
+    if config.http_port >= 0:  # -1: off
+        try:
+            http = _http_server(config, registry, app)
+        except OSError as err:
+            loop.run(_abandon(server, watch))
+            pool.shutdown()
+            supervisor.stop()
+            app.stop()
+            raise OSError(
+                err.errno, f"--http-port {config.http_port} on {config.http_host}: {err.strerror}"
+            ) from err
     http_port = http.server_address[1] if http is not None else 0
     return Running(
         server,
@@ -235,6 +245,12 @@ def create_server(
     )
 
 
+async def _abandon(server: grpc.aio.Server, watch: asyncio.Future[None]) -> None:
+    """Undo ``_start_grpc`` (start-up failed after it)."""
+    watch.cancel()
+    await server.stop(0)
+
+
 async def _start_grpc(
     config: ServerConfig, servicer: AllocatorServicer
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer, asyncio.Future[None]]:
@@ -247,12 +263,18 @@ async def _start_grpc(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     creds = _credentials(config)
-    if creds is None:
-        port = server.add_insecure_port(config.listen)
-    else:
-        port = server.add_secure_port(config.listen, creds)
+    try:
+        if creds is None:
+            port = server.add_insecure_port(config.listen)
+        else:
+            port = server.add_secure_port(config.listen, creds)
+    except RuntimeError:  # grpc's "Failed to bind", without the reason
+        port = 0
     if port == 0:
-        raise RuntimeError(f"could not bind {config.listen}")
+        raise OSError(
+            errno.EADDRNOTAVAIL,
+            f"--listen {config.listen}: cannot bind (port in use, or not an address of this host)",
+        )
     await server.start()
     for name in ("", SERVICE_NAME, STORE_HEALTH):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

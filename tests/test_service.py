@@ -819,3 +819,26 @@ def test_a_resuming_watcher_survives_a_server_restart(
             running.stop(1.0)
     assert [e.type for e in got] == [pb.EVENT_TYPE_PAUSED, pb.EVENT_TYPE_RESUMED]
     assert got[0].sequence < got[1].sequence
+
+
+def test_busy_ports_are_named_and_leave_nothing_running(
+    tmp_path: Path, registry: CollectorRegistry
+) -> None:
+    url = f"sqlite:///{tmp_path / 's.sqlite'}"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(OSError, match=f"--listen 127.0.0.1:{port}: cannot bind"):
+            create_server(
+                server_config(url, listen=f"127.0.0.1:{port}"), registry=CollectorRegistry()
+            )
+        with pytest.raises(OSError, match=f"--http-port {port} on 127.0.0.1"):
+            create_server(server_config(url, http_port=port), registry=CollectorRegistry())
+    # Both failed start-ups let go of the store (its lock) and everything they started.
+    running = create_server(server_config(url), registry=registry)
+    try:
+        with AllocatorClient(f"127.0.0.1:{running.port}", admin_token=ADMIN_TOKEN) as c:
+            assert c.create_experiment(_spec()).spec.name == "exp"
+    finally:
+        running.stop(1.0)
