@@ -257,8 +257,15 @@ class _Experiment:
         self.epoch_stats = np.zeros((4, k, 3))
         self.epoch_started = np.zeros(4)
         self.epoch = 0
+        # SRM bookkeeping: only decisions drawn from the allocation table have a split known
+        # in advance (`alloc`); exact-mode decisions follow the live posterior or index, and
+        # unit ids hash onto the epoch's shares. `srm_pulls` counts the table's decisions,
+        # `expected` their split, `srm_mark` the table-eligible total at the last refresh.
         self.expected = np.zeros(k)
-        self.pending = 0  # decisions since the last refresh, folded into `expected`
+        self.srm_pulls = np.zeros(k, dtype=np.int64)
+        self.unit_pulls = np.zeros(k, dtype=np.int64)
+        self.srm_mark = np.zeros(k, dtype=np.int64)
+        self.pending = 0  # decisions since the last refresh (a refresh trigger)
         self.rewards_since = 0
         self.rewards_total = 0
         self.last_refresh = now
@@ -317,10 +324,13 @@ class _Experiment:
             if sh.cap < 1.0:
                 policy_alloc = _cap_shares(policy_alloc, sh.cap)
         alloc = policy_alloc / policy_alloc.sum()
+        # Decisions since the last refresh were made under the old allocation and mode.
+        seg = self._srm_segment()
+        self.srm_pulls += seg
+        self.expected += seg.sum() * self.alloc
+        self.srm_mark = self._served()
         kernels.alias_build(alloc, self.prob, self.alias)
         self.table_active = self._serves_from_table()
-        # Decisions since the last refresh were made under the old allocation.
-        self.expected += self.pending * self.alloc
         self.pending = 0
         self.alloc = alloc
         self.rewards_since = 0
@@ -381,6 +391,16 @@ class _Experiment:
         else:
             self.assign_one = self._assign_general
 
+    def _served(self) -> np.ndarray:
+        """Decisions per arm made without a unit id, all epochs."""
+        return self.epoch_pulls[: self.epoch + 1].sum(axis=0) - self.unit_pulls
+
+    def _srm_segment(self) -> np.ndarray:
+        """Table-served decisions per arm since the last refresh (zeros in exact mode)."""
+        if not self.table_active:
+            return np.zeros_like(self.srm_pulls)
+        return self._served() - self.srm_mark
+
     def _assign_general(self) -> int:
         self.last_props = self.decide(self.one)
         arm = int(self.one[0])
@@ -420,6 +440,9 @@ class _Experiment:
         self.stats = np.concatenate([self.stats, np.zeros((1, 3))])
         self.alloc = np.append(self.alloc, 0.0)
         self.expected = np.append(self.expected, 0.0)
+        self.srm_pulls = np.append(self.srm_pulls, 0)
+        self.unit_pulls = np.append(self.unit_pulls, 0)
+        self.srm_mark = np.append(self.srm_mark, 0)
         self.prob = np.ones(k)
         self.alias = np.arange(k, dtype=np.int64)
         self.fixed_prob = np.ones(k)
@@ -445,6 +468,9 @@ class _Experiment:
             "mc_rng": self.mc_rng.copy(),
             "alloc": self.alloc.copy(),
             "expected": self.expected.copy(),
+            "srm_pulls": self.srm_pulls.copy(),
+            "unit_pulls": self.unit_pulls.copy(),
+            "srm_mark": self.srm_mark.copy(),
             "epoch_shares": self.epoch_shares[:n].copy(),
             "epoch_pulls": self.epoch_pulls[:n].copy(),
             "epoch_stats": self.epoch_stats[:n].copy(),
@@ -491,7 +517,16 @@ class _Experiment:
         kernels.alias_build(self.epoch_shares[self.epoch], self.unit_prob, self.unit_alias)
         # Rebuild the tables the same way a refresh did, without consuming randomness.
         self._rebuild_tables(a["alloc"].astype(np.float64, copy=True))
-        self.expected = a["expected"].astype(np.float64, copy=True)
+        if "srm_pulls" in a:
+            self.expected = a["expected"].astype(np.float64, copy=True)
+            self.srm_pulls = a["srm_pulls"].astype(np.int64, copy=True)
+            self.unit_pulls = a["unit_pulls"].astype(np.int64, copy=True)
+            self.srm_mark = a["srm_mark"].astype(np.int64, copy=True)
+        else:  # a snapshot from before table-only SRM: its counts restart from here
+            self.expected = np.zeros(k)
+            self.srm_pulls = np.zeros(k, dtype=np.int64)
+            self.unit_pulls = np.zeros(k, dtype=np.int64)
+            self.srm_mark = self.epoch_pulls[:n].sum(axis=0)
         self.pending = int(snap.scalars["pending"])
         self.rewards_since = int(snap.scalars["rewards_since"])
         self.rewards_total = int(snap.scalars["rewards_total"])
@@ -652,6 +687,7 @@ class Engine:
                 u = _unit_uniform(name, unit_id, exp.epoch)
                 arm = kernels.alias_at(exp.unit_prob, exp.unit_alias, u)
                 exp.epoch_pulls[exp.epoch, arm] += 1
+                exp.unit_pulls[arm] += 1
                 prop = exp.epoch_shares[exp.epoch, arm]
             exp.pending += 1
             return Decision(arm, exp.variants[arm], float(prop), exp.epoch)
@@ -684,6 +720,8 @@ class Engine:
             else:
                 props = exp.decide(out)[out]
             kernels.count_arms(out, exp.epoch_pulls[exp.epoch])
+            if unit_ids:
+                kernels.count_arms(out, exp.unit_pulls)
             exp.pending += count
             return BatchDecision(out, props, exp.epoch, exp.variants)
 
@@ -811,7 +849,8 @@ class Engine:
                 config=exp.config,
                 stats=exp.stats.copy(),
                 alloc=exp.alloc.copy(),
-                expected=exp.expected + exp.pending * exp.alloc,
+                expected=exp.expected + exp._srm_segment().sum() * exp.alloc,
+                srm_pulls=exp.srm_pulls + exp._srm_segment(),
                 epoch=exp.epoch,
                 epoch_shares=exp.epoch_shares[:n].copy(),
                 epoch_pulls=exp.epoch_pulls[:n].copy(),
@@ -866,7 +905,8 @@ class ExperimentView:
     config: ExperimentConfig
     stats: np.ndarray
     alloc: np.ndarray
-    expected: np.ndarray
+    expected: np.ndarray  # SRM: expected split of the table-served decisions
+    srm_pulls: np.ndarray  # SRM: table-served decisions per arm (no unit ids)
     epoch: int
     epoch_shares: np.ndarray
     epoch_pulls: np.ndarray

@@ -33,7 +33,8 @@ NOTES = (
     "shares in force per epoch. lift: pooled difference vs control, Welch interval. "
     "Tests are fixed-horizon tests on pooled data: informative, not always-valid under "
     "continuous monitoring; promotion uses the posterior rule. SRM: chi-square of "
-    "assignments against the allocation in force in each epoch."
+    "the decisions drawn from the allocation table (srm.decisions of them) against the "
+    "shares they were drawn from; exact-mode decisions are not covered."
 )
 
 
@@ -104,13 +105,18 @@ def build_report(engine: Engine, name: str, alpha: float = 0.05) -> pb.GetReport
                 p_value=_f(t.p_value),
             )
         )
-    if view.pulls.sum() > 0:
-        # Expected counts: the sum over decisions of the allocation in force when each was
-        # made (the engine folds decisions x shares at every refresh), not a fixed split.
-        total = float(view.expected.sum())
-        srm = stats.srm_check(view.pulls, [view.expected / total], [total])
+    # SRM covers the decisions drawn from the allocation table, whose split is known: the
+    # expected counts sum, over refreshes, those decisions x the shares they were drawn
+    # from. Exact-mode decisions follow the live posterior or index instead, and a check
+    # against the last estimate of their split raises false alarms.
+    total = float(view.expected.sum())
+    resp.srm.decisions = int(view.srm_pulls.sum())
+    if total > 0:
+        srm = stats.srm_check(view.srm_pulls, [view.expected / total], [total])
         resp.srm.p_value = _f(srm.p_value)
         resp.srm.flagged = bool(srm.flagged)
+    else:
+        resp.srm.p_value = float("nan")
     for e in range(view.epoch + 1):
         snap = resp.allocation_history.add(epoch=e, shares=[float(x) for x in view.epoch_shares[e]])
         snap.time.FromNanoseconds(int(view.epoch_started[e] * 1e9))
