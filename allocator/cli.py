@@ -66,7 +66,11 @@ def _report(ns: argparse.Namespace) -> int:
         )
     for t in rep.tests:
         print(f"{t.name} {t.variant} vs control: statistic {t.statistic:.3f}, p {t.p_value:.4g}")
-    print(f"SRM: p = {rep.srm.p_value:.4g}{'  MISMATCH' if rep.srm.flagged else ''}")
+    if rep.srm.decisions:
+        flag = "  MISMATCH" if rep.srm.flagged else ""
+        print(f"SRM: p = {rep.srm.p_value:.4g} over {rep.srm.decisions} table decisions{flag}")
+    else:
+        print("SRM: not checked (no decision drawn from the allocation table)")
     if rep.promotion.decision:
         print(
             f"promotion: {rep.promotion.decision} {rep.promotion.candidate} "

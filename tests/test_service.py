@@ -842,3 +842,17 @@ def test_busy_ports_are_named_and_leave_nothing_running(
             assert c.create_experiment(_spec()).spec.name == "exp"
     finally:
         running.stop(1.0)
+
+
+def test_cli_report_says_what_the_srm_check_covers(
+    server: Running, client: AllocatorClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from allocator import cli
+
+    client.create_experiment(_spec(allocation_mode=pb.ALLOCATION_MODE_TABLE))
+    client.assign_batch("exp", 500)
+    client.assign("exp", unit_id="user-1")  # follows the epoch's shares: not covered
+    covered = client.get_report("exp").srm.decisions
+    assert covered == 500
+    assert cli.main(["--target", f"127.0.0.1:{server.port}", "report", "exp"]) == 0
+    assert f"over {covered} table decisions" in capsys.readouterr().out
