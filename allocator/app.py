@@ -27,7 +27,7 @@ import numpy.typing as npt
 from allocator_client.v1 import allocator_pb2 as pb
 
 from allocator.config import ServerConfig
-from allocator.convert import spec_from_json, spec_to_config, spec_to_json
+from allocator.convert import check_promotion, spec_from_json, spec_to_config, spec_to_json
 from allocator.defaults import DefaultRewards, Pending
 from allocator.drift import ScoreWindows
 from allocator.durable import Recovery, RewardWriter
@@ -354,6 +354,7 @@ class Allocator:
     def create(self, spec: pb.ExperimentSpec, actor: str = "api") -> Record:
         """Validate, persist and start serving a new experiment."""
         config = spec_to_config(spec)
+        check_promotion(spec)
         if spec.HasField("default_reward"):
             d = spec.default_reward
             bernoulli = config.policy.reward.value == "bernoulli"

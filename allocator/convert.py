@@ -17,6 +17,7 @@ from allocator.engine import AllocationMode, ExperimentConfig, Shaping
 from allocator.errors import InvalidArgument
 from allocator.lifecycle import EventType, State
 from allocator.policies import PolicyConfig, PolicyKind, RewardKind
+from allocator.promotion import PromotionSettings
 
 _POLICY = {
     pb.POLICY_UNSPECIFIED: PolicyKind.THOMPSON,
@@ -126,6 +127,45 @@ def spec_to_config(spec: pb.ExperimentSpec) -> ExperimentConfig:
         )
     except ValueError as err:
         raise InvalidArgument(f"spec.{_field_of(err)}", str(err)) from None
+
+
+def promotion_settings(spec: pb.ExperimentSpec) -> PromotionSettings:
+    """The rule's settings from a spec's promotion block (defaults as in the proto)."""
+    p = spec.promotion
+
+    def opt(field: str) -> float | None:
+        return float(getattr(p, field)) if p.HasField(field) else None
+
+    threshold = opt("p_best_threshold")
+    return PromotionSettings(
+        p_best_threshold=0.95 if threshold is None else threshold,
+        expected_loss_tolerance=opt("expected_loss_tolerance"),
+        indifference_margin=opt("indifference_margin"),
+        min_samples_per_variant=int(p.min_samples_per_variant)
+        if p.HasField("min_samples_per_variant")
+        else 100,
+        min_duration_seconds=float(p.min_duration_seconds),
+        min_effect=opt("min_effect"),
+        futility_probability=opt("futility_probability") or None,
+    )
+
+
+def check_promotion(spec: pb.ExperimentSpec) -> None:
+    """Reject a promotion block the rule or the report could not use, naming the field.
+
+    Checked when an experiment is created (not when a stored one is loaded).
+    """
+    p = spec.promotion
+    for field in ("alpha", "power"):
+        if p.HasField(field) and not 0.0 < getattr(p, field) < 1.0:
+            raise InvalidArgument(f"spec.promotion.{field}", "must be in (0, 1)")
+    try:
+        promotion_settings(spec)
+    except (ValueError, TypeError) as err:
+        word = str(err).split(" ", 1)[0]
+        raise InvalidArgument(
+            f"spec.promotion.{word if word.isidentifier() else 'promotion'}", str(err)
+        ) from None
 
 
 _TRAFFIC = {"control_share", "floor", "cap", "exploration_samples"}

@@ -452,7 +452,10 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
         self, request: pb.GetReportRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetReportResponse:
         rec = self.app.get(request.experiment)
-        resp = build_report(self.app.engine, rec.name)
+        promo = rec.spec.promotion
+        # The spec's alpha sets the interval levels (lift, credible) as the proto says.
+        alpha = promo.alpha if promo.HasField("alpha") else 0.05
+        resp = build_report(self.app.engine, rec.name, alpha=alpha)
         resp.experiment.CopyFrom(self._experiment(rec))
         resp.report_time.GetCurrentTime()
         status = self.app.promotion_status(rec)

@@ -21,6 +21,7 @@ from allocator_client.v1 import allocator_pb2 as pb
 
 from allocator import stats
 from allocator.app import Allocator, Record
+from allocator.convert import promotion_settings
 from allocator.errors import WrongState
 from allocator.lifecycle import Action, Event, EventType, State
 from allocator.monitor import (
@@ -33,7 +34,7 @@ from allocator.monitor import (
     WebhookNotifier,
     cusum_threshold_for_arl,
 )
-from allocator.promotion import GuardrailCheck, PromotionSettings, evaluate
+from allocator.promotion import GuardrailCheck, evaluate
 
 log = logging.getLogger("allocator.supervisor")
 
@@ -73,27 +74,6 @@ def monitor_settings(spec: pb.ExperimentSpec) -> MonitorSettings | None:
         detector = CusumSettings(k=k, h=h, burn_in=200)
     reaction = _REACTION.get(m.on_regression, Reaction.NOTIFY_ONLY)
     return MonitorSettings(detector=detector, batch_size=100, reaction=reaction)
-
-
-def promotion_settings(spec: pb.ExperimentSpec) -> PromotionSettings:
-    """The rule's settings from a spec's promotion block (defaults as in the proto)."""
-    p = spec.promotion
-
-    def opt(field: str) -> float | None:
-        return float(getattr(p, field)) if p.HasField(field) else None
-
-    threshold = opt("p_best_threshold")
-    return PromotionSettings(
-        p_best_threshold=0.95 if threshold is None else threshold,
-        expected_loss_tolerance=opt("expected_loss_tolerance"),
-        indifference_margin=opt("indifference_margin"),
-        min_samples_per_variant=int(p.min_samples_per_variant)
-        if p.HasField("min_samples_per_variant")
-        else 100,
-        min_duration_seconds=float(p.min_duration_seconds),
-        min_effect=opt("min_effect"),
-        futility_probability=opt("futility_probability") or None,
-    )
 
 
 def _guardrails(rec: Record) -> tuple[dict[str, GuardrailCheck], list[str]]:

@@ -76,6 +76,18 @@ def test_create_errors_name_the_field(client: AllocatorClient, stub: pb_grpc.All
         (_spec("x", weights=[1.0, 2.0, 3.0]), "spec.weights"),
         (_spec("x", prior_alpha=-1.0), "spec.prior_alpha"),
         (_spec("x", traffic=pb.TrafficSettings(floor=0.5)), "spec.traffic"),
+        # Accepted before, then every GetReport failed INTERNAL / the rule never ran.
+        (_spec("x", promotion=pb.PromotionSettings(alpha=2.0)), "spec.promotion.alpha"),
+        (_spec("x", promotion=pb.PromotionSettings(alpha=0.0)), "spec.promotion.alpha"),
+        (_spec("x", promotion=pb.PromotionSettings(power=1.5)), "spec.promotion.power"),
+        (
+            _spec("x", promotion=pb.PromotionSettings(p_best_threshold=2.0)),
+            "spec.promotion.p_best_threshold",
+        ),
+        (
+            _spec("x", promotion=pb.PromotionSettings(futility_probability=0.1)),
+            "spec.promotion.futility_probability",
+        ),
     ]
     for spec, field in bad:
         code, details = _code(stub.CreateExperiment, pb.CreateExperimentRequest(spec=spec))
@@ -856,3 +868,10 @@ def test_cli_report_says_what_the_srm_check_covers(
     assert covered == 500
     assert cli.main(["--target", f"127.0.0.1:{server.port}", "report", "exp"]) == 0
     assert f"over {covered} table decisions" in capsys.readouterr().out
+
+
+def test_report_intervals_use_the_spec_alpha(client: AllocatorClient) -> None:
+    client.create_experiment(_spec(promotion=pb.PromotionSettings(alpha=0.1)))
+    client.create_experiment(_spec("default"))
+    assert client.get_report("exp").interval_level == pytest.approx(0.9)
+    assert client.get_report("default").interval_level == pytest.approx(0.95)
