@@ -13,13 +13,15 @@ import os
 import sys
 from collections.abc import Sequence
 
-from allocator_client import AllocatorClient, RetryPolicy
+from allocator_client import DEFAULT_RETRY, AllocatorClient, RetryPolicy
 from allocator_client.v1 import allocator_pb2 as pb
 from google.protobuf import json_format
 
 
-def _client(ns: argparse.Namespace) -> AllocatorClient:
-    return AllocatorClient(ns.target, admin_token=ns.admin_token or None, timeout=ns.timeout)
+def _client(ns: argparse.Namespace, retries: RetryPolicy = DEFAULT_RETRY) -> AllocatorClient:
+    return AllocatorClient(
+        ns.target, admin_token=ns.admin_token or None, timeout=ns.timeout, retries=retries
+    )
 
 
 def _print(msg: object) -> None:
@@ -98,10 +100,7 @@ _WATCH_RETRY = RetryPolicy(max_attempts=30, initial_backoff=0.1, max_backoff=2.0
 
 
 def _watch(ns: argparse.Namespace) -> int:
-    client = AllocatorClient(
-        ns.target, admin_token=ns.admin_token or None, timeout=ns.timeout, retries=_WATCH_RETRY
-    )
-    with client as c:
+    with _client(ns, _WATCH_RETRY) as c:
         try:
             events = c.watch_events(ns.name or "", after_sequence=ns.after, resume=True)
             for event in events:

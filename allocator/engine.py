@@ -845,12 +845,13 @@ class Engine:
         exp = self._get(name)
         with exp.lock:
             n = exp.epoch + 1
+            seg = exp._srm_segment()  # table decisions since the last refresh
             return ExperimentView(
                 config=exp.config,
                 stats=exp.stats.copy(),
                 alloc=exp.alloc.copy(),
-                expected=exp.expected + exp._srm_segment().sum() * exp.alloc,
-                srm_pulls=exp.srm_pulls + exp._srm_segment(),
+                expected=exp.expected + seg.sum() * exp.alloc,
+                srm_pulls=exp.srm_pulls + seg,
                 epoch=exp.epoch,
                 epoch_shares=exp.epoch_shares[:n].copy(),
                 epoch_pulls=exp.epoch_pulls[:n].copy(),

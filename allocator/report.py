@@ -113,10 +113,9 @@ def build_report(engine: Engine, name: str, alpha: float = 0.05) -> pb.GetReport
     # expected counts sum, over refreshes, those decisions x the shares they were drawn
     # from. Exact-mode decisions follow the live posterior or index instead, and a check
     # against the last estimate of their split raises false alarms.
-    total = float(view.expected.sum())
     resp.srm.decisions = int(view.srm_pulls.sum())
-    if total > 0:
-        srm = stats.srm_check(view.srm_pulls, [view.expected / total], [total])
+    if view.expected.sum() > 0:
+        srm = stats.srm_against(view.srm_pulls, view.expected)
         resp.srm.p_value = _f(srm.p_value)
         resp.srm.flagged = bool(srm.flagged)
     else:
@@ -125,6 +124,12 @@ def build_report(engine: Engine, name: str, alpha: float = 0.05) -> pb.GetReport
         snap = resp.allocation_history.add(epoch=e, shares=[float(x) for x in view.epoch_shares[e]])
         snap.time.FromNanoseconds(int(view.epoch_started[e] * 1e9))
     return resp
+
+
+def spec_alpha(spec: pb.ExperimentSpec) -> float:
+    """The significance level of a spec's tests, intervals and power analysis."""
+    promo = spec.promotion
+    return promo.alpha if promo.HasField("alpha") else 0.05
 
 
 def power_analysis(engine: Engine, name: str, spec: pb.ExperimentSpec) -> pb.PowerAnalysis | None:
@@ -137,7 +142,7 @@ def power_analysis(engine: Engine, name: str, spec: pb.ExperimentSpec) -> pb.Pow
     promo = spec.promotion
     if not promo.HasField("min_effect") or promo.min_effect <= 0:
         return None
-    alpha = promo.alpha if promo.HasField("alpha") else 0.05
+    alpha = spec_alpha(spec)
     power = promo.power if promo.HasField("power") else 0.8
     view = engine.view(name)
     es = view.epoch_stats

@@ -55,7 +55,7 @@ from allocator.errors import (
 )
 from allocator.lifecycle import Action
 from allocator.metrics import Metrics
-from allocator.report import build_report
+from allocator.report import build_report, spec_alpha
 from allocator.store import StoreUnavailable, VersionConflict
 
 log = logging.getLogger("allocator.service")
@@ -452,10 +452,7 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
         self, request: pb.GetReportRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetReportResponse:
         rec = self.app.get(request.experiment)
-        promo = rec.spec.promotion
-        # The spec's alpha sets the interval levels (lift, credible) as the proto says.
-        alpha = promo.alpha if promo.HasField("alpha") else 0.05
-        resp = build_report(self.app.engine, rec.name, alpha=alpha)
+        resp = build_report(self.app.engine, rec.name, alpha=spec_alpha(rec.spec))
         resp.experiment.CopyFrom(self._experiment(rec))
         resp.report_time.GetCurrentTime()
         status = self.app.promotion_status(rec)

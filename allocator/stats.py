@@ -343,6 +343,14 @@ def srm_check(
     )
 
 
+def srm_against(observed: ArrayLike, expected: ArrayLike, alpha: float = 0.001) -> SRMResult:
+    """``srm_check`` against expected counts already summed over the splits in force
+    (sum_e n_e p_e, as the engine keeps them); they must total more than 0."""
+    counts = _vector(expected, "expected", nonneg=True)
+    total = float(counts.sum())
+    return srm_check(observed, [counts / total], [total], alpha)
+
+
 # ----------------------------------------------------------------------------------------
 # Power and sample size (two-sided, normal approximation)
 # ----------------------------------------------------------------------------------------

@@ -310,7 +310,7 @@ class Supervisor:
         total = float(view.expected.sum())
         if total < 1000 or rec.name in self._srm_flagged:
             return
-        result = stats.srm_check(view.srm_pulls, [view.expected / total], [total])
+        result = stats.srm_against(view.srm_pulls, view.expected)
         if result.flagged:
             self._srm_flagged.add(rec.name)
             self.app.emit(
