@@ -260,7 +260,13 @@ def welch_t(
     ea, eb = va / na, vb / nb
     se2 = ea + eb
     if se2 == 0.0:
-        return TestResult(statistic=_NAN, p_value=_NAN, dof=_NAN, name="welch_t")
+        # Both arms constant: different values are certainly different (the limit of the
+        # test as the variances go to 0, and scipy's answer); equal values say nothing.
+        if ma == mb:
+            return TestResult(statistic=_NAN, p_value=_NAN, dof=_NAN, name="welch_t")
+        return TestResult(
+            statistic=math.copysign(math.inf, ma - mb), p_value=0.0, dof=_NAN, name="welch_t"
+        )
     stat = (ma - mb) / math.sqrt(se2)
     dof = se2**2 / (ea**2 / (na - 1) + eb**2 / (nb - 1))  # Welch-Satterthwaite
     p = float(2.0 * _st.t.sf(abs(stat), dof))

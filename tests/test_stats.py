@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import doctest
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -195,9 +196,18 @@ def test_welch_t_is_antisymmetric(
     assert ab.p_value == pytest.approx(ba.p_value, rel=1e-12)
 
 
-def test_welch_t_zero_variance_is_nan() -> None:
+def test_welch_t_two_constant_arms_match_scipy() -> None:
+    # Constant arms with different values: scipy says t = -inf, p = 0 (the limit as the
+    # variances shrink); with the same value there is nothing to test (NaN).
+    with warnings.catch_warnings():  # scipy warns that constant data cancel exactly
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ref = sst.ttest_ind([1.0] * 10, [2.0] * 10, equal_var=False)
     r = welch_t(1.0, 0.0, 10, 2.0, 0.0, 10)
-    assert math.isnan(r.statistic) and math.isnan(r.p_value)
+    assert r.statistic == float(ref.statistic) == -math.inf
+    assert r.p_value == float(ref.pvalue) == 0.0
+    assert welch_t(2.0, 0.0, 10, 1.0, 0.0, 3).statistic == math.inf
+    same = welch_t(1.0, 0.0, 10, 1.0, 0.0, 10)
+    assert math.isnan(same.statistic) and math.isnan(same.p_value)
 
 
 @pytest.mark.parametrize(
