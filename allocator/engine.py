@@ -568,6 +568,12 @@ class _Experiment:
         )
 
 
+def mc_seed(seed: int, rewards: int) -> int:
+    """Seed of a read-only Monte Carlo over a posterior: the experiment's seed and how many
+    rewards it has seen, so the same data give the same estimate."""
+    return (seed * 1_000_003 + rewards) % (2**63)
+
+
 def _unit_uniform(experiment: str, unit_id: str, epoch: int) -> float:
     """A uniform in [0, 1) fixed by (experiment, unit, epoch): sticky units per epoch."""
     h = hashlib.blake2b(f"{experiment}\x00{epoch}\x00{unit_id}".encode(), digest_size=8)
@@ -864,14 +870,19 @@ class Engine:
     def prob_best(
         self, name: str, draws: int | None = None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(P(best), expected loss, posterior draws) from the current posterior."""
+        """(P(best), expected loss, posterior draws) from the current posterior.
+
+        Seeded by :func:`mc_seed`, not from ``mc_rng``: a report or an audit row reads the
+        same numbers for the same data, and reading never shifts the stream the
+        allocation's estimates draw from (which a seed must reproduce).
+        """
         exp = self._get(name)
-        with exp.refresh_lock:
-            with exp.lock:
-                stats = exp.stats.copy()
-                policy = exp.policy
-            n = draws or exp.config.policy.mc_draws
-            samples = policy.posterior_samples(exp.mc_rng, stats, n)
+        with exp.lock:
+            stats = exp.stats.copy()
+            policy = exp.policy
+            seed = np.uint64(mc_seed(exp.config.seed, exp.rewards_total))
+        rng = kernels.seed_state(seed)  # type: ignore[arg-type]
+        samples = policy.posterior_samples(rng, stats, draws or exp.config.policy.mc_draws)
         p_best = np.empty(stats.shape[0])
         loss = np.empty(stats.shape[0])
         kernels.best_and_loss(samples, p_best, loss)
@@ -989,4 +1000,5 @@ __all__ = [
     "ExperimentView",
     "Shaping",
     "config_from_mapping",
+    "mc_seed",
 ]

@@ -24,6 +24,7 @@ from typing import Protocol
 import numpy as np
 
 from allocator import kernels
+from allocator.stats import Interval, beta_interval, normal_gamma_interval
 
 
 class PolicyKind(StrEnum):
@@ -127,6 +128,9 @@ class Policy(Protocol):
     def posterior_samples(self, rng: np.ndarray, stats: np.ndarray, draws: int) -> np.ndarray:
         """``draws x K`` samples of each arm's mean reward from its posterior."""
 
+    def credible_intervals(self, stats: np.ndarray, level: float = 0.95) -> list[Interval]:
+        """Exact credible interval of each arm's mean reward."""
+
 
 @dataclass(frozen=True)
 class _Base:
@@ -145,6 +149,19 @@ class _Base:
             stats, c.prior_mean, c.prior_kappa, c.prior_shape, c.prior_rate, params
         )
         return kernels.normal_posterior_draws(rng, params, draws)
+
+    def credible_intervals(self, stats: np.ndarray, level: float = 0.95) -> list[Interval]:
+        """Exact equal-tailed credible interval of each arm's mean (Beta or Student t)."""
+        c = self.config
+        if c.reward == RewardKind.BERNOULLI:
+            params = np.empty((self.n_arms, 2))
+            kernels.beta_params(stats, c.prior_alpha, c.prior_beta, params)
+            return [beta_interval(a, b, level) for a, b in params.tolist()]
+        params = np.empty((self.n_arms, 4))
+        kernels.normal_gamma_params(
+            stats, c.prior_mean, c.prior_kappa, c.prior_shape, c.prior_rate, params
+        )
+        return [normal_gamma_interval(m, kap, a, b, level) for m, kap, a, b in params.tolist()]
 
     def prob_best(
         self, rng: np.ndarray, stats: np.ndarray, draws: int | None = None

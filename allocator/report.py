@@ -2,8 +2,9 @@
 
 Which estimate is which (also sent in ``notes``):
 
-* ``mean`` / ``ci_*``: pooled mean of all rewards of the variant and a 95% credible
-  interval from its posterior (Beta or Normal-Gamma).
+* ``mean`` / ``ci_*``: pooled mean of all rewards of the variant and an exact
+  equal-tailed credible interval of its posterior mean (Beta quantiles, or the Student t
+  marginal of the Normal-Gamma posterior).
 * ``p_best`` / ``expected_loss``: Monte Carlo over the posterior.
 * ``stratified_mean``: epoch-stratified, the estimate to trust when the allocation moved
   (pooled means can be flipped by Simpson's paradox when base rates drift while traffic
@@ -23,10 +24,10 @@ from allocator_client.v1 import allocator_pb2 as pb
 
 from allocator import stats
 from allocator.engine import Engine
-from allocator.policies import RewardKind
+from allocator.policies import RewardKind, make_policy
 
 NOTES = (
-    "mean/ci: pooled mean and posterior credible interval (interval_level). "
+    "mean/ci: pooled mean and exact posterior credible interval (interval_level). "
     "p_best/expected_loss: Monte "
     "Carlo over the posterior. stratified_mean/se: within-epoch means combined with "
     "epoch-traffic weights common to all variants - safe under changing allocation "
@@ -51,8 +52,8 @@ def build_report(engine: Engine, name: str, alpha: float = 0.05) -> pb.GetReport
     view = engine.view(name)
     cfg = view.config
     k = cfg.n_arms
-    p_best, loss, draws = engine.prob_best(name)
-    intervals = stats.credible_interval(draws, level=1 - alpha)
+    p_best, loss, _ = engine.prob_best(name)
+    intervals = make_policy(cfg.policy, k).credible_intervals(view.stats, level=1 - alpha)
     es = view.epoch_stats  # E x K x 3, undiscounted
     n = es[:, :, 0].sum(axis=0)
     s = es[:, :, 1].sum(axis=0)

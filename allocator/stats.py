@@ -520,6 +520,25 @@ def beta_interval(alpha: float, beta: float, level: float = 0.95) -> Interval:
     return Interval(alpha / (alpha + beta), float(lo), float(hi), level)
 
 
+def normal_gamma_interval(
+    mu: float, kappa: float, shape: float, rate: float, level: float = 0.95
+) -> Interval:
+    """Posterior mean and equal-tailed credible interval of the mean under Normal-Gamma.
+
+    With tau ~ Gamma(shape, rate) and mu | tau ~ N(mu_n, 1 / (kappa * tau)), the mean's
+    marginal is Student t with 2 * shape degrees of freedom, location mu_n and scale
+    sqrt(rate / (shape * kappa)).
+    """
+    _finite(mu, "mu")
+    for v, name in ((kappa, "kappa"), (shape, "shape"), (rate, "rate")):
+        if not (math.isfinite(v) and v > 0):
+            raise ValueError(f"{name} must be finite and > 0, got {v}")
+    q = (1.0 - _level(level)) / 2
+    scale = math.sqrt(rate / (shape * kappa))
+    lo, hi = _st.t.ppf([q, 1.0 - q], 2.0 * shape, loc=mu, scale=scale)
+    return Interval(float(mu), float(lo), float(hi), level)
+
+
 # ----------------------------------------------------------------------------------------
 # Estimates that survive a changing allocation
 # ----------------------------------------------------------------------------------------

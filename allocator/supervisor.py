@@ -22,6 +22,7 @@ from allocator_client.v1 import allocator_pb2 as pb
 from allocator import stats
 from allocator.app import Allocator, Record
 from allocator.convert import promotion_settings
+from allocator.engine import mc_seed
 from allocator.errors import WrongState
 from allocator.lifecycle import Action, Event, EventType, State
 from allocator.monitor import (
@@ -112,7 +113,7 @@ def evaluate_promotion(app: Allocator, rec: Record) -> pb.PromotionStatus | None
     checks, missing = _guardrails(rec)
     since = rec.updated_at if rec.lifecycle.state == State.REOPENED else rec.created_at
     age = max(0.0, app.clock() - since)
-    seed = (rec.config.seed * 1_000_003 + total) % (2**63)
+    seed = mc_seed(rec.config.seed, total)
     decision = evaluate(
         settings,
         view.stats,

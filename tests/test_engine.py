@@ -418,3 +418,23 @@ def test_index_policies_report_exact_propensities() -> None:
     # And the decisions follow those probabilities: share of b ~ Binomial(3000, 0.8),
     # 5 sd = 0.037.
     assert abs((b.arms == 1).mean() - 0.8) < 0.037
+
+
+def test_prob_best_is_a_pure_read_that_never_shifts_the_allocation_stream() -> None:
+    """Reports and audit rows call prob_best; a seeded TABLE-mode experiment must refresh
+    to the same allocation and serve the same decisions whether or not anyone read it."""
+    a, _ = _engine(mode=AllocationMode.TABLE, refresh_rewards=50)
+    b, _ = _engine(mode=AllocationMode.TABLE, refresh_rewards=50)
+    env = np.random.default_rng(3)
+    first = a.prob_best("exp")
+    for _ in range(6):
+        # Only ``a`` is read, and repeatedly: it must give the same answer for the same data.
+        again = a.prob_best("exp")
+        assert np.array_equal(again[0], a.prob_best("exp")[0])
+        batch_a, batch_b = a.assign_batch("exp", 100), b.assign_batch("exp", 100)
+        assert np.array_equal(batch_a.arms, batch_b.arms)
+        values = (env.uniform(size=100) < 0.2 + 0.1 * batch_a.arms).astype(float)
+        a.reward_batch("exp", batch_a.arms, values, np.full(100, batch_a.epoch))
+        b.reward_batch("exp", batch_b.arms, values, np.full(100, batch_b.epoch))
+        assert np.array_equal(a.view("exp").alloc, b.view("exp").alloc)
+    assert not np.array_equal(first[0], a.prob_best("exp")[0])  # new data, new estimate

@@ -801,3 +801,50 @@ def test_ipw_rejects_bad_input(
 ) -> None:
     with pytest.raises(ValueError):
         ipw_means(arms, rewards, props, k)
+
+
+def test_normal_gamma_interval_matches_draws_of_the_posterior() -> None:
+    """The Student t marginal against the hierarchical sampler it summarizes: tau ~
+    Gamma(shape, rate), mu | tau ~ N(mu_n, 1 / (kappa tau)). With 400,000 draws the
+    empirical 2.5% quantile has sd sqrt(q (1 - q) / n) / f(x_q) ~ 1.3% of the t scale here;
+    5 of those is the tolerance (a false failure < 1e-6)."""
+    mu, kappa, shape, rate = 3.0, 12.0, 4.5, 2.0
+    iv = stats.normal_gamma_interval(mu, kappa, shape, rate, level=0.95)
+    rng = np.random.default_rng(11)
+    tau = rng.gamma(shape, 1.0 / rate, 400_000)
+    draws = rng.normal(mu, 1.0 / np.sqrt(kappa * tau))
+    lo, hi = np.quantile(draws, [0.025, 0.975])
+    scale = math.sqrt(rate / (shape * kappa))
+    density = sst.t.pdf(sst.t.ppf(0.975, 2 * shape), 2 * shape) / scale
+    tol = 5 * math.sqrt(0.025 * 0.975 / draws.size) / density
+    assert iv.estimate == mu
+    assert iv.lower == pytest.approx(lo, abs=tol) and iv.upper == pytest.approx(hi, abs=tol)
+    assert iv.upper - mu == pytest.approx(mu - iv.lower, rel=1e-12)  # symmetric
+
+
+@pytest.mark.parametrize("bad", [dict(kappa=0.0), dict(shape=-1.0), dict(rate=math.nan)])
+def test_normal_gamma_interval_rejects_bad_parameters(bad: dict[str, float]) -> None:
+    params = dict(mu=0.0, kappa=1.0, shape=1.0, rate=1.0) | bad
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        stats.normal_gamma_interval(**params)
+
+
+def test_policy_credible_intervals_are_the_exact_posterior_quantiles() -> None:
+    from allocator.policies import PolicyConfig, RewardKind, make_policy
+
+    counts = np.array([[100.0, 12.0, 12.0], [0.0, 0.0, 0.0], [40.0, 30.0, 30.0]])
+    beta = make_policy(PolicyConfig(prior_alpha=1.0, prior_beta=2.0), 3)
+    for (n, s, _), iv in zip(counts, beta.credible_intervals(counts, 0.9), strict=True):
+        lo, hi = sst.beta.ppf([0.05, 0.95], 1.0 + s, 2.0 + n - s)
+        assert (iv.lower, iv.upper) == pytest.approx((lo, hi), rel=1e-12)
+    x = np.random.default_rng(5).normal(2.0, 0.5, 50)
+    normal = make_policy(PolicyConfig(reward=RewardKind.NORMAL), 1)
+    (iv,) = normal.credible_intervals(np.array([[x.size, x.sum(), (x * x).sum()]]), 0.95)
+    # The default prior (mean 0, kappa 1e-3, shape 1, rate 1) updated by the 50 rewards.
+    k0 = 1e-3
+    kappa_n = k0 + x.size
+    mu_n = x.sum() / kappa_n
+    shape_n = 1.0 + x.size / 2
+    rate_n = 1.0 + 0.5 * ((x - x.mean()) ** 2).sum() + 0.5 * k0 * x.size * x.mean() ** 2 / kappa_n
+    half = sst.t.ppf(0.975, 2 * shape_n) * math.sqrt(rate_n / (shape_n * kappa_n))
+    assert (iv.lower, iv.upper) == pytest.approx((mu_n - half, mu_n + half), rel=1e-9)
