@@ -70,7 +70,10 @@ def _report(ns: argparse.Namespace) -> int:
         print(f"{t.name} {t.variant} vs control: statistic {t.statistic:.3f}, p {t.p_value:.4g}")
     if rep.srm.decisions:
         flag = "  MISMATCH" if rep.srm.flagged else ""
-        print(f"SRM: p = {rep.srm.p_value:.4g} over {rep.srm.decisions} table decisions{flag}")
+        print(
+            f"SRM: sequential p = {rep.srm.sequential_p_value:.4g} (one-look chi-square p = "
+            f"{rep.srm.p_value:.4g}) over {rep.srm.decisions} table decisions{flag}"
+        )
     else:
         print("SRM: not checked (no decision drawn from the allocation table)")
     if rep.promotion.decision:

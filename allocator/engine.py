@@ -52,6 +52,7 @@ from allocator.policies import (
     RewardKind,
     make_policy,
 )
+from allocator.stats import srm_e_step
 
 MAX_VARIANTS = 1000
 MAX_BATCH = 100_000
@@ -265,6 +266,9 @@ class _Experiment:
         self.srm_pulls = np.zeros(k, dtype=np.int64)
         self.unit_pulls = np.zeros(k, dtype=np.int64)
         self.srm_mark = np.zeros(k, dtype=np.int64)
+        # The sequential SRM test's e-process over those decisions: (log e now, running
+        # max of log e); see stats.srm_e_step.
+        self.srm_e = np.zeros(2)
         self.pending = 0  # decisions since the last refresh (a refresh trigger)
         self.rewards_since = 0
         self.rewards_total = 0
@@ -326,6 +330,7 @@ class _Experiment:
         alloc = policy_alloc / policy_alloc.sum()
         # Decisions since the last refresh were made under the old allocation and mode.
         seg = self._srm_segment()
+        self.srm_e = self._srm_e_after(seg)
         self.srm_pulls += seg
         self.expected += seg.sum() * self.alloc
         self.srm_mark = self._served()
@@ -401,6 +406,11 @@ class _Experiment:
             return np.zeros_like(self.srm_pulls)
         return self._served() - self.srm_mark
 
+    def _srm_e_after(self, seg: np.ndarray) -> np.ndarray:
+        """The SRM e-process after a segment of table decisions drawn from ``alloc``."""
+        log_e = srm_e_step(float(self.srm_e[0]), self.srm_pulls, self.expected, seg, self.alloc)
+        return np.array([log_e, max(float(self.srm_e[1]), log_e)])
+
     def _assign_general(self) -> int:
         self.last_props = self.decide(self.one)
         arm = int(self.one[0])
@@ -471,6 +481,7 @@ class _Experiment:
             "srm_pulls": self.srm_pulls.copy(),
             "unit_pulls": self.unit_pulls.copy(),
             "srm_mark": self.srm_mark.copy(),
+            "srm_e": self.srm_e.copy(),
             "epoch_shares": self.epoch_shares[:n].copy(),
             "epoch_pulls": self.epoch_pulls[:n].copy(),
             "epoch_stats": self.epoch_stats[:n].copy(),
@@ -522,11 +533,14 @@ class _Experiment:
             self.srm_pulls = a["srm_pulls"].astype(np.int64, copy=True)
             self.unit_pulls = a["unit_pulls"].astype(np.int64, copy=True)
             self.srm_mark = a["srm_mark"].astype(np.int64, copy=True)
+            # A snapshot from before the sequential test: the test starts from here.
+            self.srm_e = a["srm_e"].astype(np.float64, copy=True) if "srm_e" in a else np.zeros(2)
         else:  # a snapshot from before table-only SRM: its counts restart from here
             self.expected = np.zeros(k)
             self.srm_pulls = np.zeros(k, dtype=np.int64)
             self.unit_pulls = np.zeros(k, dtype=np.int64)
             self.srm_mark = self.epoch_pulls[:n].sum(axis=0)
+            self.srm_e = np.zeros(2)
         self.pending = int(snap.scalars["pending"])
         self.rewards_since = int(snap.scalars["rewards_since"])
         self.rewards_total = int(snap.scalars["rewards_total"])
@@ -858,6 +872,7 @@ class Engine:
                 alloc=exp.alloc.copy(),
                 expected=exp.expected + seg.sum() * exp.alloc,
                 srm_pulls=exp.srm_pulls + seg,
+                srm_e=exp._srm_e_after(seg),
                 epoch=exp.epoch,
                 epoch_shares=exp.epoch_shares[:n].copy(),
                 epoch_pulls=exp.epoch_pulls[:n].copy(),
@@ -919,6 +934,7 @@ class ExperimentView:
     alloc: np.ndarray
     expected: np.ndarray  # SRM: expected split of the table-served decisions
     srm_pulls: np.ndarray  # SRM: table-served decisions per arm (no unit ids)
+    srm_e: np.ndarray  # SRM: (log e-value now, its running max) of the sequential test
     epoch: int
     epoch_shares: np.ndarray
     epoch_pulls: np.ndarray

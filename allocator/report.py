@@ -115,12 +115,15 @@ def build_report(engine: Engine, name: str, alpha: float = 0.05) -> pb.GetReport
     # from. Exact-mode decisions follow the live posterior or index instead, and a check
     # against the last estimate of their split raises false alarms.
     resp.srm.decisions = int(view.srm_pulls.sum())
-    if view.expected.sum() > 0:
-        srm = stats.srm_against(view.srm_pulls, view.expected)
-        resp.srm.p_value = _f(srm.p_value)
-        resp.srm.flagged = bool(srm.flagged)
-    else:
-        resp.srm.p_value = float("nan")
+    resp.srm.p_value = (
+        _f(stats.srm_against(view.srm_pulls, view.expected).p_value)
+        if view.expected.sum() > 0
+        else float("nan")
+    )
+    # Flagged by the sequential test, which stays valid when the report is read every
+    # minute for months; the chi-square above is for one look.
+    resp.srm.sequential_p_value = stats.sequential_p_value(float(view.srm_e[1]))
+    resp.srm.flagged = resp.srm.sequential_p_value < stats.SRM_ALPHA
     for e in range(view.epoch + 1):
         snap = resp.allocation_history.add(epoch=e, shares=[float(x) for x in view.epoch_shares[e]])
         snap.time.FromNanoseconds(int(view.epoch_started[e] * 1e9))

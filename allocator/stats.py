@@ -357,6 +357,63 @@ def srm_against(observed: ArrayLike, expected: ArrayLike, alpha: float = 0.001) 
     return srm_check(observed, [counts / total], [total], alpha)
 
 
+# Pseudo-count (in expected decisions) that shrinks the sequential SRM test's estimate of
+# each arm's observed/expected ratio towards 1: large enough that the first few hundred
+# decisions' noise does not cost the e-process much under H0, small enough that a 1% mismatch
+# is learned within a few hundred thousand decisions (simulated; see tests/test_stats.py).
+SRM_PSEUDO_COUNT = 1000.0
+# The level at which the server flags a sample-ratio mismatch (the sequential test's).
+SRM_ALPHA = 0.001
+
+
+def srm_e_step(
+    log_e: float,
+    observed: ArrayLike,
+    expected: ArrayLike,
+    segment: ArrayLike,
+    shares: ArrayLike,
+    pseudo: float = SRM_PSEUDO_COUNT,
+) -> float:
+    """One segment of a sequential (anytime-valid) SRM test: the new log e-value.
+
+    ``segment`` counts the decisions drawn independently from ``shares`` since the last
+    step; ``observed`` / ``expected`` are the counts and expected counts before it. Each
+    decision multiplies the e-value by q(arm) / shares(arm), where q is ``shares`` tilted by
+    the smoothed observed/expected ratio of the past: a prediction fixed before the segment,
+    so under H0 every factor has mean sum_i shares_i q_i / shares_i = 1, the product is a
+    nonnegative martingale, and by Ville's inequality P(ever log_e >= log(1 / alpha)) <=
+    alpha, however often it is checked and however the shares move (Ramdas et al. 2023,
+    "Game-theoretic statistics and safe anytime-valid inference"; Lindon & Malek 2022 for
+    the multinomial SRM setting). A decision to an arm with share 0 gives +inf.
+    """
+    obs = _vector(observed, "observed", nonneg=True)
+    exp = _vector(expected, "expected", nonneg=True)
+    seg = _vector(segment, "segment", nonneg=True)
+    p = _vector(shares, "shares", nonneg=True)
+    if not obs.shape == exp.shape == seg.shape == p.shape:
+        raise ValueError("observed, expected, segment and shares must have one entry per arm")
+    if not (math.isfinite(pseudo) and pseudo > 0):
+        raise ValueError(f"pseudo must be finite and > 0, got {pseudo}")
+    if not seg.any():
+        return float(log_e)
+    live = p > 0
+    if np.any(seg[~live] > 0):
+        return math.inf
+    q = np.where(live, p * (obs + pseudo) / (exp + pseudo), 0.0)
+    q /= q.sum()
+    hit = seg > 0
+    return float(log_e + np.sum(seg[hit] * np.log(q[hit] / p[hit])))
+
+
+def sequential_p_value(log_e_max: float) -> float:
+    """Anytime-valid p-value of an e-process whose running maximum is ``exp(log_e_max)``.
+
+    >>> round(sequential_p_value(math.log(1000.0)), 12), sequential_p_value(-2.0)
+    (0.001, 1.0)
+    """
+    return math.exp(-log_e_max) if log_e_max > 0 else 1.0
+
+
 # ----------------------------------------------------------------------------------------
 # Power and sample size (two-sided, normal approximation)
 # ----------------------------------------------------------------------------------------

@@ -307,18 +307,23 @@ class Supervisor:
                 raise
 
     def _check_srm(self, rec: Record) -> None:
-        view = self.app.engine.view(rec.name)
-        total = float(view.expected.sum())
-        if total < 1000 or rec.name in self._srm_flagged:
+        # The sequential test: checked every tick for the experiment's whole life, its
+        # false-alarm chance stays <= SRM_ALPHA (a fixed-level chi-square's would not).
+        if rec.name in self._srm_flagged:
             return
-        result = stats.srm_against(view.srm_pulls, view.expected)
-        if result.flagged:
+        view = self.app.engine.view(rec.name)
+        p = stats.sequential_p_value(float(view.srm_e[1]))
+        if p < stats.SRM_ALPHA:
             self._srm_flagged.add(rec.name)
             self.app.emit(
                 rec,
                 EventType.SRM_DETECTED,
-                f"sample ratio mismatch, p = {result.p_value:.2e}",
-                details={"observed": list(result.observed), "expected": list(result.expected)},
+                f"sample ratio mismatch, sequential p = {p:.2e}",
+                details={
+                    "observed": view.srm_pulls.tolist(),
+                    "expected": view.expected.tolist(),
+                    "sequential_p_value": p,
+                },
             )
 
     # -- webhooks ----------------------------------------------------------------------------

@@ -848,3 +848,69 @@ def test_policy_credible_intervals_are_the_exact_posterior_quantiles() -> None:
     rate_n = 1.0 + 0.5 * ((x - x.mean()) ** 2).sum() + 0.5 * k0 * x.size * x.mean() ** 2 / kappa_n
     half = sst.t.ppf(0.975, 2 * shape_n) * math.sqrt(rate_n / (shape_n * kappa_n))
     assert (iv.lower, iv.upper) == pytest.approx((mu_n - half, mu_n + half), rel=1e-9)
+
+
+# ----------------------------------------------------------------------------------------
+# Sequential SRM
+# ----------------------------------------------------------------------------------------
+
+
+def _srm_run(rng: np.random.Generator, bias: np.ndarray, segments: int, per: int) -> list[float]:
+    """Running max of log e after each segment; the split moves every segment (TABLE mode
+    with refreshes), decisions are drawn from split * bias."""
+    k = bias.size
+    obs, exp, log_e, peak, path = np.zeros(k), np.zeros(k), 0.0, 0.0, []
+    for _ in range(segments):
+        shares = rng.dirichlet(np.full(k, 5.0))
+        seg = rng.multinomial(per, shares * bias / (shares * bias).sum()).astype(float)
+        log_e = stats.srm_e_step(log_e, obs, exp, seg, shares)
+        peak = max(peak, log_e)
+        path.append(peak)
+        obs += seg
+        exp += per * shares
+    return path
+
+
+def test_sequential_srm_false_alarms_stay_below_alpha_at_every_look() -> None:
+    """A/A with the split moving every segment, read after each of 100 segments. Ville's
+    inequality bounds P(ever crossing 1/alpha) by alpha = 0.05: over 400 seeded runs the
+    count of runs ever flagged is at most Binomial(400, 0.05), mean 20, sd 4.4, and 37 is
+    mean + 3.9 sd (false-fail chance < 1e-4). The one-look chi-square, read at the same
+    100 looks, crosses 0.05 in far more runs: the peeking the sequential test is for."""
+    alarms = peeking = 0
+    for seed in range(400):
+        rng = np.random.default_rng(seed)
+        path = _srm_run(rng, np.ones(3), segments=100, per=500)
+        alarms += path[-1] >= math.log(1 / 0.05)
+    for seed in range(100):
+        rng = np.random.default_rng(10_000 + seed)
+        obs, exp = np.zeros(3), np.zeros(3)
+        for _ in range(100):
+            shares = np.full(3, 1 / 3)
+            obs += rng.multinomial(500, shares)
+            exp += 500 * shares
+            if stats.srm_against(obs, exp).p_value < 0.05:
+                peeking += 1
+                break
+    assert alarms <= 37
+    # Repeated chi-square looks: about 30-40% of runs cross 0.05 within 100 looks (the
+    # law of the iterated logarithm); 20 of 100 is far above what 5% could give (P < 1e-6).
+    assert peeking >= 20
+
+
+def test_sequential_srm_detects_real_mismatches() -> None:
+    """A 5% excess on one of 3 arms (shares moving) is found within 100,000 decisions in
+    every one of 20 runs, and a decision to an arm with share 0 is found at once."""
+    for seed in range(20):
+        path = _srm_run(np.random.default_rng(seed), np.array([1.05, 1.0, 1.0]), 100, 1000)
+        assert path[-1] >= math.log(1 / 0.001), seed
+    assert stats.srm_e_step(0.0, [5, 5], [5, 5], [1, 1], [1.0, 0.0]) == math.inf
+
+
+def test_sequential_srm_step_is_zero_for_a_perfect_or_empty_segment() -> None:
+    # No history: the prediction is the split itself, every factor is exactly 1.
+    assert stats.srm_e_step(0.7, [0, 0], [0, 0], [60, 40], [0.6, 0.4]) == pytest.approx(0.7)
+    assert stats.srm_e_step(0.7, [9, 1], [5, 5], [0, 0], [0.5, 0.5]) == 0.7
+    assert stats.sequential_p_value(math.inf) == 0.0
+    with pytest.raises(ValueError, match="one entry per arm"):
+        stats.srm_e_step(0.0, [1], [1, 1], [1, 1], [0.5, 0.5])

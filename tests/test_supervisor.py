@@ -202,3 +202,55 @@ def test_promotion_evaluation_is_reproducible(fast_server: Running) -> None:
     again = evaluate(promotion_settings(spec), stats_, PolicyConfig(), 10.0, 1234)
     assert first.action == again.action and first.reasons == again.reasons
     assert (first.p_best == again.p_best).all()
+
+
+def test_srm_detected_by_the_sequential_test_and_reported(fast_server: Running) -> None:
+    """TABLE mode, A/A, the split refreshed every 100 rewards and the SRM test read by the
+    supervisor every 0.1 s: quiet. Then one arm's decisions are counted 20% too often (a
+    double-logging bug, applied between refreshes): SRM_DETECTED once, and the report's flag
+    and sequential p-value say the same."""
+    spec = pb.ExperimentSpec(
+        name="srm",
+        variants=["a", "b", "c"],
+        allocation_mode=pb.ALLOCATION_MODE_TABLE,
+        table_refresh_rewards=100,
+        seed=5,
+        promotion=pb.PromotionSettings(auto_promote=False),
+    )
+    app = fast_server.app
+    env = np.random.default_rng(0)
+
+    def traffic(c: AllocatorClient, rounds: int, extra: float) -> None:
+        for _ in range(rounds):
+            b = c.assign_batch("srm", 1000)
+            exp = app.engine._experiments["srm"]
+            with exp.lock:
+                exp.epoch_pulls[exp.epoch, 0] += int(
+                    extra * np.sum(np.asarray(b.variant_indices) == 0)
+                )
+            values = (env.uniform(size=1000) < 0.1).astype(float).tolist()
+            c.reward_batch("srm", values, batch_token=b.batch_token, indices=list(range(1000)))
+
+    def srm_events() -> list[str]:
+        rec = app.get("srm")
+        return [
+            e.type
+            for e in app.store.events_after(0, experiment_id=rec.id)
+            if e.type == "SRM_DETECTED"
+        ]
+
+    with AllocatorClient(f"127.0.0.1:{fast_server.port}", admin_token=ADMIN_TOKEN) as c:
+        c.create_experiment(spec)
+        traffic(c, 20, 0.0)
+        time.sleep(0.5)  # several supervisor ticks
+        rep = c.get_report("srm")
+        assert rep.srm.decisions >= 19_000
+        assert rep.srm.sequential_p_value > 0.001 and not rep.srm.flagged
+        assert srm_events() == []
+        traffic(c, 30, 0.2)
+        _wait(lambda: srm_events() == ["SRM_DETECTED"])
+        rep = c.get_report("srm")
+        assert rep.srm.flagged and rep.srm.sequential_p_value < 0.001
+        traffic(c, 5, 0.2)
+        time.sleep(0.3)
+        assert srm_events() == ["SRM_DETECTED"]  # once

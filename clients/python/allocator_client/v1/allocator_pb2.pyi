@@ -549,14 +549,16 @@ class TestResult(_message.Message):
     def __init__(self, name: _Optional[str] = ..., variant: _Optional[str] = ..., statistic: _Optional[float] = ..., p_value: _Optional[float] = ...) -> None: ...
 
 class SrmCheck(_message.Message):
-    __slots__ = ("p_value", "flagged", "decisions")
+    __slots__ = ("p_value", "flagged", "decisions", "sequential_p_value")
     P_VALUE_FIELD_NUMBER: _ClassVar[int]
     FLAGGED_FIELD_NUMBER: _ClassVar[int]
     DECISIONS_FIELD_NUMBER: _ClassVar[int]
+    SEQUENTIAL_P_VALUE_FIELD_NUMBER: _ClassVar[int]
     p_value: float
     flagged: bool
     decisions: int
-    def __init__(self, p_value: _Optional[float] = ..., flagged: _Optional[bool] = ..., decisions: _Optional[int] = ...) -> None: ...
+    sequential_p_value: float
+    def __init__(self, p_value: _Optional[float] = ..., flagged: _Optional[bool] = ..., decisions: _Optional[int] = ..., sequential_p_value: _Optional[float] = ...) -> None: ...
 
 class PowerAnalysis(_message.Message):
     __slots__ = ("sample_size_per_variant", "samples_remaining", "min_effect", "alpha", "power")
