@@ -67,7 +67,10 @@ def _report(ns: argparse.Namespace) -> int:
             f"{v.expected_loss:>10.5f}{v.stratified_mean:>9.4f}"
         )
     for t in rep.tests:
-        print(f"{t.name} {t.variant} vs control: statistic {t.statistic:.3f}, p {t.p_value:.4g}")
+        print(
+            f"{t.name} {t.variant} vs control: statistic {t.statistic:.3f}, "
+            f"p {t.p_value:.4g} (Holm-adjusted {t.p_value_adjusted:.4g})"
+        )
     if rep.srm.decisions:
         flag = "  MISMATCH" if rep.srm.flagged else ""
         print(

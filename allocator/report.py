@@ -10,7 +10,8 @@ Which estimate is which (also sent in ``notes``):
   (pooled means can be flipped by Simpson's paradox when base rates drift while traffic
   shifts); ``ipw_mean``: Hajek inverse-propensity estimate over the same strata.
 * ``lift``: pooled difference to control with a Welch interval.
-* Tests: chi-square (Bernoulli) or Welch t (continuous) vs control, fixed-horizon
+* Tests: chi-square (Bernoulli) or Welch t (continuous) vs control, with Holm-adjusted
+  p-values over the comparisons; fixed-horizon
   semantics: under adaptive allocation with continuous looks, their p-values are not
   always-valid; the promotion rule does not use them.
 """
@@ -33,7 +34,8 @@ NOTES = (
     "epoch-traffic weights common to all variants - safe under changing allocation "
     "(Simpson's paradox). ipw_mean: Hajek inverse-propensity-weighted estimate using the "
     "shares in force per epoch. lift: pooled difference vs control, Welch interval. "
-    "Tests are fixed-horizon tests on pooled data, which adaptive allocation makes "
+    "Tests are fixed-horizon tests on pooled data (p_value_adjusted: Holm over the "
+    "comparisons with control), which adaptive allocation makes "
     "anti-conservative even at a single look (simulated Thompson A/A: chi-square below "
     "0.05 in ~12% of runs, pooled means ~4% low) and which are not always-valid under "
     "continuous monitoring: read them as descriptive; promotion uses the calibrated "
@@ -110,6 +112,11 @@ def build_report(engine: Engine, name: str, alpha: float = 0.05) -> pb.GetReport
                 p_value=_f(t.p_value),
             )
         )
+    # Several challengers against one control: adjusted so that the chance of any false
+    # "significant" among them stays <= alpha (Holm; valid under any dependence).
+    adjusted = stats.holm([test.p_value for test in resp.tests])
+    for test, p in zip(resp.tests, adjusted.tolist(), strict=True):
+        test.p_value_adjusted = p
     # SRM covers the decisions drawn from the allocation table, whose split is known: the
     # expected counts sum, over refreshes, those decisions x the shares they were drawn
     # from. Exact-mode decisions follow the live posterior or index instead, and a check

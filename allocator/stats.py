@@ -284,6 +284,29 @@ def mann_whitney(x: ArrayLike, y: ArrayLike) -> TestResult:
     )
 
 
+def holm(p_values: ArrayLike) -> NDArray[np.float64]:
+    """Holm-Bonferroni adjusted p-values: family-wise error <= alpha for any dependence.
+
+    NaN entries (tests that could not run) are left NaN and do not count as comparisons.
+
+    >>> holm([0.01, 0.04, 0.03]).tolist()
+    [0.03, 0.06, 0.06]
+    """
+    p = np.asarray(p_values, dtype=np.float64)
+    if p.ndim != 1:
+        raise ValueError(f"p_values must be one-dimensional, got shape {p.shape}")
+    out = np.full(p.shape, _NAN)
+    live = np.flatnonzero(~np.isnan(p))
+    if np.any((p[live] < 0) | (p[live] > 1)):
+        raise ValueError("p_values must be in [0, 1]")
+    order = live[np.argsort(p[live], kind="stable")]
+    m = order.size
+    # Step-down: the i-th smallest is scaled by (m - i), then made monotone.
+    scaled = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
+    out[order] = scaled
+    return out
+
+
 # ----------------------------------------------------------------------------------------
 # Sample-ratio mismatch
 # ----------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from allocator import stats
 from allocator.app import Ended, EventHub, StoredEvent
 from allocator.config import ServerConfig
 from allocator.lifecycle import Event, EventType
@@ -262,6 +263,10 @@ def test_report_has_both_statistics(client: AllocatorClient, server: Running) ->
     assert rep.variants[1].p_best > 0.9
     assert {t.variant for t in rep.tests} == {"b", "c"}
     assert all(0 <= t.p_value <= 1 for t in rep.tests)
+    # Two challengers against one control: Holm-adjusted, never below the raw p-value.
+    holm = stats.holm([t.p_value for t in rep.tests])
+    assert [t.p_value_adjusted for t in rep.tests] == pytest.approx(holm.tolist(), rel=1e-12)
+    assert all(t.p_value <= t.p_value_adjusted <= 1 for t in rep.tests)
     # Adaptive allocation, honestly logged: no sample-ratio mismatch.
     assert not rep.srm.flagged
     assert rep.allocation_history and "stratified" in rep.notes
@@ -867,7 +872,9 @@ def test_cli_report_says_what_the_srm_check_covers(
     covered = client.get_report("exp").srm.decisions
     assert covered == 500
     assert cli.main(["--target", f"127.0.0.1:{server.port}", "report", "exp"]) == 0
-    assert f"over {covered} table decisions" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"over {covered} table decisions" in out
+    assert "SRM: sequential p = 1 (one-look chi-square p = " in out
 
 
 def test_report_intervals_use_the_spec_alpha(client: AllocatorClient) -> None:

@@ -537,16 +537,18 @@ class VariantReport(_message.Message):
     def __init__(self, name: _Optional[str] = ..., assignments: _Optional[int] = ..., rewards: _Optional[int] = ..., mean: _Optional[float] = ..., ci_low: _Optional[float] = ..., ci_high: _Optional[float] = ..., p_best: _Optional[float] = ..., expected_loss: _Optional[float] = ..., lift: _Optional[float] = ..., lift_ci_low: _Optional[float] = ..., lift_ci_high: _Optional[float] = ..., stratified_mean: _Optional[float] = ..., stratified_se: _Optional[float] = ..., ipw_mean: _Optional[float] = ...) -> None: ...
 
 class TestResult(_message.Message):
-    __slots__ = ("name", "variant", "statistic", "p_value")
+    __slots__ = ("name", "variant", "statistic", "p_value", "p_value_adjusted")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VARIANT_FIELD_NUMBER: _ClassVar[int]
     STATISTIC_FIELD_NUMBER: _ClassVar[int]
     P_VALUE_FIELD_NUMBER: _ClassVar[int]
+    P_VALUE_ADJUSTED_FIELD_NUMBER: _ClassVar[int]
     name: str
     variant: str
     statistic: float
     p_value: float
-    def __init__(self, name: _Optional[str] = ..., variant: _Optional[str] = ..., statistic: _Optional[float] = ..., p_value: _Optional[float] = ...) -> None: ...
+    p_value_adjusted: float
+    def __init__(self, name: _Optional[str] = ..., variant: _Optional[str] = ..., statistic: _Optional[float] = ..., p_value: _Optional[float] = ..., p_value_adjusted: _Optional[float] = ...) -> None: ...
 
 class SrmCheck(_message.Message):
     __slots__ = ("p_value", "flagged", "decisions", "sequential_p_value")
