@@ -26,6 +26,8 @@ from scipy import stats as _st
 
 _NAN = float("nan")
 _SHARE_TOL = 1e-6  # allocation rows are floats written by the engine; rounding only
+# The level at which the server flags a sample-ratio mismatch (one-look and sequential).
+SRM_ALPHA = 0.001
 
 
 # ----------------------------------------------------------------------------------------
@@ -180,6 +182,12 @@ def _finite(x: float, name: str) -> float:
     return float(x)
 
 
+def _positive(x: float, name: str) -> float:
+    if not (math.isfinite(x) and x > 0):
+        raise ValueError(f"{name} must be finite and > 0, got {x}")
+    return float(x)
+
+
 def _open_unit(x: float, name: str) -> float:
     if not 0.0 < x < 1.0:
         raise ValueError(f"{name} must be in (0, 1), got {x}")
@@ -316,7 +324,7 @@ def srm_check(
     observed: ArrayLike,
     expected_share: ArrayLike,
     assignments: ArrayLike,
-    alpha: float = 0.001,
+    alpha: float = SRM_ALPHA,
 ) -> SRMResult:
     """Chi-square goodness of fit of observed counts to the allocation in force per epoch.
 
@@ -372,7 +380,7 @@ def srm_check(
     )
 
 
-def srm_against(observed: ArrayLike, expected: ArrayLike, alpha: float = 0.001) -> SRMResult:
+def srm_against(observed: ArrayLike, expected: ArrayLike, alpha: float = SRM_ALPHA) -> SRMResult:
     """``srm_check`` against expected counts already summed over the splits in force
     (sum_e n_e p_e, as the engine keeps them); they must total more than 0."""
     counts = _vector(expected, "expected", nonneg=True)
@@ -386,8 +394,6 @@ def srm_against(observed: ArrayLike, expected: ArrayLike, alpha: float = 0.001) 
 # learned quickly: a 5% excess on one arm of three is flagged at 0.001 within 100,000
 # decisions (tests/test_stats.py); a 1% excess took about a million in an ad hoc simulation.
 SRM_PSEUDO_COUNT = 1000.0
-# The level at which the server flags a sample-ratio mismatch (the sequential test's).
-SRM_ALPHA = 0.001
 
 
 def srm_e_step(
@@ -416,8 +422,7 @@ def srm_e_step(
     p = _vector(shares, "shares", nonneg=True)
     if not obs.shape == exp.shape == seg.shape == p.shape:
         raise ValueError("observed, expected, segment and shares must have one entry per arm")
-    if not (math.isfinite(pseudo) and pseudo > 0):
-        raise ValueError(f"pseudo must be finite and > 0, got {pseudo}")
+    _positive(pseudo, "pseudo")
     if not seg.any():
         return float(log_e)
     live = p > 0
@@ -593,9 +598,8 @@ def expected_loss(draws: ArrayLike) -> NDArray[np.float64]:
 
 def beta_interval(alpha: float, beta: float, level: float = 0.95) -> Interval:
     """Posterior mean and equal-tailed credible interval of Beta(alpha, beta)."""
-    for v, name in ((alpha, "alpha"), (beta, "beta")):
-        if not (math.isfinite(v) and v > 0):
-            raise ValueError(f"{name} must be finite and > 0, got {v}")
+    _positive(alpha, "alpha")
+    _positive(beta, "beta")
     q = (1.0 - _level(level)) / 2
     lo, hi = _st.beta.ppf([q, 1.0 - q], alpha, beta)
     return Interval(alpha / (alpha + beta), float(lo), float(hi), level)
@@ -612,8 +616,7 @@ def normal_gamma_interval(
     """
     _finite(mu, "mu")
     for v, name in ((kappa, "kappa"), (shape, "shape"), (rate, "rate")):
-        if not (math.isfinite(v) and v > 0):
-            raise ValueError(f"{name} must be finite and > 0, got {v}")
+        _positive(v, name)
     q = (1.0 - _level(level)) / 2
     scale = math.sqrt(rate / (shape * kappa))
     lo, hi = _st.t.ppf([q, 1.0 - q], 2.0 * shape, loc=mu, scale=scale)
