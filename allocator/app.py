@@ -658,6 +658,16 @@ class Allocator:
             rec, Event(type_, rec.name, variant, self.clock(), reason, details or {})
         )
 
+    def has_stored_event(self, rec: Record, type_: EventType) -> bool:
+        """Whether the store holds an event of ``type_`` for this experiment (any replica,
+        any earlier run): for alerts that must be raised once, not once per process."""
+        seq = 0
+        while batch := self.store.events_after(seq, experiment_id=rec.id, limit=1000):
+            if any(e.type == type_.value for e in batch):
+                return True
+            seq = max(e.seq or 0 for e in batch)
+        return False
+
     def stored_events(self, after: int) -> Iterator[StoredEvent]:
         """Events from the store after sequence ``after`` (for WatchEvents replay)."""
         seq = after

@@ -315,6 +315,10 @@ class Supervisor:
         p = stats.sequential_p_value(float(view.srm_e[1]))
         if p < stats.SRM_ALPHA:
             self._srm_flagged.add(rec.name)
+            # The e-process's running maximum is restored from snapshots, so after a
+            # restart the test is still flagged: the alert was raised already if it is stored.
+            if self.app.has_stored_event(rec, EventType.SRM_DETECTED):
+                return
             self.app.emit(
                 rec,
                 EventType.SRM_DETECTED,

@@ -40,12 +40,17 @@ def webhook() -> Iterator[tuple[str, list[dict[str, Any]]]]:
     httpd.shutdown()
 
 
-@pytest.fixture
-def fast_server(tmp_path: Path) -> Iterator[Running]:
-    running = create_server(
+def _start_fast(tmp_path: Path) -> Running:
+    """A server whose supervisor ticks every 0.1 s, on the SQLite file of ``tmp_path``."""
+    return create_server(
         server_config(f"sqlite:///{tmp_path / 's.sqlite'}", promotion_interval_s=0.1),
         registry=CollectorRegistry(),
     )
+
+
+@pytest.fixture
+def fast_server(tmp_path: Path) -> Iterator[Running]:
+    running = _start_fast(tmp_path)
     yield running
     running.stop(1.0)
 
@@ -204,11 +209,12 @@ def test_promotion_evaluation_is_reproducible(fast_server: Running) -> None:
     assert (first.p_best == again.p_best).all()
 
 
-def test_srm_detected_by_the_sequential_test_and_reported(fast_server: Running) -> None:
+def test_srm_detected_by_the_sequential_test_and_reported(tmp_path: Path) -> None:
     """TABLE mode, A/A, the split refreshed every 100 rewards and the SRM test read by the
     supervisor every 0.1 s: quiet. Then one arm's decisions are counted 20% too often (a
     double-logging bug, applied between refreshes): SRM_DETECTED once, and the report's flag
-    and sequential p-value say the same."""
+    and sequential p-value say the same. A restart restores the flagged test and does not
+    raise the alert again."""
     spec = pb.ExperimentSpec(
         name="srm",
         variants=["a", "b", "c"],
@@ -217,6 +223,7 @@ def test_srm_detected_by_the_sequential_test_and_reported(fast_server: Running) 
         seed=5,
         promotion=pb.PromotionSettings(auto_promote=False),
     )
+    fast_server = _start_fast(tmp_path)
     app = fast_server.app
     env = np.random.default_rng(0)
 
@@ -239,18 +246,31 @@ def test_srm_detected_by_the_sequential_test_and_reported(fast_server: Running) 
             if e.type == "SRM_DETECTED"
         ]
 
-    with AllocatorClient(f"127.0.0.1:{fast_server.port}", admin_token=ADMIN_TOKEN) as c:
-        c.create_experiment(spec)
-        traffic(c, 20, 0.0)
-        time.sleep(0.5)  # several supervisor ticks
-        rep = c.get_report("srm")
-        assert rep.srm.decisions >= 19_000
-        assert rep.srm.sequential_p_value > 0.001 and not rep.srm.flagged
-        assert srm_events() == []
-        traffic(c, 30, 0.2)
-        _wait(lambda: srm_events() == ["SRM_DETECTED"])
-        rep = c.get_report("srm")
-        assert rep.srm.flagged and rep.srm.sequential_p_value < 0.001
-        traffic(c, 5, 0.2)
-        time.sleep(0.3)
-        assert srm_events() == ["SRM_DETECTED"]  # once
+    try:
+        with AllocatorClient(f"127.0.0.1:{fast_server.port}", admin_token=ADMIN_TOKEN) as c:
+            c.create_experiment(spec)
+            traffic(c, 20, 0.0)
+            time.sleep(0.5)  # several supervisor ticks
+            rep = c.get_report("srm")
+            assert rep.srm.decisions >= 19_000
+            assert rep.srm.sequential_p_value > 0.001 and not rep.srm.flagged
+            assert srm_events() == []
+            traffic(c, 30, 0.2)
+            _wait(lambda: srm_events() == ["SRM_DETECTED"])
+            rep = c.get_report("srm")
+            assert rep.srm.flagged and rep.srm.sequential_p_value < 0.001
+            traffic(c, 5, 0.2)
+            time.sleep(0.3)
+            assert srm_events() == ["SRM_DETECTED"]  # once
+    finally:
+        fast_server.stop(1.0)
+    restarted = _start_fast(tmp_path)
+    app = restarted.app
+    try:
+        with AllocatorClient(f"127.0.0.1:{restarted.port}", admin_token=ADMIN_TOKEN) as c:
+            rep = c.get_report("srm")
+            assert rep.srm.flagged and rep.srm.sequential_p_value < 0.001  # restored
+            time.sleep(0.5)  # several supervisor ticks of the new process
+            assert srm_events() == ["SRM_DETECTED"]  # still once
+    finally:
+        restarted.stop(1.0)
