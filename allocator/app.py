@@ -39,7 +39,6 @@ from allocator.errors import (
     UnknownExperiment,
     WrongState,
 )
-from allocator.guardrails import GuardrailStats
 from allocator.lifecycle import Action, Event, EventType, IllegalTransition, Lifecycle, State
 from allocator.metrics import Metrics
 from allocator.report import power_analysis
@@ -115,7 +114,6 @@ class Record:
     version: int
     lock: threading.Lock = field(default_factory=threading.Lock)
     scores: ScoreWindows = field(default_factory=ScoreWindows)
-    guardrails: GuardrailStats = field(default_factory=lambda: GuardrailStats(0))
 
     @property
     def name(self) -> str:
@@ -907,7 +905,9 @@ class Allocator:
         )
         flags: list[bool] = []
         if m:
-            fut = self.writer.submit(rec.name, rows)
+            fut = self.writer.submit(
+                rec.name, rows, [guardrails[i] for i in live] if guardrails else None
+            )
             try:
                 flags = fut.result(timeout=timeout)
             except FutureTimeout:
@@ -916,9 +916,6 @@ class Allocator:
         for j, i in enumerate(live):
             statuses[i] = ACCEPTED if flags[j] else DUPLICATE
         new = np.array(flags, dtype=bool)
-        if guardrails:
-            kept = np.flatnonzero(new).tolist()
-            rec.guardrails.add(arms_arr[new].tolist(), [guardrails[live[j]] for j in kept])
         scored = new & ~np.isnan(score_arr)
         if scored.any():
             rec.scores.add(arms_arr[scored].tolist(), score_arr[scored].tolist())
@@ -996,14 +993,11 @@ class Allocator:
             np.full(n, np.nan) if scores is None else scores,
             [json.dumps(g) for g in guardrails] if guardrails else None,
         )
-        fut = self.writer.submit(rec.name, cols)
+        fut = self.writer.submit(rec.name, cols, guardrails or None)
         try:
             new = np.array(fut.result(timeout=timeout), dtype=bool)
         except FutureTimeout:
             raise StoreUnavailable("commit", "group commit timed out; retry") from None
-        if guardrails:
-            kept = np.flatnonzero(new).tolist()
-            rec.guardrails.add(arms[new].tolist(), [guardrails[j] for j in kept])
         if scores is not None:
             scored = new & ~np.isnan(scores)
             if scored.any():

@@ -25,11 +25,12 @@ written asynchronously so Assign never waits on the database), never a reward.
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -60,6 +61,9 @@ class _Job:
     name: str
     rows: RewardColumns
     future: Future[list[bool]]
+    # The rows' guardrail metrics as the caller had them, so the writer need not parse
+    # back the JSON it is writing (None: parse ``rows.guardrails_json``).
+    guardrails: Sequence[Mapping[str, float]] | None = None
 
 
 class Recovery:
@@ -135,15 +139,17 @@ def apply_logged(
     arms: list[int] = []
     values: list[float] = []
     epochs: list[int] = []
+    guards: list[str | None] = []
 
     def flush() -> None:
         nonlocal applied
         if run_name is not None and arms and run_name in engine:
-            engine.reward_batch(run_name, arms, values, epochs)
+            engine.reward_batch(run_name, arms, values, epochs, guardrail_items(guards))
             applied += len(arms)
         arms.clear()
         values.clear()
         epochs.clear()
+        guards.clear()
 
     for row in rows:
         name = names_by_id.get(row.experiment_id)
@@ -159,8 +165,26 @@ def apply_logged(
         arms.append(row.arm)
         values.append(row.value)
         epochs.append(row.epoch)
+        guards.append(row.guardrails_json)
     flush()
     return applied
+
+
+def _new_guardrails(job: _Job, new: np.ndarray) -> list[Mapping[str, float]] | None:
+    """The guardrail metrics of the rows of ``job`` that were ``new``."""
+    if job.guardrails is not None:
+        return [g for g, keep in zip(job.guardrails, new, strict=True) if keep]
+    logged = job.rows.guardrails_json
+    if logged is None:
+        return None
+    return guardrail_items([g for g, keep in zip(logged, new, strict=True) if keep])
+
+
+def guardrail_items(logged: Sequence[str | None] | None) -> list[Mapping[str, float]] | None:
+    """Per item its guardrail metrics, from the log's JSON (None: no item has any)."""
+    if logged is None or not any(logged):
+        return None
+    return [json.loads(g) if g else {} for g in logged]
 
 
 class RewardWriter:
@@ -217,8 +241,16 @@ class RewardWriter:
         """Start the writer thread."""
         self._thread.start()
 
-    def submit(self, name: str, rows: Sequence[RewardRow] | RewardColumns) -> Future[list[bool]]:
-        """Queue rows of one experiment; the future gives, per row, True=new False=dup."""
+    def submit(
+        self,
+        name: str,
+        rows: Sequence[RewardRow] | RewardColumns,
+        guardrails: Sequence[Mapping[str, float]] | None = None,
+    ) -> Future[list[bool]]:
+        """Queue rows of one experiment; the future gives, per row, True=new False=dup.
+
+        ``guardrails``: the rows' guardrail metrics, parsed (the same as their JSON).
+        """
         fut: Future[list[bool]] = Future()
         if not len(rows):
             fut.set_result([])
@@ -234,7 +266,7 @@ class RewardWriter:
                 )
             self._queued_rows += len(rows)
         self.metrics.queue_depth.set(self._queued_rows)
-        self._queue.put(_Job(name, rows, fut))
+        self._queue.put(_Job(name, rows, fut, guardrails))
         return fut
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -335,7 +367,7 @@ class RewardWriter:
                 arms = cols.arms if every else cols.arms[mask]
                 values = cols.values if every else cols.values[mask]
                 epochs = cols.epochs if every else cols.epochs[mask]
-                self.engine.reward_batch(job.name, arms, values, epochs)
+                self.engine.reward_batch(job.name, arms, values, epochs, _new_guardrails(job, mask))
                 if self.on_applied is not None:
                     self.on_applied(job.name, arms, values)
             job.future.set_result(mine)

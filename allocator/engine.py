@@ -44,6 +44,7 @@ from allocator.errors import (
     UnknownExperiment,
     WrongState,
 )
+from allocator.guardrails import GuardrailStats
 from allocator.policies import (
     FixedSplit,
     IndexPolicy,
@@ -269,6 +270,7 @@ class _Experiment:
         # The sequential SRM test's e-process over those decisions: (log e now, running
         # max of log e); see stats.srm_e_step.
         self.srm_e = np.zeros(2)
+        self.guardrails = GuardrailStats(k)
         self.pending = 0  # decisions since the last refresh (a refresh trigger)
         self.rewards_since = 0
         self.rewards_total = 0
@@ -465,6 +467,7 @@ class _Experiment:
             [self.epoch_pulls, np.zeros((e, 1), dtype=np.int64)], axis=1
         )
         self.epoch_stats = np.concatenate([self.epoch_stats, np.zeros((e, 1, 3))], axis=1)
+        self.guardrails.add_arm()
         if self.override is not None:
             self.override = np.append(self.override, 0.0)
         self._compute_allocation(now, force_epoch=True)
@@ -486,6 +489,7 @@ class _Experiment:
             "epoch_pulls": self.epoch_pulls[:n].copy(),
             "epoch_stats": self.epoch_stats[:n].copy(),
             "epoch_started": self.epoch_started[:n].copy(),
+            **self.guardrails.to_arrays(),
         }
         if self.override is not None:
             arrays["override"] = self.override.copy()
@@ -519,6 +523,7 @@ class _Experiment:
         self.epoch_stats[:n] = a["epoch_stats"]
         self.epoch_started[:n] = a["epoch_started"]
         self.archived = bool(snap.scalars["archived"])
+        self.guardrails = GuardrailStats.from_arrays(k, a)
         self.prob = np.ones(k)
         self.alias = np.arange(k, dtype=np.int64)
         self.fixed_prob = np.ones(k)
@@ -795,14 +800,23 @@ class Engine:
         arms: Sequence[int] | np.ndarray,
         values: Sequence[float] | np.ndarray,
         epochs: Sequence[int] | np.ndarray | None = None,
+        guardrails: Sequence[Mapping[str, float]] | None = None,
     ) -> None:
-        """Apply rewards in order; nothing is applied if any item is invalid."""
+        """Apply rewards in order; nothing is applied if any item is invalid.
+
+        ``guardrails``: per item its guardrail metrics (an empty mapping for none), added
+        under the same lock as the rewards, so a snapshot holds both or neither.
+        """
         a, v, e = self.validate_rewards(name, arms, values, epochs)
+        if guardrails is not None and len(guardrails) != a.size:
+            raise InvalidArgument("guardrails", f"{len(guardrails)} items for {a.size} rewards")
         exp = self._get(name)
         with exp.lock:
             if e is None:
                 e = np.full(a.shape, exp.epoch, dtype=np.int64)
             kernels.update_epochs(exp.stats, exp.epoch_stats, a, e, v, exp.gamma)
+            if guardrails is not None:
+                exp.guardrails.add(a.tolist(), guardrails)
             exp.rewards_since += a.size
             exp.rewards_total += a.size
             # Early on one reward moves the posterior a lot, so the estimate of the allocation
@@ -904,6 +918,12 @@ class Engine:
         return p_best, loss, samples
 
     # -- persistence ---------------------------------------------------------------------
+    def guardrail_stats(self, name: str) -> dict[str, np.ndarray]:
+        """Per guardrail metric a copy of its ``[K, 3]`` (n, sum, sum of squares)."""
+        exp = self._get(name)
+        with exp.lock:
+            return exp.guardrails.snapshot()
+
     def snapshot(self, names: Iterable[str] | None = None) -> dict[str, ExperimentSnapshot]:
         """Copies of every (or the named) experiment's arrays."""
         out: dict[str, ExperimentSnapshot] = {}

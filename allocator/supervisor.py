@@ -77,9 +77,9 @@ def monitor_settings(spec: pb.ExperimentSpec) -> MonitorSettings | None:
     return MonitorSettings(detector=detector, batch_size=100, reaction=reaction)
 
 
-def _guardrails(rec: Record) -> tuple[dict[str, GuardrailCheck], list[str]]:
+def _guardrails(app: Allocator, rec: Record) -> tuple[dict[str, GuardrailCheck], list[str]]:
     """Guardrail checks with data for every variant, and the metrics still without."""
-    stats = rec.guardrails.snapshot()
+    stats = app.engine.guardrail_stats(rec.name)
     checks: dict[str, GuardrailCheck] = {}
     missing: list[str] = []
     k = rec.config.n_arms
@@ -110,7 +110,7 @@ def evaluate_promotion(app: Allocator, rec: Record) -> pb.PromotionStatus | None
         settings = promotion_settings(rec.spec)
     except (TypeError, ValueError) as err:
         return pb.PromotionStatus(decision="invalid settings", reasons=[str(err)])
-    checks, missing = _guardrails(rec)
+    checks, missing = _guardrails(app, rec)
     since = rec.updated_at if rec.lifecycle.state == State.REOPENED else rec.created_at
     age = max(0.0, app.clock() - since)
     seed = mc_seed(rec.config.seed, total)

@@ -40,6 +40,7 @@ from prometheus_client import CollectorRegistry
 
 from allocator.app import Allocator
 from allocator.config import ServerConfig
+from allocator.durable import apply_logged
 from allocator.engine import Engine
 from allocator.metrics import Metrics
 from allocator.server import STORE_HEALTH, Running, create_server
@@ -621,11 +622,12 @@ def _normal_spec(name: str) -> pb.ExperimentSpec:
 
 
 def test_recovery_after_clean_stop_is_bit_exact(any_store_url: str) -> None:
-    """Posterior arrays after a restart equal those before the stop, bit for bit.
+    """Posterior and guardrail arrays after a restart equal those before the stop, bit for bit.
 
     Gaussian rewards with irrational-looking values make floating-point sums depend on
     the order of addition, so this also shows the log is replayed in commit order: a
-    from-scratch replay of the whole log (ignoring snapshots) gives the same bits.
+    from-scratch replay of the whole log (ignoring snapshots) gives the same bits. Every
+    fifth reward carries no guardrail metric.
     """
     config = server_config(any_store_url, http_port=-1, snapshot_interval_s=0.3)
     running = create_server(config)
@@ -635,23 +637,31 @@ def test_recovery_after_clean_stop_is_bit_exact(any_store_url: str) -> None:
         rng = np.random.default_rng(5)
         for i in range(40):
             n = 25
+            latency = rng.lognormal(3.0, 0.5, n)
             app.reward(
                 experiment="gauss",
                 values=list(rng.normal(0.3, 1.7, n)),
                 event_ids=[f"g{i}-{j}" for j in range(n)],
                 variant_indices=[int(x) for x in rng.integers(0, 2, n)],
+                guardrails=[
+                    {"latency_ms": float(x)} if j % 5 else {} for j, x in enumerate(latency)
+                ],
             )
             if i == 20:
                 time.sleep(0.4)  # let a periodic snapshot land mid-stream
         before = app.engine.view("gauss")
+        guards_before = app.engine.guardrail_stats("gauss")["latency_ms"]
     finally:
         running.stop(grace=1.0)
     assert before.stats[:, 0].sum() == 40 * 25
+    assert guards_before[:, 0].sum() == 40 * 20
     after = create_server(config)
     try:
         view = after.app.engine.view("gauss")
         np.testing.assert_array_equal(view.stats, before.stats)
         np.testing.assert_array_equal(view.epoch_stats, before.epoch_stats)
+        guards_after = after.app.engine.guardrail_stats("gauss")["latency_ms"]
+        np.testing.assert_array_equal(guards_after, guards_before)
         # Replay the raw log into a blank engine: same bits as snapshot + tail replay.
         rec = after.app.get("gauss")
         fresh = Engine()
@@ -662,10 +672,12 @@ def test_recovery_after_clean_stop_is_bit_exact(any_store_url: str) -> None:
             if not rows:
                 break
             rows = sorted(rows, key=lambda r: (r.replica_id, r.replica_seq))
-            fresh.reward_batch("gauss", [r.arm for r in rows], [r.value for r in rows])
+            # Recovery's own replay: rewards and their guardrail metrics, in log order.
+            apply_logged(fresh, rows, {rec.id: "gauss"})
             for r in rows:
                 positions[r.replica_id] = max(positions.get(r.replica_id, 0), r.replica_seq)
         np.testing.assert_array_equal(fresh.view("gauss").stats, before.stats)
+        np.testing.assert_array_equal(fresh.guardrail_stats("gauss")["latency_ms"], guards_before)
     finally:
         after.stop(grace=1.0)
 
@@ -733,11 +745,13 @@ class LostCommitAnswer:
 
 
 def _reward_events(app: Allocator, ids: Sequence[str], arm: int) -> list[str]:
+    """Rewards of 1 for ``arm``, each with guardrail metric ``lat`` = 2."""
     return app.reward(
         experiment=EXPERIMENT,
         values=[1.0] * len(ids),
         event_ids=list(ids),
         variant_indices=[arm] * len(ids),
+        guardrails=[{"lat": 2.0}] * len(ids),
     )
 
 
@@ -747,9 +761,11 @@ def test_commit_that_landed_but_failed_counts_once_across_restart(tmp_path: Path
     The client was answered UNAVAILABLE; the writer commits the batch again once the store
     answers (the store recognises its own landed rows as new), so the posterior includes it
     before any snapshot claims its log position. After a restart the client's retry is a
-    DUPLICATE and the reward is still counted once: not lost, not doubled.
+    DUPLICATE and the reward is still counted once: not lost, not doubled. So are its
+    guardrail metrics (the writer reads them back from the rows it commits again).
     """
     url = f"sqlite:///{tmp_path / 'lost.sqlite'}"
+    counted = [[4, 8, 16], [5, 10, 20], [0, 0, 0]]  # (n, sum, sum of squares) of lat = 2
     config = server_config(url, http_port=-1, snapshot_interval_s=0.2)
     running = create_server(config)
     try:
@@ -766,6 +782,7 @@ def test_commit_that_landed_but_failed_counts_once_across_restart(tmp_path: Path
         )
         time.sleep(0.5)  # snapshots are taken meanwhile
         np.testing.assert_array_equal(app.engine.view(EXPERIMENT).stats[:, 0], [4.0, 5.0, 0.0])
+        np.testing.assert_array_equal(app.engine.guardrail_stats(EXPERIMENT)["lat"], counted)
     finally:
         running.stop(grace=1.0)
     again = create_server(config)
@@ -775,6 +792,7 @@ def test_commit_that_landed_but_failed_counts_once_across_restart(tmp_path: Path
         np.testing.assert_array_equal(
             again.app.engine.view(EXPERIMENT).stats, [[4, 4, 4], [5, 5, 5], [0, 0, 0]]
         )
+        np.testing.assert_array_equal(again.app.engine.guardrail_stats(EXPERIMENT)["lat"], counted)
     finally:
         again.stop(grace=1.0)
 

@@ -153,6 +153,33 @@ def test_same_seed_same_decisions_and_restore_continues_identically() -> None:
     assert [a.assign("exp").arm for _ in range(50)] == [c.assign("exp").arm for _ in range(50)]
 
 
+def test_guardrail_stats_ride_with_rewards_and_survive_snapshots() -> None:
+    """Guardrail metrics are added with their rewards (all or nothing), round-trip through a
+    snapshot, grow with a new variant, and a snapshot from before them restores empty."""
+    engine, _ = _engine()
+    engine.reward_batch(
+        "exp", [0, 1, 0], [1.0, 0.0, 1.0], guardrails=[{"lat": 2.0}, {}, {"lat": 4.0, "err": 1.0}]
+    )
+    with pytest.raises(InvalidArgument, match="guardrails"):
+        engine.reward_batch("exp", [0, 1], [1.0, 1.0], guardrails=[{"lat": 9.0}])
+    g = engine.guardrail_stats("exp")
+    assert g["lat"].tolist() == [[2.0, 6.0, 20.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
+    assert g["err"].tolist() == [[1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
+    assert engine.view("exp").stats[:, 0].tolist() == [2.0, 1.0, 0.0]  # the bad batch: none
+    snap = ExperimentSnapshot.from_bytes(engine.snapshot()["exp"].to_bytes())
+    copy = Engine(clock=FakeClock())
+    copy.restore({"exp": snap})
+    for metric, arr in g.items():
+        np.testing.assert_array_equal(copy.guardrail_stats("exp")[metric], arr)
+    copy.add_variant("exp", "d")
+    copy.reward_batch("exp", [3], [1.0], guardrails=[{"lat": 1.0}])
+    assert copy.guardrail_stats("exp")["lat"][3].tolist() == [1.0, 1.0, 1.0]
+    old = {k: v for k, v in snap.arrays.items() if not k.startswith("guardrail_")}
+    legacy = Engine(clock=FakeClock())
+    legacy.restore({"exp": ExperimentSnapshot(snap.config, old, snap.scalars)})
+    assert legacy.guardrail_stats("exp") == {}
+
+
 def test_thompson_learns_the_better_arm() -> None:
     engine, clock = _engine(refresh_rewards=200)
     env = np.random.default_rng(1)

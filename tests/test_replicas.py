@@ -139,6 +139,35 @@ def test_rewards_split_between_replicas_converge_exactly(
         np.testing.assert_array_equal(_stats(r1, name), _stats(r2, name))
 
 
+def test_guardrail_metrics_reach_the_other_replica(replicas: tuple[Running, Running]) -> None:
+    """Guardrail metrics logged through r1 are in r2's statistics too (r2 may be the
+    replica that runs promotion and checks them), applied with the rewards they came with."""
+    r1, r2 = replicas
+    create_experiment(_target(r1))
+    wait_until(lambda: EXPERIMENT in r2.app.records, 5, "r2 to learn the experiment")
+    latency = [12.5, 40.0, 7.25, 19.0]
+    r1.app.reward(
+        experiment=EXPERIMENT,
+        values=[1.0, 0.0, 1.0, 0.0],
+        event_ids=[f"gr-{i}" for i in range(4)],
+        variant_indices=[0, 1, 0, 1],
+        guardrails=[{"latency_ms": x} for x in latency],
+    )
+    want = np.array([[2.0, 19.75, 12.5**2 + 7.25**2], [2.0, 59.0, 40.0**2 + 19.0**2]])
+
+    def r2_latency() -> np.ndarray | None:
+        return r2.app.engine.guardrail_stats(EXPERIMENT).get("latency_ms")
+
+    wait_until(
+        lambda: (lat := r2_latency()) is not None and lat[:2].tolist() == want.tolist(),
+        10,
+        "r2 to apply r1's guardrail metrics",
+    )
+    np.testing.assert_array_equal(
+        r1.app.engine.guardrail_stats(EXPERIMENT)["latency_ms"], r2_latency()
+    )
+
+
 def test_commit_that_landed_but_failed_is_counted_by_both_replicas(
     replicas: tuple[Running, Running],
 ) -> None:

@@ -443,7 +443,7 @@ def test_guardrail_columns_are_tracked_and_validated(
         guardrails=[pb.GuardrailColumn(metric="latency_ms", values=[12.0, float("nan"), 30.0])],
     )
     assert stub.RewardBatch(req).accepted == 3
-    lat = server.app.records["exp"].guardrails.snapshot()["latency_ms"]
+    lat = server.app.engine.guardrail_stats("exp")["latency_ms"]
     assert lat[0].tolist() == [1.0, 12.0, 144.0] and lat[1].tolist() == [1.0, 30.0, 900.0]
     bad = pb.RewardBatchRequest(
         experiment="exp",
@@ -480,9 +480,8 @@ def test_indexed_rewards_are_columnar_but_behave_like_decision_ids(
     assert (resp.accepted, resp.duplicates, resp.expired) == (3, 1, 0)
     assert list(resp.statuses) == [pb.REWARD_STATUS_ACCEPTED] * 3 + [pb.REWARD_STATUS_DUPLICATE]
     assert sum(server.app.engine.counts("exp").values()) == 3
-    rec = server.app.records["exp"]
     # Guardrails of the three accepted items only: n = 3, sum = 10 + 20 + 30.
-    lat = rec.guardrails.snapshot()["latency_ms"]
+    lat = server.app.engine.guardrail_stats("exp")["latency_ms"]
     assert lat[:, 0].sum() == 3.0 and lat[:, 1].sum() == 60.0
     # The same decisions by decision id are the same dedup keys: duplicates.
     again = client.reward_batch("exp", [1.0] * 2, decision_ids=[b.decision_id(1), b.decision_id(3)])
