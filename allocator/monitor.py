@@ -51,6 +51,7 @@ thresholds (Siddiqi 2006): < 0.1 stable, 0.1-0.25 moderate shift, >= 0.25 signif
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
 import hmac
@@ -62,7 +63,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections import deque
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import MappingProxyType
@@ -296,6 +297,15 @@ class RunningStats:
         """Immutable snapshot."""
         return Moments(self.n, self.mean, self.variance)
 
+    def state(self) -> list[float]:
+        """``[n, mean, m2]``, for :meth:`load_state` (JSON keeps floats exactly)."""
+        return [self.n, self.mean, self.m2]
+
+    def load_state(self, state: Sequence[float]) -> None:
+        """Continue from :meth:`state`."""
+        n, self.mean, self.m2 = state
+        self.n = int(n)
+
 
 @dataclass(frozen=True)
 class Moments:
@@ -389,6 +399,8 @@ class Detector(Protocol):
     def update(self, x: float) -> bool: ...
     def update_many(self, xs: npt.ArrayLike) -> int | None: ...
     def reset(self) -> None: ...
+    def state(self) -> dict[str, Any]: ...
+    def load_state(self, state: Mapping[str, Any]) -> None: ...
 
 
 class _Reflected:
@@ -406,6 +418,17 @@ class _Reflected:
         self._s_lo = 0.0
         self._s_hi = 0.0
         self._alarm_at: int | None = None
+
+    def state(self) -> dict[str, Any]:
+        """The walk, for :meth:`load_state`: the detector continues exactly where it was."""
+        return {"n": self._n, "lo": self._s_lo, "hi": self._s_hi, "alarm_at": self._alarm_at}
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        """Continue from :meth:`state`."""
+        self._n = int(state["n"])
+        self._s_lo = float(state["lo"])
+        self._s_hi = float(state["hi"])
+        self._alarm_at = None if state["alarm_at"] is None else int(state["alarm_at"])
 
     @property
     def n(self) -> int:
@@ -454,6 +477,24 @@ class Cusum(_Reflected):
         self._mean = self.settings.mean
         self._sd = self.settings.sd
         self._ready = self._mean is not None and self._sd is not None
+
+    def state(self) -> dict[str, Any]:
+        """The walk plus the burn-in and the reference it set."""
+        return {
+            **super().state(),
+            "burn": self._burn.state(),
+            "mean": self._mean,
+            "sd": self._sd,
+            "ready": self._ready,
+        }
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        """Continue from :meth:`state`."""
+        super().load_state(state)
+        self._burn.load_state(state["burn"])
+        self._mean = None if state["mean"] is None else float(state["mean"])
+        self._sd = None if state["sd"] is None else float(state["sd"])
+        self._ready = bool(state["ready"])
 
     @property
     def reference(self) -> tuple[float, float] | None:
@@ -543,6 +584,16 @@ class PageHinkley(_Reflected):
         super().reset()
         self._total = 0.0
         self._count = 0.0
+
+    def state(self) -> dict[str, Any]:
+        """The walk plus the running mean's sums."""
+        return {**super().state(), "total": self._total, "count": self._count}
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        """Continue from :meth:`state`."""
+        super().load_state(state)
+        self._total = float(state["total"])
+        self._count = float(state["count"])
 
     @property
     def running_mean(self) -> float:
@@ -770,6 +821,20 @@ class _Stream:
         self.batch = settings.batch_size
         self.pending: FloatArray = np.empty(0, dtype=np.float64)
 
+    def state(self) -> dict[str, Any]:
+        """Moments, the detector and the unfinished batch."""
+        return {
+            "stats": self.stats.state(),
+            "detector": self.detector.state(),
+            "pending": self.pending.tolist(),
+        }
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        """Continue from :meth:`state`."""
+        self.stats.load_state(state["stats"])
+        self.detector.load_state(state["detector"])
+        self.pending = np.asarray(state["pending"], dtype=np.float64)
+
     def feed(self, values: FloatArray) -> bool:
         """Add rewards; True if the detector alarmed."""
         self.stats.add_many(values)
@@ -825,6 +890,31 @@ class PromotionMonitor:
         self._look = 0
         self._last_test: HoldoutTest | None = None
         self._regression: Regression | None = None
+
+    def state(self) -> dict[str, Any]:
+        """Everything the monitor has learnt, JSON-compatible, for :meth:`load_state`.
+
+        A monitor restored from it and fed the same rewards afterwards behaves exactly as
+        this one would (same alarms, same statistics). Not for a triggered monitor: its
+        regression was reported and acted on, there is nothing left to watch.
+        """
+        if self._regression is not None:
+            raise ValueError("a triggered monitor has no state worth keeping")
+        last = self._last_test
+        return {
+            "promoted": self._promoted.state(),
+            "holdout": self._holdout.state(),
+            "look": self._look,
+            "last_test": None if last is None else dataclasses.asdict(last),
+        }
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        """Continue from :meth:`state` of a monitor with the same settings."""
+        self._promoted.load_state(state["promoted"])
+        self._holdout.load_state(state["holdout"])
+        self._look = int(state["look"])
+        last = state["last_test"]
+        self._last_test = None if last is None else HoldoutTest(**last)
 
     @property
     def triggered(self) -> bool:

@@ -205,7 +205,12 @@ def create_server(
             config.metrics_max_experiments,
         )
     )
-    supervisor = Supervisor(app, config.promotion_interval_s, evaluate=evaluate_promotion)
+    supervisor = Supervisor(
+        app,
+        config.promotion_interval_s,
+        evaluate=evaluate_promotion,
+        save_interval_s=config.snapshot_interval_s,
+    )
     app.start()
     supervisor.start()
     loop = grpc_loop()

@@ -11,10 +11,13 @@ database writes never delay a group commit.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from allocator_client.v1 import allocator_pb2 as pb
@@ -36,6 +39,9 @@ from allocator.monitor import (
     cusum_threshold_for_arl,
 )
 from allocator.promotion import GuardrailCheck, evaluate
+
+# Store metadata key of an experiment's saved monitor state (by experiment id).
+_MONITOR_META = "monitor:{}"
 
 log = logging.getLogger("allocator.supervisor")
 
@@ -163,7 +169,21 @@ def evaluate_promotion(app: Allocator, rec: Record) -> pb.PromotionStatus | None
 class _Watch:
     champion: int
     monitor: PromotionMonitor
+    key: dict[str, object]  # what a saved state must match to be restored into it
     pending: Regression | None = None
+    saved: str = ""  # the state last written to the store
+
+
+def _monitor_key(rec: Record, settings: MonitorSettings, holdout: int | None) -> dict[str, object]:
+    """The promotion a monitor watches: its champion, the audit seq of the PROMOTE that made
+    it (a later promotion of the same variant is another one), holdout and settings."""
+    promotion = max((a.seq for a in rec.lifecycle.audit if a.action == Action.PROMOTE), default=0)
+    return {
+        "champion": rec.lifecycle.champion,
+        "promotion": promotion,
+        "holdout": holdout,
+        "settings": repr(settings),
+    }
 
 
 class Supervisor:
@@ -174,10 +194,13 @@ class Supervisor:
         app: Allocator,
         interval_s: float = 1.0,
         evaluate: Callable[[Allocator, Record], pb.PromotionStatus | None] | None = None,
+        save_interval_s: float = 5.0,
     ) -> None:
         self.app = app
         self.interval_s = interval_s
         self.evaluate = evaluate
+        self.save_interval_s = save_interval_s
+        self._next_save = 0.0
         self._watches: dict[str, _Watch] = {}
         self._webhooks: dict[str, WebhookNotifier] = {}
         self._srm_flagged: set[str] = set()
@@ -186,6 +209,7 @@ class Supervisor:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="supervisor", daemon=True)
         app.hooks.append(self.feed)
+        app.tick_hooks.append(self.save_monitors)
         app.event_listeners.append(self._on_event)
 
     def start(self) -> None:
@@ -272,16 +296,59 @@ class Supervisor:
             holdout = lc.previous_champion if rec.spec.monitoring.holdout_share > 0 else None
             if holdout == lc.champion:
                 holdout = None
-            self._watches[rec.name] = _Watch(
+            monitor = PromotionMonitor(
+                rec.name,
                 lc.champion,
-                PromotionMonitor(
-                    rec.name,
-                    lc.champion,
-                    holdout_variant=holdout,
-                    settings=settings,
-                    emit=functools.partial(self._emit, rec),
-                ),
+                holdout_variant=holdout,
+                settings=settings,
+                emit=functools.partial(self._emit, rec),
             )
+            key = _monitor_key(rec, settings, holdout)
+            saved = self._saved_monitor(rec)
+            if saved is not None and saved.get("key") == key:
+                # A restart: continue watching with the reference and statistic learnt
+                # before it, not a new burn-in over rewards that may already have regressed.
+                monitor.load_state(saved["state"])
+            self._watches[rec.name] = _Watch(lc.champion, monitor, key)
+
+    def _saved_monitor(self, rec: Record) -> dict[str, Any] | None:
+        raw = self.app.store.get_meta(_MONITOR_META.format(rec.id))
+        if raw is None:
+            return None
+        try:
+            saved = json.loads(raw)
+        except ValueError:
+            log.warning("experiment %s: ignoring unreadable saved monitor state", rec.name)
+            return None
+        return saved if isinstance(saved, dict) else None
+
+    # -- monitor persistence (writer thread, like feed) -------------------------------------
+    def save_monitors(self) -> None:
+        """Every ``save_interval_s``, store the state of each monitor that changed.
+
+        Runs on the writer thread, the one that feeds the monitors, so each state is
+        consistent. A crash loses at most the rewards of the last interval to the monitor
+        (the posterior keeps them all); a triggered monitor is not saved again, so after a
+        restart a NOTIFY_ONLY champion may report the same regression a second time.
+        """
+        now = time.monotonic()
+        if now < self._next_save:
+            return
+        self._next_save = now + self.save_interval_s
+        with self._lock:
+            watches = list(self._watches.items())
+        for name, watch in watches:
+            rec = self.app.records.get(name)
+            if rec is None or watch.monitor.triggered:
+                continue
+            try:
+                text = json.dumps({"key": watch.key, "state": watch.monitor.state()})
+            except (TypeError, ValueError):  # a bug here must not stop the writer's pulls
+                log.exception("experiment %s: monitor state not saved", name)
+                continue
+            if text != watch.saved:
+                self.app.store.set_meta(_MONITOR_META.format(rec.id), text)
+                watch.saved = text
 
     def _emit(self, rec: Record, event: Event) -> None:
         """Monitor events are only recorded by the leader (followers watch silently)."""

@@ -445,6 +445,47 @@ def test_monitor_detects_drop_on_batched_bernoulli_rewards() -> None:
     assert len(events) == 2
 
 
+@pytest.mark.parametrize(
+    "detector",
+    [
+        CusumSettings(k=0.5, h=6.0, direction=Direction.DOWN, burn_in=30),
+        PageHinkleySettings(delta=0.05, lam=1.0, burn_in=30),
+    ],
+    ids=["cusum", "page_hinkley"],
+)
+def test_monitor_restored_from_state_continues_exactly(
+    detector: CusumSettings | PageHinkleySettings,
+) -> None:
+    """A monitor rebuilt from ``state()`` (through JSON, as the supervisor stores it) and fed
+    what follows alarms at the same reward with the same statistics as the original: the
+    burn-in reference, the walk, the unfinished batch and the holdout looks carry over."""
+    settings = MonitorSettings(detector=detector, batch_size=7, holdout_min_samples=50)
+    rng = np.random.default_rng(12)
+    original = PromotionMonitor("exp", 1, holdout_variant=0, settings=settings)
+    # 300 rewards at 0.5 in chunks of 5: 42 batches of 7 (the 30-batch burn-in and some
+    # watched) and a batch 6/7 full.
+    for _ in range(60):
+        original.observe_many((rng.random(7) < 0.5).astype(float)[:5], now=1.0)
+        original.observe_many((rng.random(5) < 0.5).astype(float), now=1.0, holdout=True)
+    restored = PromotionMonitor("exp", 1, holdout_variant=0, settings=settings)
+    restored.load_state(json.loads(json.dumps(original.state())))
+    assert restored.state() == original.state()
+    assert restored.detector.n > 30 and restored.last_holdout_test is not None
+    after = [(rng.random(5) < 0.1).astype(float) for _ in range(200)]  # a drop to 0.1
+    outcomes = []
+    for mon in (original, restored):
+        seen = None
+        for i, chunk in enumerate(after):
+            reg = mon.observe_many(chunk, now=2.0)
+            if reg is not None:
+                seen = (i, reg.kind, reg.statistic, reg.samples, reg.promoted_mean)
+                break
+        outcomes.append(seen)
+    assert outcomes[0] is not None and outcomes[0] == outcomes[1]
+    with pytest.raises(ValueError, match="triggered"):
+        original.state()
+
+
 def test_monitor_holdout_comparison_flags_regression() -> None:
     rng = np.random.default_rng(8)
     # A reference equal to the true post-promotion mean keeps the drift detector quiet, so

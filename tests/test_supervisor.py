@@ -113,6 +113,56 @@ def test_regression_after_promotion_rolls_back_and_calls_webhook(
     assert len(rollback) == 1 and rollback[0].actor == "monitor"
 
 
+def test_monitor_survives_a_restart(tmp_path: Path) -> None:
+    """The champion's monitor learns its reference (burn-in at 50%), the server restarts,
+    then the rate drops to 20%: the restarted monitor flags it within the 50 batches that
+    follow. Started from nothing it would be burning in on the dropped rate (200 batches)
+    and take it for normal."""
+    spec = pb.ExperimentSpec(
+        name="m",
+        variants=["a", "b"],
+        monitoring=pb.MonitoringSettings(
+            detector=pb.DRIFT_DETECTOR_CUSUM, on_regression=pb.REGRESSION_ACTION_ROLLBACK
+        ),
+    )
+    rng = np.random.default_rng(3)
+
+    def send(c: AllocatorClient, tag: str, rate: float, rounds: int) -> None:
+        for i in range(rounds):
+            values = (rng.uniform(size=1000) < rate).astype(float).tolist()
+            ids = [f"{tag}{i}-{j}" for j in range(1000)]
+            c.reward_batch("m", values, event_ids=ids, variants=["b"] * 1000)
+
+    first = _start_fast(tmp_path)
+    try:
+        with AllocatorClient(f"127.0.0.1:{first.port}", admin_token=ADMIN_TOKEN) as c:
+            c.create_experiment(spec)
+            c.promote("m", "b", reason="test")
+            _wait(lambda: "m" in first.supervisor._watches)
+            send(c, "before", 0.5, 25)  # 250 batches of 100: past the 200-batch burn-in
+        watch = first.supervisor._watches["m"]
+        reference = watch.monitor.detector.state()
+        exp_id = first.app.records["m"].id
+
+        def saved_rewards() -> float:
+            raw = first.app.store.get_meta(f"monitor:{exp_id}")
+            return json.loads(raw)["state"]["promoted"]["stats"][0] if raw else 0.0
+
+        _wait(lambda: saved_rewards() == 25_000)
+    finally:
+        first.stop(1.0)
+    second = _start_fast(tmp_path)
+    try:
+        _wait(lambda: "m" in second.supervisor._watches)
+        assert second.supervisor._watches["m"].monitor.detector.state() == reference
+        with AllocatorClient(f"127.0.0.1:{second.port}", admin_token=ADMIN_TOKEN) as c:
+            # A drop of 0.3 / (0.5 / sqrt(100)) = 6 batch-sd: expected delay ~2 batches.
+            send(c, "after", 0.2, 5)
+            _wait(lambda: second.app.records["m"].lifecycle.state.value == "ROLLED_BACK")
+    finally:
+        second.stop(1.0)
+
+
 def test_stable_champion_is_not_rolled_back(fast_server: Running) -> None:
     spec = pb.ExperimentSpec(
         name="s",
