@@ -1042,7 +1042,7 @@ class Allocator:
             hook(rec, arms, values)
 
     def _on_pulled(self, rows: Sequence[LoggedReward]) -> None:
-        """Other replicas' rewards reach the hooks (monitors) too."""
+        """Other replicas' rewards reach the hooks (monitors) and the score windows too."""
         by_exp: dict[int, list[LoggedReward]] = {}
         for row in rows:
             by_exp.setdefault(row.experiment_id, []).append(row)
@@ -1054,6 +1054,9 @@ class Allocator:
             values = np.fromiter((r.value for r in items), dtype=np.float64, count=len(items))
             for hook in self.hooks:
                 hook(rec, arms, values)
+            scored = [(r.arm, r.prediction_score) for r in items if r.prediction_score is not None]
+            if scored:
+                rec.scores.add([a for a, _ in scored], [x for _, x in scored])
 
     def _tick(self) -> None:
         """Writer-thread housekeeping: pick up experiments other replicas changed."""

@@ -42,6 +42,14 @@ class ScoreWindows:
                 self._after = {}
             self._promoted = promoted
 
+    def sizes(self) -> dict[int, tuple[int, int]]:
+        """Per variant the number of scores in (reference, current) window."""
+        with self._lock:
+            arms = set(self._before) | set(self._after)
+            return {
+                a: (len(self._before.get(a, ())), len(self._after.get(a, ()))) for a in arms
+            }
+
     def compare(self) -> dict[int, tuple[KsDrift, Psi]]:
         """KS and PSI per variant with enough scores in both windows."""
         with self._lock:

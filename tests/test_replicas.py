@@ -139,9 +139,12 @@ def test_rewards_split_between_replicas_converge_exactly(
         np.testing.assert_array_equal(_stats(r1, name), _stats(r2, name))
 
 
-def test_guardrail_metrics_reach_the_other_replica(replicas: tuple[Running, Running]) -> None:
+def test_guardrail_metrics_and_scores_reach_the_other_replica(
+    replicas: tuple[Running, Running],
+) -> None:
     """Guardrail metrics logged through r1 are in r2's statistics too (r2 may be the
-    replica that runs promotion and checks them), applied with the rewards they came with."""
+    replica that runs promotion and checks them), applied with the rewards they came with;
+    so are prediction scores, in r2's drift windows."""
     r1, r2 = replicas
     create_experiment(_target(r1))
     wait_until(lambda: EXPERIMENT in r2.app.records, 5, "r2 to learn the experiment")
@@ -152,6 +155,7 @@ def test_guardrail_metrics_reach_the_other_replica(replicas: tuple[Running, Runn
         event_ids=[f"gr-{i}" for i in range(4)],
         variant_indices=[0, 1, 0, 1],
         guardrails=[{"latency_ms": x} for x in latency],
+        scores=[0.5, 0.25, float("nan"), 0.75],
     )
     want = np.array([[2.0, 19.75, 12.5**2 + 7.25**2], [2.0, 59.0, 40.0**2 + 19.0**2]])
 
@@ -166,6 +170,9 @@ def test_guardrail_metrics_reach_the_other_replica(replicas: tuple[Running, Runn
     np.testing.assert_array_equal(
         r1.app.engine.guardrail_stats(EXPERIMENT)["latency_ms"], r2_latency()
     )
+    # Three scores (the NaN is "no score"): arm 0 one, arm 1 two, all in the reference.
+    assert r2.app.records[EXPERIMENT].scores.sizes() == {0: (1, 0), 1: (2, 0)}
+    assert r1.app.records[EXPERIMENT].scores.sizes() == {0: (1, 0), 1: (2, 0)}
 
 
 def test_commit_that_landed_but_failed_is_counted_by_both_replicas(
