@@ -895,17 +895,18 @@ class PromotionMonitor:
         """Everything the monitor has learnt, JSON-compatible, for :meth:`load_state`.
 
         A monitor restored from it and fed the same rewards afterwards behaves exactly as
-        this one would (same alarms, same statistics). Not for a triggered monitor: its
-        regression was reported and acted on, there is nothing left to watch.
+        this one would (same alarms, same statistics); a triggered one stays triggered,
+        with its regression, and reports nothing again.
         """
-        if self._regression is not None:
-            raise ValueError("a triggered monitor has no state worth keeping")
-        last = self._last_test
+        last, reg = self._last_test, self._regression
         return {
             "promoted": self._promoted.state(),
             "holdout": self._holdout.state(),
             "look": self._look,
             "last_test": None if last is None else dataclasses.asdict(last),
+            "regression": None
+            if reg is None
+            else {**dataclasses.asdict(reg), "reaction": reg.reaction.value},
         }
 
     def load_state(self, state: Mapping[str, Any]) -> None:
@@ -913,8 +914,11 @@ class PromotionMonitor:
         self._promoted.load_state(state["promoted"])
         self._holdout.load_state(state["holdout"])
         self._look = int(state["look"])
-        last = state["last_test"]
+        last, reg = state["last_test"], state["regression"]
         self._last_test = None if last is None else HoldoutTest(**last)
+        self._regression = (
+            None if reg is None else Regression(**{**reg, "reaction": Reaction(reg["reaction"])})
+        )
 
     @property
     def triggered(self) -> bool:

@@ -309,7 +309,9 @@ class Supervisor:
                 # A restart: continue watching with the reference and statistic learnt
                 # before it, not a new burn-in over rewards that may already have regressed.
                 monitor.load_state(saved["state"])
-            self._watches[rec.name] = _Watch(lc.champion, monitor, key)
+            # A regression found before the restart but still PROMOTED: its reaction (if
+            # any) did not happen yet, so it is due now; its events were already recorded.
+            self._watches[rec.name] = _Watch(lc.champion, monitor, key, monitor.regression)
 
     def _saved_monitor(self, rec: Record) -> dict[str, Any] | None:
         raw = self.app.store.get_meta(_MONITOR_META.format(rec.id))
@@ -328,8 +330,8 @@ class Supervisor:
 
         Runs on the writer thread, the one that feeds the monitors, so each state is
         consistent. A crash loses at most the rewards of the last interval to the monitor
-        (the posterior keeps them all); a triggered monitor is not saved again, so after a
-        restart a NOTIFY_ONLY champion may report the same regression a second time.
+        (the posterior keeps them all), and a regression found in that interval may be
+        reported a second time after the restart.
         """
         now = time.monotonic()
         if now < self._next_save:
@@ -339,7 +341,7 @@ class Supervisor:
             watches = list(self._watches.items())
         for name, watch in watches:
             rec = self.app.records.get(name)
-            if rec is None or watch.monitor.triggered:
+            if rec is None:
                 continue
             try:
                 text = json.dumps({"key": watch.key, "state": watch.monitor.state()})

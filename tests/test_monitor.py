@@ -458,7 +458,8 @@ def test_monitor_restored_from_state_continues_exactly(
 ) -> None:
     """A monitor rebuilt from ``state()`` (through JSON, as the supervisor stores it) and fed
     what follows alarms at the same reward with the same statistics as the original: the
-    burn-in reference, the walk, the unfinished batch and the holdout looks carry over."""
+    burn-in reference, the walk, the unfinished batch and the holdout looks carry over, and
+    so does the regression once there is one."""
     settings = MonitorSettings(detector=detector, batch_size=7, holdout_min_samples=50)
     rng = np.random.default_rng(12)
     original = PromotionMonitor("exp", 1, holdout_variant=0, settings=settings)
@@ -482,8 +483,11 @@ def test_monitor_restored_from_state_continues_exactly(
                 break
         outcomes.append(seen)
     assert outcomes[0] is not None and outcomes[0] == outcomes[1]
-    with pytest.raises(ValueError, match="triggered"):
-        original.state()
+    # Triggered: the regression is part of the state, and a restored monitor stays quiet.
+    again = PromotionMonitor("exp", 1, holdout_variant=0, settings=settings)
+    again.load_state(json.loads(json.dumps(original.state())))
+    assert again.triggered and again.regression == original.regression
+    assert again.observe_many(np.zeros(50), now=3.0) is None
 
 
 def test_monitor_holdout_comparison_flags_regression() -> None:

@@ -113,25 +113,36 @@ def test_regression_after_promotion_rolls_back_and_calls_webhook(
     assert len(rollback) == 1 and rollback[0].actor == "monitor"
 
 
+def _monitored(action: pb.RegressionAction.ValueType) -> pb.ExperimentSpec:
+    return pb.ExperimentSpec(
+        name="m",
+        variants=["a", "b"],
+        monitoring=pb.MonitoringSettings(detector=pb.DRIFT_DETECTOR_CUSUM, on_regression=action),
+    )
+
+
+def _send_rate(
+    c: AllocatorClient, rng: np.random.Generator, tag: str, rate: float, rounds: int
+) -> None:
+    """``rounds`` RewardBatches of 1,000 Bernoulli(``rate``) rewards for variant b of "m"."""
+    for i in range(rounds):
+        values = (rng.uniform(size=1000) < rate).astype(float).tolist()
+        ids = [f"{tag}{i}-{j}" for j in range(1000)]
+        c.reward_batch("m", values, event_ids=ids, variants=["b"] * 1000)
+
+
+def _saved_monitor(running: Running) -> dict[str, Any] | None:
+    raw = running.app.store.get_meta(f"monitor:{running.app.records['m'].id}")
+    return None if raw is None else json.loads(raw)
+
+
 def test_monitor_survives_a_restart(tmp_path: Path) -> None:
     """The champion's monitor learns its reference (burn-in at 50%), the server restarts,
     then the rate drops to 20%: the restarted monitor flags it within the 50 batches that
     follow. Started from nothing it would be burning in on the dropped rate (200 batches)
     and take it for normal."""
-    spec = pb.ExperimentSpec(
-        name="m",
-        variants=["a", "b"],
-        monitoring=pb.MonitoringSettings(
-            detector=pb.DRIFT_DETECTOR_CUSUM, on_regression=pb.REGRESSION_ACTION_ROLLBACK
-        ),
-    )
+    spec = _monitored(pb.REGRESSION_ACTION_ROLLBACK)
     rng = np.random.default_rng(3)
-
-    def send(c: AllocatorClient, tag: str, rate: float, rounds: int) -> None:
-        for i in range(rounds):
-            values = (rng.uniform(size=1000) < rate).astype(float).tolist()
-            ids = [f"{tag}{i}-{j}" for j in range(1000)]
-            c.reward_batch("m", values, event_ids=ids, variants=["b"] * 1000)
 
     first = _start_fast(tmp_path)
     try:
@@ -139,14 +150,12 @@ def test_monitor_survives_a_restart(tmp_path: Path) -> None:
             c.create_experiment(spec)
             c.promote("m", "b", reason="test")
             _wait(lambda: "m" in first.supervisor._watches)
-            send(c, "before", 0.5, 25)  # 250 batches of 100: past the 200-batch burn-in
-        watch = first.supervisor._watches["m"]
-        reference = watch.monitor.detector.state()
-        exp_id = first.app.records["m"].id
+            _send_rate(c, rng, "before", 0.5, 25)  # 250 batches of 100: past the burn-in (200)
+        reference = first.supervisor._watches["m"].monitor.detector.state()
 
         def saved_rewards() -> float:
-            raw = first.app.store.get_meta(f"monitor:{exp_id}")
-            return json.loads(raw)["state"]["promoted"]["stats"][0] if raw else 0.0
+            saved = _saved_monitor(first)
+            return saved["state"]["promoted"]["stats"][0] if saved else 0.0
 
         _wait(lambda: saved_rewards() == 25_000)
     finally:
@@ -157,8 +166,49 @@ def test_monitor_survives_a_restart(tmp_path: Path) -> None:
         assert second.supervisor._watches["m"].monitor.detector.state() == reference
         with AllocatorClient(f"127.0.0.1:{second.port}", admin_token=ADMIN_TOKEN) as c:
             # A drop of 0.3 / (0.5 / sqrt(100)) = 6 batch-sd: expected delay ~2 batches.
-            send(c, "after", 0.2, 5)
+            _send_rate(c, rng, "after", 0.2, 5)
             _wait(lambda: second.app.records["m"].lifecycle.state.value == "ROLLED_BACK")
+    finally:
+        second.stop(1.0)
+
+
+def test_regression_reported_before_a_restart_is_not_reported_again(tmp_path: Path) -> None:
+    """NOTIFY_ONLY: the drop is reported (DRIFT_DETECTED once) and the champion stays
+    promoted. After a restart the monitor comes back triggered: more of the same low rate
+    reports nothing new."""
+    rng = np.random.default_rng(5)
+
+    def drifts(running: Running) -> int:
+        rec = running.app.records["m"]
+        events = running.app.store.events_after(0, experiment_id=rec.id)
+        return sum(e.type == "DRIFT_DETECTED" for e in events)
+
+    first = _start_fast(tmp_path)
+    try:
+        with AllocatorClient(f"127.0.0.1:{first.port}", admin_token=ADMIN_TOKEN) as c:
+            c.create_experiment(_monitored(pb.REGRESSION_ACTION_NOTIFY_ONLY))
+            c.promote("m", "b", reason="test")
+            _wait(lambda: "m" in first.supervisor._watches)
+            _send_rate(c, rng, "before", 0.5, 25)
+            _send_rate(c, rng, "drop", 0.2, 5)  # 6 batch-sd below: flagged in ~2 batches
+            _wait(lambda: drifts(first) == 1)
+            _wait(
+                lambda: (
+                    (saved := _saved_monitor(first)) is not None
+                    and saved["state"]["regression"] is not None
+                )
+            )
+    finally:
+        first.stop(1.0)
+    second = _start_fast(tmp_path)
+    try:
+        _wait(lambda: "m" in second.supervisor._watches)
+        assert second.supervisor._watches["m"].monitor.triggered
+        with AllocatorClient(f"127.0.0.1:{second.port}", admin_token=ADMIN_TOKEN) as c:
+            _send_rate(c, rng, "after", 0.2, 5)
+        time.sleep(0.5)  # several supervisor ticks
+        assert drifts(second) == 1
+        assert second.app.records["m"].lifecycle.state.value == "PROMOTED"
     finally:
         second.stop(1.0)
 
