@@ -11,6 +11,7 @@ commit writer, decision ids, the lifecycle of each experiment and the event fan-
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import queue
@@ -48,6 +49,7 @@ from allocator.store import (
     EventRecord,
     ExperimentRow,
     LoggedReward,
+    PendingDefault,
     RewardColumns,
     RewardRow,
     SqlStore,
@@ -248,6 +250,8 @@ class Allocator:
         self.defaults = DefaultRewards()
         self.event_listeners: list[Callable[[Record, Event], None]] = []
         self._load()
+        self._load_defaults()
+        self.tick_hooks.append(self._save_defaults)
         self.writer = RewardWriter(
             store,
             self.engine,
@@ -732,9 +736,12 @@ class Allocator:
         submitted = 0
         for item in self.defaults.due(deadline):
             rec = self.records.get(item.experiment)
-            if rec is None or not rec.spec.HasField("default_reward"):
-                continue
-            if rec.lifecycle.state == State.ARCHIVED:
+            if (
+                rec is None
+                or not rec.spec.HasField("default_reward")
+                or rec.lifecycle.state == State.ARCHIVED
+            ):
+                self.defaults.done([item])
                 continue
             value = float(rec.spec.default_reward)
             rows = [
@@ -751,15 +758,59 @@ class Allocator:
             try:
                 fut = self.writer.submit(rec.name, rows)
             except (Overloaded, StoreUnavailable):
-                self.defaults.track(item)  # try again on the next pass
+                self.defaults.track(item, saved=True)  # try again on the next pass
                 continue
-            fut.add_done_callback(self._count_defaults)
+            fut.add_done_callback(functools.partial(self._default_written, item))
             submitted += len(rows)
         return submitted
 
-    def _count_defaults(self, fut: Future[list[bool]]) -> None:
+    def _default_written(self, item: Pending, fut: Future[list[bool]]) -> None:
         if fut.exception() is None:
             self.metrics.rewards.labels(status="default").inc(sum(fut.result()))
+            self.defaults.done([item])
+        else:
+            self.defaults.track(item, saved=True)  # not known to be committed: again later
+
+    def _save_defaults(self) -> None:
+        """Writer-thread tick: save newly tracked pending defaults, delete finished ones."""
+        unsaved, done = self.defaults.take_writes()
+        if not unsaved and not done:
+            return
+        try:
+            rows = [
+                PendingDefault(
+                    experiment_id=self.records[p.experiment].id,
+                    key=p.key,
+                    token=p.token,
+                    issued_at=p.issued_at,
+                    epoch=p.epoch,
+                    batch=p.batch,
+                    arms=tuple(p.arms.tolist()),
+                )
+                for p in unsaved
+                if p.experiment in self.records
+            ]
+            self.store.save_pending_defaults(self.replica_id, rows)
+            self.store.delete_pending_defaults(self.replica_id, done)
+        except Exception:
+            self.defaults.restore_writes(unsaved, done)
+            raise
+
+    def _load_defaults(self) -> None:
+        """Track again the decisions this replica issued before it stopped."""
+        for row in self.store.pending_defaults(self.replica_id):
+            rec = self.by_id.get(row.experiment_id)
+            if rec is None:
+                continue
+            item = Pending(
+                rec.name,
+                row.issued_at,
+                row.token,
+                np.array(row.arms, dtype=np.int64),
+                row.epoch,
+                row.batch,
+            )
+            self.defaults.track(item, saved=True)
 
     # -- rewards ---------------------------------------------------------------------------
     def _resolve_decisions(

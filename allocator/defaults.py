@@ -8,17 +8,21 @@ by any replica, has the same key, so whichever was logged first counts and the o
 duplicate: never both. Real rewards are only accepted inside the window and defaults are
 only written after it plus a grace period, so a real reward always wins.
 
-Limits, by design: the pending decisions live in memory, so a crash forgets the ones
-issued before it (they then get no default: an undercount, never a double count), and
-the memory is bounded (``max_entries``; beyond it new decisions are not tracked and
-``dropped`` counts them).
+The pending decisions are also saved in the store (table ``pending_defaults``, by the
+writer thread every sync interval: :meth:`DefaultRewards.take_writes`) and reloaded at
+start-up, so a crash forgets only those issued since the last save. A saved entry is
+deleted once its default is committed; a crash in between writes it again after the
+restart, which its dedup key makes a duplicate: never a double count. The memory is
+bounded (``max_entries``; beyond it new decisions are not tracked and ``dropped`` counts
+them).
 """
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +40,11 @@ class Pending:
     arms: np.ndarray
     epoch: int
     batch: bool
+
+    @property
+    def key(self) -> str:
+        """A short digest of the id or token, the entry's key in the store."""
+        return hashlib.blake2b(self.token.encode(), digest_size=16).hexdigest()
 
     def keys(self) -> list[str]:
         """The dedup keys of these decisions (the same a real reward would log)."""
@@ -56,9 +65,14 @@ class DefaultRewards:
         self._size = 0
         self._lock = threading.Lock()
         self.dropped = 0
+        self._unsaved: list[Pending] = []  # tracked, not yet in the store
+        self._done: list[str] = []  # keys to delete from the store
 
-    def track(self, item: Pending) -> None:
-        """Remember decisions just issued (called on the Assign path: O(1))."""
+    def track(self, item: Pending, *, saved: bool = False) -> None:
+        """Remember decisions just issued (called on the Assign path: O(1)).
+
+        ``saved``: the store has it already (reloaded at start-up, or tracked again).
+        """
         n = int(item.arms.shape[0])
         with self._lock:
             if self._size + n > self.max_entries:
@@ -66,6 +80,26 @@ class DefaultRewards:
                 return
             self._queues.setdefault(item.experiment, deque()).append(item)
             self._size += n
+            if not saved:
+                self._unsaved.append(item)
+
+    def done(self, items: Iterable[Pending]) -> None:
+        """These entries' defaults are committed (or no longer wanted): delete them."""
+        with self._lock:
+            self._done.extend(i.key for i in items)
+
+    def take_writes(self) -> tuple[list[Pending], list[str]]:
+        """What the store must learn: entries to save, then keys to delete."""
+        with self._lock:
+            unsaved, self._unsaved = self._unsaved, []
+            done, self._done = self._done, []
+        return unsaved, done
+
+    def restore_writes(self, unsaved: list[Pending], done: list[str]) -> None:
+        """Put back what :meth:`take_writes` gave when writing it failed."""
+        with self._lock:
+            self._unsaved[:0] = unsaved
+            self._done[:0] = done
 
     def due(self, deadline: Callable[[str], float]) -> list[Pending]:
         """Pop every entry issued before ``deadline(experiment)`` (oldest first).
@@ -97,6 +131,7 @@ class DefaultRewards:
             q = self._queues.pop(experiment, None)
             if q:
                 self._size -= sum(int(i.arms.shape[0]) for i in q)
+                self._done.extend(i.key for i in q)
 
     @property
     def size(self) -> int:

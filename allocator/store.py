@@ -362,6 +362,23 @@ class AllocationEpoch:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class PendingDefault:
+    """Decisions a replica issued that get the default reward if none arrives in time.
+
+    One row per Assign (one arm) or AssignBatch (its arms); ``key`` is a digest of the
+    decision id or batch token, which itself is too long for an index.
+    """
+
+    experiment_id: int
+    key: str
+    token: str
+    issued_at: float
+    epoch: int
+    batch: bool
+    arms: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SnapshotRow:
     """Engine state covering the reward log up to `positions` ({replica_id: replica_seq})."""
 
@@ -515,6 +532,18 @@ class Store(Protocol):
 
     def record_allocation_epoch(self, epoch: AllocationEpoch) -> bool:
         """Store an epoch's shares; False if that epoch was already recorded."""
+        ...
+
+    def save_pending_defaults(self, replica_id: str, rows: Sequence[PendingDefault]) -> None:
+        """Remember decisions awaiting a default reward (a row already saved is kept)."""
+        ...
+
+    def delete_pending_defaults(self, replica_id: str, keys: Sequence[str]) -> None:
+        """Forget decisions whose default was written or is no longer wanted."""
+        ...
+
+    def pending_defaults(self, replica_id: str) -> list[PendingDefault]:
+        """Every decision of ``replica_id`` still awaiting its default, oldest first."""
         ...
 
     def allocation_epochs(self, experiment_id: int) -> list[AllocationEpoch]:
@@ -680,6 +709,19 @@ events = sa.Table(
     sa.Column("reason", sa.Text, nullable=False),
     sa.Column("details_json", sa.Text, nullable=False),
     sa.Index(None, "experiment_id", "seq"),
+)
+
+pending_defaults = sa.Table(
+    "pending_defaults",
+    metadata,
+    sa.Column("replica_id", sa.String(MAX_REPLICA_ID_CHARS), primary_key=True),
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("experiment_id", sa.Integer, sa.ForeignKey("experiments.id"), nullable=False),
+    sa.Column("token", sa.Text, nullable=False),
+    sa.Column("issued_at", sa.Double, nullable=False),
+    sa.Column("epoch", sa.Integer, nullable=False),
+    sa.Column("batch", sa.Boolean, nullable=False),
+    sa.Column("arms", sa.LargeBinary, nullable=False),  # int64 little-endian
 )
 
 meta = sa.Table(
@@ -1282,6 +1324,66 @@ class SqlStore:
                 AssignmentCount(experiment_id=experiment_id, epoch=epoch, arm=arm, count=int(n))
                 for epoch, arm, n in conn.execute(query)
             ]
+
+    @_guard
+    def save_pending_defaults(self, replica_id: str, rows: Sequence[PendingDefault]) -> None:
+        """Remember decisions awaiting a default reward (a row already saved is kept)."""
+        if not rows:
+            return
+        values = [
+            {
+                "replica_id": replica_id,
+                "key": r.key,
+                "experiment_id": r.experiment_id,
+                "token": r.token,
+                "issued_at": r.issued_at,
+                "epoch": r.epoch,
+                "batch": r.batch,
+                "arms": np.asarray(r.arms, dtype="<i8").tobytes(),
+            }
+            for r in rows
+        ]
+        stmt = self._insert(pending_defaults).on_conflict_do_nothing(
+            index_elements=["replica_id", "key"]
+        )
+        with self._tx(write=True) as conn:
+            conn.execute(stmt, values)
+
+    @_guard
+    def delete_pending_defaults(self, replica_id: str, keys: Sequence[str]) -> None:
+        """Forget decisions whose default was written or is no longer wanted."""
+        t = pending_defaults.c
+        with self._tx(write=True) as conn:
+            for start in range(0, len(keys), 1000):
+                conn.execute(
+                    sa.delete(pending_defaults).where(
+                        t.replica_id == replica_id, t.key.in_(keys[start : start + 1000])
+                    )
+                )
+
+    @_guard
+    def pending_defaults(self, replica_id: str) -> list[PendingDefault]:
+        """Every decision of ``replica_id`` still awaiting its default, oldest first."""
+        t = pending_defaults.c
+        query = (
+            sa.select(pending_defaults)
+            .where(t.replica_id == replica_id)
+            .order_by(t.issued_at, t.key)
+        )
+        with self._tx(write=False) as conn:
+            rows = conn.execute(query).all()
+        return [
+            PendingDefault(
+                experiment_id=int(r.experiment_id),
+                key=str(r.key),
+                token=str(r.token),
+                issued_at=float(r.issued_at),
+                epoch=int(r.epoch),
+                batch=bool(r.batch),
+                arms=tuple(np.frombuffer(r.arms, dtype="<i8").tolist()),
+            )
+            for r in rows
+        ]
 
     @_guard
     def record_allocation_epoch(self, epoch: AllocationEpoch) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 import time
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from prometheus_client import CollectorRegistry
 from allocator.defaults import _DUE_CHUNK, DefaultRewards, Pending
 from allocator.server import create_server
 from tests.conftest import server_config
+from tests.test_durability import ServerProcess, server_processes, wait_until
 
 
 def _counts(report: pb.GetReportResponse) -> list[tuple[int, float]]:
@@ -68,6 +71,43 @@ def test_unrewarded_decisions_get_the_default_once(tmp_path: Path) -> None:
         again.stop(1.0)
 
 
+def test_pending_defaults_survive_kill_9(tmp_path: Path) -> None:
+    """Decisions issued before a SIGKILL still get their default after the restart: the
+    tracker's entries are in the store (a batch and three single decisions), reloaded at
+    start-up, and deleted once their defaults are committed. Real rewards stay counted once."""
+    db = tmp_path / "k.sqlite"
+    server = ServerProcess(f"sqlite:///{db}", "dflt", tmp_path)
+
+    def saved() -> int:
+        # Read beside the running server (WAL); SqlStore would need its lock.
+        with contextlib.closing(sqlite3.connect(db)) as conn:
+            return int(conn.execute("SELECT count(*) FROM pending_defaults").fetchone()[0])
+
+    def rewards(c: AllocatorClient) -> tuple[int, float]:
+        variants = c.get_report("dr").variants
+        return sum(v.rewards for v in variants), sum(v.mean * v.rewards for v in variants)
+
+    with server_processes(server):
+        server.start()
+        with AllocatorClient(server.target, timeout=10) as c:
+            c.create_experiment(
+                pb.ExperimentSpec(
+                    name="dr", variants=["a", "b"], default_reward=0.0, attribution_window_seconds=2
+                )
+            )
+            b = c.assign_batch("dr", 10)
+            for _ in range(3):
+                c.assign("dr")
+            c.reward_batch("dr", [1.0, 1.0], batch_token=b.batch_token, indices=[0, 1])
+        wait_until(lambda: saved() == 4, 10, "the pending decisions to be saved")
+        server.kill()
+        server.start()
+        with AllocatorClient(server.target, timeout=10) as c:
+            wait_until(lambda: rewards(c)[0] == 13, 20, "the defaults after the restart")
+            assert rewards(c) == (13, 2.0)  # 11 defaults of 0, the two real ones of 1
+        wait_until(lambda: saved() == 0, 10, "the written entries to be deleted")
+
+
 def test_default_reward_is_validated(tmp_path: Path) -> None:
     import grpc
     import pytest
@@ -95,6 +135,27 @@ def test_tracker_is_bounded_and_pops_in_order() -> None:
     assert tracker.size == 3 and tracker.dropped == 3
     assert [p.token for p in tracker.due(lambda _: 1.5)] == ["t1"]
     assert tracker.size == 0 and tracker.due(lambda _: 10.0) == []
+
+
+def test_tracker_reports_what_the_store_must_save_and_delete() -> None:
+    """New entries are to be saved (reloaded ones are not), finished ones deleted by key, a
+    forgotten experiment's too; what failed to be written is given again, first."""
+    tracker = DefaultRewards()
+    one = np.zeros(1, dtype=np.int64)
+    a, b, c = (Pending("e", float(i), f"t{i}", one, 0, False) for i in range(3))
+    tracker.track(a)
+    tracker.track(b, saved=True)
+    assert tracker.take_writes() == ([a], [])
+    assert tracker.take_writes() == ([], [])
+    tracker.track(c)
+    assert tracker.due(lambda _: 0.5) == [a]  # its window passed; its default committed:
+    tracker.done([a])
+    unsaved, done = tracker.take_writes()
+    assert (unsaved, done) == ([c], [a.key])
+    tracker.restore_writes(unsaved, done)  # the store was down
+    tracker.forget("e")
+    assert tracker.take_writes() == ([c], [a.key, b.key, c.key])  # b, c still queued
+    assert len({a.key, b.key, c.key}) == 3 and len(a.key) == 32
 
 
 def test_due_pops_across_lock_chunks_in_order() -> None:

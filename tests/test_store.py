@@ -29,6 +29,7 @@ from allocator.store import (
     AuditRecord,
     EventRecord,
     NotFound,
+    PendingDefault,
     ReplicaConflict,
     RewardColumns,
     RewardRow,
@@ -43,7 +44,7 @@ from allocator.store import (
     normalize_url,
 )
 
-HEAD = "0001"
+HEAD = "0002"
 
 
 @pytest.fixture
@@ -684,6 +685,35 @@ def test_sql_store_implements_the_protocol(store: SqlStore) -> None:
     as_protocol: Store = store  # mypy checks the structural match here
     as_protocol.ping()
     assert as_protocol.shared == (store.dialect == "postgresql")
+
+
+def test_pending_defaults_round_trip_per_replica(store: SqlStore) -> None:
+    """Saved twice is kept once; each replica sees its own rows, oldest first; deleting is
+    by key and leaves the rest; a batch's arms survive as int64."""
+    exp = _new_experiment(store)
+    arms = (*range(1500), 2**40)
+    rows = [
+        PendingDefault(
+            experiment_id=exp, key="k2", token="tok2", issued_at=2.0, epoch=1, batch=True, arms=arms
+        ),
+        PendingDefault(
+            experiment_id=exp,
+            key="k1",
+            token="tok1",
+            issued_at=1.0,
+            epoch=0,
+            batch=False,
+            arms=(3,),
+        ),
+    ]
+    store.save_pending_defaults("r1", rows)
+    store.save_pending_defaults("r1", rows[:1])  # a retry after a failed flush
+    store.save_pending_defaults("r2", rows[1:])
+    assert store.pending_defaults("r1") == rows[::-1]
+    assert store.pending_defaults("r2") == rows[1:]
+    store.delete_pending_defaults("r1", ["k1", "absent"])
+    assert store.pending_defaults("r1") == rows[:1]
+    assert store.pending_defaults("r2") == rows[1:]
 
 
 def test_meta(store: SqlStore) -> None:
