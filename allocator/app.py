@@ -758,7 +758,7 @@ class Allocator:
             try:
                 fut = self.writer.submit(rec.name, rows)
             except (Overloaded, StoreUnavailable):
-                self.defaults.track(item, saved=True)  # try again on the next pass
+                self.defaults.retry(item)  # try again on the next pass
                 continue
             fut.add_done_callback(functools.partial(self._default_written, item))
             submitted += len(rows)
@@ -769,7 +769,7 @@ class Allocator:
             self.metrics.rewards.labels(status="default").inc(sum(fut.result()))
             self.defaults.done([item])
         else:
-            self.defaults.track(item, saved=True)  # not known to be committed: again later
+            self.defaults.retry(item)  # not known to be committed: again on the next pass
 
     def _save_defaults(self) -> None:
         """Writer-thread tick: save newly tracked pending defaults, delete finished ones."""

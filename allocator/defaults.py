@@ -83,6 +83,16 @@ class DefaultRewards:
             if not saved:
                 self._unsaved.append(item)
 
+    def retry(self, item: Pending) -> None:
+        """Put back an entry popped by :meth:`due` whose default could not be written.
+
+        At the front (it is older than what was left, and already due), and past the bound:
+        it was counted before, and dropping it now would lose a decision already saved.
+        """
+        with self._lock:
+            self._queues.setdefault(item.experiment, deque()).appendleft(item)
+            self._size += int(item.arms.shape[0])
+
     def done(self, items: Iterable[Pending]) -> None:
         """These entries' defaults are committed (or no longer wanted): delete them."""
         with self._lock:

@@ -158,6 +158,21 @@ def test_tracker_reports_what_the_store_must_save_and_delete() -> None:
     assert len({a.key, b.key, c.key}) == 3 and len(a.key) == 32
 
 
+def test_retried_entry_is_due_again_at_once_even_when_full() -> None:
+    """An entry whose default failed to be written goes back to the front: it is due on the
+    next pass, not after the newer entries behind it, and the bound does not drop it."""
+    tracker = DefaultRewards(max_entries=2)
+    one = np.zeros(1, dtype=np.int64)
+    old, new, newer = (Pending("e", t, f"t{t}", one, 0, False) for t in (1.0, 5.0, 6.0))
+    tracker.track(old)
+    tracker.track(new)
+    assert tracker.due(lambda _: 2.0) == [old]
+    tracker.track(newer)  # fills the tracker again
+    tracker.retry(old)
+    assert tracker.size == 3 and tracker.dropped == 0
+    assert tracker.due(lambda _: 2.0) == [old]
+
+
 def test_due_pops_across_lock_chunks_in_order() -> None:
     # More entries than one lock hold pops (_DUE_CHUNK), over two experiments, with the
     # cutoff inside the run: everything before it comes out once, in order; the rest stays.
