@@ -50,6 +50,7 @@ from allocator.store import (
     ExperimentRow,
     LoggedReward,
     PendingDefault,
+    ReplicaConflict,
     RewardColumns,
     RewardRow,
     SqlStore,
@@ -74,6 +75,11 @@ ACCEPTED, DUPLICATE, EXPIRED = "accepted", "duplicate", "expired"
 # Per-item outcome codes of `Allocator.reward_indexed`: an index into this tuple.
 STATUSES = (ACCEPTED, DUPLICATE, EXPIRED)
 _LEADER_LOCK_KEY = 0x616C6C6F63  # "alloc": one promoter at a time across replicas
+# How long start-up waits for this replica's lock (a previous incarnation's session may
+# take a moment to be closed by the database), and how often the lock is confirmed and
+# the leader takes over the pending defaults of replicas that are gone.
+_REPLICA_LOCK_WAIT_S = 10.0
+_ADOPT_INTERVAL_S = 30.0
 
 
 def _check_extras(
@@ -250,8 +256,11 @@ class Allocator:
         self.defaults = DefaultRewards()
         self.event_listeners: list[Callable[[Record, Event], None]] = []
         self._load()
+        self._hold_replica_lock()
         self._load_defaults()
+        self._next_adoption = time.monotonic() + _ADOPT_INTERVAL_S
         self.tick_hooks.append(self._save_defaults)
+        self.tick_hooks.append(self._adopt_defaults)
         self.writer = RewardWriter(
             store,
             self.engine,
@@ -796,21 +805,55 @@ class Allocator:
             self.defaults.restore_writes(unsaved, done)
             raise
 
+    def _hold_replica_lock(self) -> None:
+        """Take the lock that tells other replicas this id is alive (before its defaults
+        are loaded: see ``Store.adopt_pending_defaults``); refuse to start without it."""
+        deadline = time.monotonic() + _REPLICA_LOCK_WAIT_S
+        while not self.store.hold_replica_lock(self.replica_id):
+            if time.monotonic() > deadline:
+                self.store.close()
+                raise ReplicaConflict(self.replica_id)
+            time.sleep(0.2)
+
     def _load_defaults(self) -> None:
-        """Track again the decisions this replica issued before it stopped."""
-        for row in self.store.pending_defaults(self.replica_id):
-            rec = self.by_id.get(row.experiment_id)
-            if rec is None:
-                continue
-            item = Pending(
-                rec.name,
-                row.issued_at,
-                row.token,
-                np.array(row.arms, dtype=np.int64),
-                row.epoch,
-                row.batch,
-            )
+        """Track again the decisions this replica issued before it stopped, and those of
+        replicas that are gone (a restart without ``--replica-id`` is a new replica)."""
+        # At runtime only the leader takes over; at start-up any replica does (rows move
+        # in one transaction, so two replicas never both take the same one).
+        self.store.adopt_pending_defaults(self.replica_id, list(self.by_id))
+        for item in self._pending(self.store.pending_defaults(self.replica_id)):
             self.defaults.track(item, saved=True)
+
+    def _pending(self, rows: Sequence[PendingDefault]) -> Iterator[Pending]:
+        for row in rows:
+            rec = self.by_id.get(row.experiment_id)
+            if rec is not None:
+                yield Pending(
+                    rec.name,
+                    row.issued_at,
+                    row.token,
+                    np.array(row.arms, dtype=np.int64),
+                    row.epoch,
+                    row.batch,
+                )
+
+    def _adopt_defaults(self) -> None:
+        """Writer-thread tick, every ``_ADOPT_INTERVAL_S``: confirm this replica's lock;
+        on the leader, take over the pending defaults of replicas that are gone."""
+        now = time.monotonic()
+        if now < self._next_adoption:
+            return
+        self._next_adoption = now + _ADOPT_INTERVAL_S
+        if not self.store.hold_replica_lock(self.replica_id):
+            # Lost with a dropped connection and taken meanwhile: by an adopter for a
+            # moment, or by a second process misconfigured with our id.
+            log.warning("replica lock of %r is held elsewhere", self.replica_id)
+        if not self.leader():
+            return
+        adopted = self.store.adopt_pending_defaults(self.replica_id, list(self.by_id))
+        if adopted:
+            log.info("took over %d pending default rewards of stopped replicas", len(adopted))
+            self.defaults.adopt(self._pending(adopted))
 
     # -- rewards ---------------------------------------------------------------------------
     def _resolve_decisions(

@@ -154,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["serve"]:
         from allocator.config import ServerConfig
         from allocator.server import serve
-        from allocator.store import SchemaTooNew, StoreLocked, StoreUnavailable
+        from allocator.store import ReplicaConflict, SchemaTooNew, StoreLocked, StoreUnavailable
 
         try:
             config = ServerConfig.from_args(argv[1:])
@@ -163,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         try:
             return serve(config)
-        except (StoreLocked, SchemaTooNew, StoreUnavailable, OSError) as err:
+        except (StoreLocked, SchemaTooNew, StoreUnavailable, ReplicaConflict, OSError) as err:
             # Start-up failures an operator can act on: say what, not a traceback.
             print(f"allocator serve: {err}", file=sys.stderr)
             return 1

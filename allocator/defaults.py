@@ -10,7 +10,9 @@ only written after it plus a grace period, so a real reward always wins.
 
 The pending decisions are also saved in the store (table ``pending_defaults``, by the
 writer thread every sync interval: :meth:`DefaultRewards.take_writes`) and reloaded at
-start-up, so a crash forgets only those issued since the last save. A saved entry is
+start-up, so a crash forgets only those issued since the last save; entries of a replica
+that is gone for good (ids default to host:pid, so a restart is a new replica) are taken
+over by another one (:meth:`Store.adopt_pending_defaults`). A saved entry is
 deleted once its default is committed; a crash in between writes it again after the
 restart, which its dedup key makes a duplicate: never a double count. The memory is
 bounded (``max_entries``; beyond it new decisions are not tracked and ``dropped`` counts
@@ -20,6 +22,7 @@ them).
 from __future__ import annotations
 
 import hashlib
+import heapq
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -82,6 +85,24 @@ class DefaultRewards:
             self._size += n
             if not saved:
                 self._unsaved.append(item)
+
+    def adopt(self, items: Iterable[Pending]) -> None:
+        """Track saved entries taken over from a replica that is gone, in issue order.
+
+        They are older than most of what is queued, so they are merged in by
+        ``issued_at`` (``due`` pops from the front until the first entry not yet due),
+        and past the bound, like ``retry``: they are saved and counted already.
+        """
+        by_name: dict[str, list[Pending]] = {}
+        for item in items:
+            by_name.setdefault(item.experiment, []).append(item)
+        with self._lock:
+            for name, new in by_name.items():
+                new.sort(key=lambda i: i.issued_at)
+                old = self._queues.get(name, ())
+                merged = heapq.merge(old, new, key=lambda i: i.issued_at)
+                self._queues[name] = deque(merged)
+                self._size += sum(int(i.arms.shape[0]) for i in new)
 
     def retry(self, item: Pending) -> None:
         """Put back an entry popped by :meth:`due` whose default could not be written.

@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import fcntl
 import functools
+import hashlib
 import json
 import math
 import os
@@ -546,6 +547,16 @@ class Store(Protocol):
         """Every decision of ``replica_id`` still awaiting its default, oldest first."""
         ...
 
+    def hold_replica_lock(self, replica_id: str) -> bool:
+        """Take or confirm the lock that says ``replica_id`` is alive; False if held."""
+        ...
+
+    def adopt_pending_defaults(
+        self, replica_id: str, experiment_ids: Collection[int]
+    ) -> list[PendingDefault]:
+        """Move the pending defaults of replicas that are gone to ``replica_id``."""
+        ...
+
     def allocation_epochs(self, experiment_id: int) -> list[AllocationEpoch]:
         """All epochs of an experiment, oldest first."""
         ...
@@ -588,6 +599,10 @@ class Store(Protocol):
 
     def set_meta_if_absent(self, key: str, value: str) -> str:
         """Store `value` unless `key` exists; return the value in force (race-safe)."""
+        ...
+
+    def delete_meta(self, key: str) -> None:
+        """Forget a metadata value (a no-op if absent)."""
         ...
 
     def try_leader_lock(self, key: int) -> bool:
@@ -1371,19 +1386,57 @@ class SqlStore:
             .order_by(t.issued_at, t.key)
         )
         with self._tx(write=False) as conn:
-            rows = conn.execute(query).all()
-        return [
-            PendingDefault(
-                experiment_id=int(r.experiment_id),
-                key=str(r.key),
-                token=str(r.token),
-                issued_at=float(r.issued_at),
-                epoch=int(r.epoch),
-                batch=bool(r.batch),
-                arms=tuple(np.frombuffer(r.arms, dtype="<i8").tolist()),
-            )
-            for r in rows
-        ]
+            return [_pending_default(r) for r in conn.execute(query)]
+
+    def hold_replica_lock(self, replica_id: str) -> bool:
+        """Take or confirm the lock that says ``replica_id`` is alive; False if held.
+
+        PostgreSQL: a session advisory lock like the leader lock's, freed by the server
+        when the process dies, so another replica can tell that this one is gone (see
+        `adopt_pending_defaults`). SQLite: always True (one process owns the file).
+        """
+        return self.try_leader_lock(replica_lock_key(replica_id))
+
+    @_guard
+    def adopt_pending_defaults(
+        self, replica_id: str, experiment_ids: Collection[int]
+    ) -> list[PendingDefault]:
+        """Move the pending defaults of replicas that are gone to ``replica_id``; returns
+        the moved rows, oldest first. Only rows of ``experiment_ids`` (the experiments the
+        caller knows) move: the others wait for a pass that knows them.
+
+        Replica ids default to host:pid, so a restarted server comes back under a new id
+        and its saved decisions would otherwise wait forever. SQLite: one process owns the
+        file, so every other id is gone. PostgreSQL: an id is gone when nobody holds its
+        replica lock (`hold_replica_lock`); the check takes that lock for the transaction
+        that moves the rows, so the replica cannot come back (it takes its lock before it
+        loads its rows) half way through. Rows move between replicas, never get copied:
+        each decision is tracked by one replica, and its default's dedup key would make a
+        second write a duplicate anyway.
+        """
+        t = pending_defaults.c
+        ids = sorted(experiment_ids)
+        if not ids:
+            return []
+        with self._tx(write=True) as conn:
+            others = conn.execute(
+                sa.select(t.replica_id).where(t.replica_id != replica_id).distinct()
+            ).scalars()
+            moved: list[PendingDefault] = []
+            for other in list(others):
+                if not self._sqlite:
+                    lock = sa.func.pg_try_advisory_xact_lock(replica_lock_key(other))
+                    if not conn.execute(sa.select(lock)).scalar():
+                        continue  # alive: it holds its lock
+                stmt = (
+                    sa.update(pending_defaults)
+                    .where(t.replica_id == other, t.experiment_id.in_(ids))
+                    .values(replica_id=replica_id)
+                    .returning(*pending_defaults.c)
+                )
+                moved.extend(_pending_default(r) for r in conn.execute(stmt))
+        moved.sort(key=lambda r: (r.issued_at, r.key))
+        return moved
 
     @_guard
     def record_allocation_epoch(self, epoch: AllocationEpoch) -> bool:
@@ -1579,6 +1632,12 @@ class SqlStore:
             stored = conn.execute(sa.select(meta.c.value).where(meta.c.key == key)).scalar_one()
         return str(stored)
 
+    @_guard
+    def delete_meta(self, key: str) -> None:
+        """Forget a metadata value (a no-op if absent)."""
+        with self._tx(write=True) as conn:
+            conn.execute(sa.delete(meta).where(meta.c.key == key))
+
     # ------------------------------------------------------------ leadership
 
     def try_leader_lock(self, key: int) -> bool:
@@ -1632,6 +1691,24 @@ class SqlStore:
             # Closing the session is what guarantees the server frees the lock.
             conn.invalidate()
         conn.close()
+
+
+def replica_lock_key(replica_id: str) -> int:
+    """The advisory lock key (signed 64 bits) that a live ``replica_id`` holds."""
+    digest = hashlib.blake2b(f"replica:{replica_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def _pending_default(r: Any) -> PendingDefault:
+    return PendingDefault(
+        experiment_id=int(r.experiment_id),
+        key=str(r.key),
+        token=str(r.token),
+        issued_at=float(r.issued_at),
+        epoch=int(r.epoch),
+        batch=bool(r.batch),
+        arms=tuple(np.frombuffer(r.arms, dtype="<i8").tolist()),
+    )
 
 
 def _create_engine(url: sa.URL, config: StoreConfig) -> Engine:

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from allocator_client import AllocatorClient
 from allocator_client.v1 import allocator_pb2 as pb
 from prometheus_client import CollectorRegistry
@@ -71,10 +72,12 @@ def test_unrewarded_decisions_get_the_default_once(tmp_path: Path) -> None:
         again.stop(1.0)
 
 
-def test_pending_defaults_survive_kill_9(tmp_path: Path) -> None:
+@pytest.mark.parametrize("new_id", [False, True], ids=["same-replica-id", "new-replica-id"])
+def test_pending_defaults_survive_kill_9(tmp_path: Path, new_id: bool) -> None:
     """Decisions issued before a SIGKILL still get their default after the restart: the
     tracker's entries are in the store (a batch and three single decisions), reloaded at
-    start-up, and deleted once their defaults are committed. Real rewards stay counted once."""
+    start-up, and deleted once their defaults are committed. Real rewards stay counted once.
+    A restart under another replica id (the default id is host:pid) takes them over."""
     db = tmp_path / "k.sqlite"
     server = ServerProcess(f"sqlite:///{db}", "dflt", tmp_path)
 
@@ -101,6 +104,8 @@ def test_pending_defaults_survive_kill_9(tmp_path: Path) -> None:
             c.reward_batch("dr", [1.0, 1.0], batch_token=b.batch_token, indices=[0, 1])
         wait_until(lambda: saved() == 4, 10, "the pending decisions to be saved")
         server.kill()
+        if new_id:
+            server.replica_id = "dflt-restarted"
         server.start()
         with AllocatorClient(server.target, timeout=10) as c:
             wait_until(lambda: rewards(c)[0] == 13, 20, "the defaults after the restart")
@@ -156,6 +161,26 @@ def test_tracker_reports_what_the_store_must_save_and_delete() -> None:
     tracker.forget("e")
     assert tracker.take_writes() == ([c], [a.key, b.key, c.key])  # b, c still queued
     assert len({a.key, b.key, c.key}) == 3 and len(a.key) == 32
+
+
+def test_adopted_entries_are_merged_in_issue_order_past_the_bound() -> None:
+    """Entries taken over from a stopped replica are older than what is queued: merged by
+    issue time they are due first, not stuck behind newer ones; they are saved already
+    (nothing to write) and tracked even beyond the bound."""
+    one = np.zeros(1, dtype=np.int64)
+
+    def entry(name: str, t: float) -> Pending:
+        return Pending(name, t, f"{name}{t}", one, 0, False)
+
+    d = DefaultRewards(max_entries=2)
+    for t in (10.0, 30.0):
+        d.track(entry("e", t))
+    d.take_writes()
+    d.adopt([entry("e", 20.0), entry("e", 5.0), entry("f", 1.0)])
+    assert d.size == 5
+    assert d.take_writes() == ([], [])
+    assert [p.issued_at for p in d.due(lambda name: 25.0)] == [5.0, 10.0, 20.0, 1.0]
+    assert d.size == 1
 
 
 def test_retried_entry_is_due_again_at_once_even_when_full() -> None:

@@ -17,17 +17,20 @@ import grpc
 import numpy as np
 import pytest
 import sqlalchemy as sa
+from allocator_client import AllocatorClient
 from allocator_client.v1 import allocator_pb2 as pb
 from allocator_client.v1 import allocator_pb2_grpc as pb_grpc
 from prometheus_client import CollectorRegistry
 
+from allocator import app as app_module
+from allocator.app import _LEADER_LOCK_KEY
 from allocator.durable import Recovery, RewardWriter
 from allocator.engine import Engine
 from allocator.errors import WrongState
 from allocator.lifecycle import Action, State
 from allocator.metrics import Metrics
 from allocator.server import Running, create_server
-from allocator.store import SqlStore, StoreUnavailable
+from allocator.store import ReplicaConflict, SqlStore, StoreUnavailable
 from tests.conftest import ADMIN_TOKEN, server_config
 from tests.test_durability import (
     EXPERIMENT,
@@ -80,7 +83,11 @@ def _same(got: np.ndarray | None, want: np.ndarray) -> bool:
 
 
 def _leaders(url: str) -> int:
-    """Sessions holding an advisory lock in this database (the promotion leader lock)."""
+    """Sessions holding the promotion leader lock in this database.
+
+    A bigint advisory key shows in pg_locks as classid (high 32 bits), objid (low 32 bits)
+    and objsubid 1; every replica also holds a replica lock of its own, not counted here.
+    """
     parsed = sa.make_url(url)
     engine = sa.create_engine(parsed, poolclass=sa.pool.NullPool)
     try:
@@ -89,9 +96,14 @@ def _leaders(url: str) -> int:
                 conn.execute(
                     sa.text(
                         "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database "
-                        "WHERE l.locktype = 'advisory' AND l.granted AND d.datname = :db"
+                        "WHERE l.locktype = 'advisory' AND l.granted AND d.datname = :db "
+                        "AND l.classid = :hi AND l.objid = :lo AND l.objsubid = 1"
                     ),
-                    {"db": parsed.database},
+                    {
+                        "db": parsed.database,
+                        "hi": _LEADER_LOCK_KEY >> 32,
+                        "lo": _LEADER_LOCK_KEY & 0xFFFFFFFF,
+                    },
                 ).scalar_one()
             )
     finally:
@@ -272,6 +284,58 @@ def _race_promote(name: str, who: list[tuple[Running, str]]) -> dict[str, grpc.S
     for t in threads:
         t.join(30)
     return results
+
+
+def test_leader_takes_over_the_pending_defaults_of_a_replica_that_is_gone(pg_url: str) -> None:
+    """r1 issues decisions that await a default reward and stops for good (its id, like
+    the default host:pid, never comes back). Its saved decisions are not orphaned: once
+    its replica lock is free the leader, r2, takes them over and writes their defaults,
+    each once."""
+    r1, r2 = _replica(pg_url, "r1"), _replica(pg_url, "r2")
+    try:
+        with AllocatorClient(_target(r1), timeout=10) as c:
+            c.create_experiment(
+                pb.ExperimentSpec(
+                    name="dr", variants=["a", "b"], default_reward=0.0, attribution_window_seconds=2
+                )
+            )
+            c.assign_batch("dr", 4)
+            c.assign("dr")
+        wait_until(lambda: "dr" in r2.app.records, 5, "r2 to learn the experiment")
+        wait_until(
+            lambda: len(r1.app.store.pending_defaults("r1")) == 2, 5, "r1 to save its decisions"
+        )
+        r1.stop(grace=1.0)
+        r2.app._next_adoption = 0.0  # the next pass, not in 30 s
+        wait_until(
+            lambda: sum(r2.app.engine.view("dr").reward_counts) == 5, 20, "the defaults via r2"
+        )
+        wait_until(
+            lambda: r2.app.store.pending_defaults("r2") == [], 5, "the written ones deleted"
+        )
+        assert r2.app.store.pending_defaults("r1") == []
+        time.sleep(0.5)  # more passes: still once
+        assert sum(r2.app.engine.view("dr").reward_counts) == 5
+    finally:
+        r2.stop(grace=1.0)
+        r1.stop(grace=1.0)
+
+
+def test_second_live_server_with_the_same_replica_id_is_refused(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replica ids must be unique among running servers (the reward log is sequenced per
+    id): a second one fails to start, naming the id, once the wait for the first one's
+    lock runs out; after the first stops, the id is free again."""
+    monkeypatch.setattr(app_module, "_REPLICA_LOCK_WAIT_S", 0.5)
+    first = _replica(pg_url, "dup")
+    try:
+        with pytest.raises(ReplicaConflict, match="'dup'"):
+            _replica(pg_url, "dup")
+        assert first.app.store.hold_replica_lock("dup")  # still the first one's
+    finally:
+        first.stop(grace=1.0)
+    _replica(pg_url, "dup").stop(grace=1.0)
 
 
 def test_stale_replica_promotion_is_aborted_and_refreshed(pg_url: str) -> None:

@@ -716,12 +716,68 @@ def test_pending_defaults_round_trip_per_replica(store: SqlStore) -> None:
     assert store.pending_defaults("r2") == rows[1:]
 
 
+def _pending(exp: int, key: str, issued_at: float) -> PendingDefault:
+    return PendingDefault(
+        experiment_id=exp, key=key, token=f"t{key}", issued_at=issued_at, epoch=0, batch=False,
+        arms=(1,),
+    )
+
+
+def test_sqlite_adopts_every_other_replicas_pending_defaults(tmp_path: Path) -> None:
+    """One process owns a SQLite file, so the rows of any other replica id are a previous
+    run's (ids default to host:pid): all move, oldest first, except those of experiments
+    the caller does not know, which stay where they are."""
+    store = SqlStore.open(f"sqlite:///{tmp_path / 'a.sqlite'}")
+    try:
+        exp, other = _new_experiment(store), _new_experiment(store, "other")
+        store.save_pending_defaults("old:1", [_pending(exp, "k2", 2.0), _pending(other, "k9", 0.5)])
+        store.save_pending_defaults("old:2", [_pending(exp, "k1", 1.0)])
+        store.save_pending_defaults("me", [_pending(exp, "k0", 0.0)])
+        assert store.hold_replica_lock("me")
+        moved = store.adopt_pending_defaults("me", [exp])
+        assert [r.key for r in moved] == ["k1", "k2"]
+        assert [r.key for r in store.pending_defaults("me")] == ["k0", "k1", "k2"]
+        assert store.pending_defaults("old:2") == []
+        assert [r.key for r in store.pending_defaults("old:1")] == ["k9"]
+        assert store.adopt_pending_defaults("me", [exp]) == []
+    finally:
+        store.close()
+
+
+@pytest.mark.postgres
+def test_postgres_adopts_pending_defaults_only_of_replicas_that_are_gone(pg_url: str) -> None:
+    """A live replica holds its lock, so its rows stay; once its session ends (close, or the
+    server noticing a dead process) another replica takes them, and while a replica's
+    lock is held nobody else can take it (a second process with the same id)."""
+    alive, adopter = SqlStore.open(pg_url), SqlStore.open(pg_url)
+    try:
+        exp = _new_experiment(alive)
+        assert alive.hold_replica_lock("r-alive")
+        assert alive.hold_replica_lock("r-alive")  # confirming, not a second lock
+        assert adopter.hold_replica_lock("r-adopter")
+        assert not adopter.hold_replica_lock("r-alive")
+        alive.save_pending_defaults("r-alive", [_pending(exp, "k1", 1.0)])
+        adopter.save_pending_defaults("r-dead", [_pending(exp, "k0", 0.0)])
+        assert [r.key for r in adopter.adopt_pending_defaults("r-adopter", [exp])] == ["k0"]
+        assert [r.key for r in alive.pending_defaults("r-alive")] == ["k1"]
+        alive.close()
+        assert [r.key for r in adopter.adopt_pending_defaults("r-adopter", [exp])] == ["k1"]
+        assert [r.key for r in adopter.pending_defaults("r-adopter")] == ["k0", "k1"]
+        assert adopter.pending_defaults("r-alive") == []
+    finally:
+        alive.close()
+        adopter.close()
+
+
 def test_meta(store: SqlStore) -> None:
     assert store.get_meta("k") is None
     assert store.set_meta_if_absent("k", "first") == "first"
     assert store.set_meta_if_absent("k", "second") == "first"
     store.set_meta("k", "third")
     assert store.get_meta("k") == "third"
+    store.delete_meta("k")
+    store.delete_meta("k")
+    assert store.get_meta("k") is None
 
 
 @pytest.mark.postgres
