@@ -202,6 +202,9 @@ class Supervisor:
         self.save_interval_s = save_interval_s
         self._next_save = 0.0
         self._watches: dict[str, _Watch] = {}
+        # Watches that ended (experiment id, monitor key): their saved state is deleted by
+        # the next save_monitors pass, on the writer thread that writes it.
+        self._ended: list[tuple[int, dict[str, object]]] = []
         self._webhooks: dict[str, WebhookNotifier] = {}
         self._srm_flagged: set[str] = set()
         self._evaluated: dict[str, tuple[int, float]] = {}
@@ -287,9 +290,12 @@ class Supervisor:
             if lc.state != State.PROMOTED or lc.champion is None:
                 if watch is not None:
                     del self._watches[rec.name]
+                    self._ended.append((rec.id, watch.key))
                 return
             if watch is not None and watch.champion == lc.champion:
                 return
+            if watch is not None:
+                self._ended.append((rec.id, watch.key))
             settings = monitor_settings(rec.spec)
             if settings is None:
                 return
@@ -315,12 +321,18 @@ class Supervisor:
 
     def _saved_monitor(self, rec: Record) -> dict[str, Any] | None:
         raw = self.app.store.get_meta(_MONITOR_META.format(rec.id))
+        saved = self._parse_saved(raw)
+        if raw is not None and saved is None:
+            log.warning("experiment %s: ignoring unreadable saved monitor state", rec.name)
+        return saved
+
+    @staticmethod
+    def _parse_saved(raw: str | None) -> dict[str, Any] | None:
         if raw is None:
             return None
         try:
             saved = json.loads(raw)
         except ValueError:
-            log.warning("experiment %s: ignoring unreadable saved monitor state", rec.name)
             return None
         return saved if isinstance(saved, dict) else None
 
@@ -339,6 +351,9 @@ class Supervisor:
         self._next_save = now + self.save_interval_s
         with self._lock:
             watches = list(self._watches.items())
+            ended, self._ended = self._ended, []
+        for exp_id, key in ended:
+            self._forget_monitor(exp_id, key)
         for name, watch in watches:
             rec = self.app.records.get(name)
             if rec is None:
@@ -351,6 +366,16 @@ class Supervisor:
             if text != watch.saved:
                 self.app.store.set_meta(_MONITOR_META.format(rec.id), text)
                 watch.saved = text
+
+    def _forget_monitor(self, exp_id: int, key: dict[str, object]) -> None:
+        """Delete the saved state of a watch that ended, unless it is already another
+        promotion's (a newer watch, or another replica's): a row per promotion ever made
+        would otherwise stay forever. A pass of the ended watch that was saving while it
+        ended wrote under its own key, so it is deleted here too."""
+        name = _MONITOR_META.format(exp_id)
+        saved = self._parse_saved(self.app.store.get_meta(name))
+        if saved is not None and saved.get("key") == key:
+            self.app.store.delete_meta(name)
 
     def _emit(self, rec: Record, event: Event) -> None:
         """Monitor events are only recorded by the leader (followers watch silently)."""

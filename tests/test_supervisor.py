@@ -172,6 +172,29 @@ def test_monitor_survives_a_restart(tmp_path: Path) -> None:
         second.stop(1.0)
 
 
+def test_saved_monitor_state_is_deleted_when_its_watch_ends(fast_server: Running) -> None:
+    """Rollback ends the watch: its saved state goes (not one row per promotion ever
+    made, forever); promoting again saves the new watch's state under its own key."""
+    rng = np.random.default_rng(6)
+    with AllocatorClient(f"127.0.0.1:{fast_server.port}", admin_token=ADMIN_TOKEN) as c:
+        c.create_experiment(_monitored(pb.REGRESSION_ACTION_NOTIFY_ONLY))
+        c.promote("m", "b", reason="test")
+        _wait(lambda: "m" in fast_server.supervisor._watches)
+        _send_rate(c, rng, "first", 0.5, 1)
+        _wait(lambda: _saved_monitor(fast_server) is not None)
+        first = _saved_monitor(fast_server)
+        assert first is not None
+        c.rollback("m", reason="test")
+        _wait(lambda: _saved_monitor(fast_server) is None)
+        c.add_variant("m", "c")  # reopens: no PROMOTE straight from ROLLED_BACK
+        c.promote("m", "b", reason="again")
+        _wait(lambda: _saved_monitor(fast_server) is not None)
+        second = _saved_monitor(fast_server)
+        assert second is not None
+        assert second["key"]["promotion"] > first["key"]["promotion"]
+        assert second["key"] == fast_server.supervisor._watches["m"].key
+
+
 def test_regression_reported_before_a_restart_is_not_reported_again(tmp_path: Path) -> None:
     """NOTIFY_ONLY: the drop is reported (DRIFT_DETECTED once) and the champion stays
     promoted. After a restart the monitor comes back triggered: more of the same low rate
