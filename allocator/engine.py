@@ -376,6 +376,9 @@ class _Experiment:
         # decision, computed with it; the others the refreshed allocation in force.
         self.live_props = not self.table_active and isinstance(self.policy, IndexPolicy)
         self.last_props = self.alloc
+        # The allocation as a list too: a request reads its propensity without a NumPy
+        # call (each costs microseconds at the tail under load; see README, Performance).
+        self.alloc_list: list[float] = self.alloc.tolist()
         pc = self.config.policy
         self.assign_one: Callable[[], int]
         if self.table_active:
@@ -707,7 +710,7 @@ class Engine:
                 raise WrongState(name, "archived", "assign")
             if unit_id is None:
                 arm = exp.assign_one()
-                prop = exp.last_props[arm] if exp.live_props else exp.alloc[arm]
+                prop = exp.last_props[arm] if exp.live_props else exp.alloc_list[arm]
             else:
                 u = _unit_uniform(name, unit_id, exp.epoch)
                 arm = kernels.alias_at(exp.unit_prob, exp.unit_alias, u)

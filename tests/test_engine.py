@@ -425,6 +425,32 @@ def test_concurrent_assign_and_reward_counts_are_exact() -> None:
     assert view.stats[:, 0].sum() == decisions
 
 
+def test_unary_propensity_is_the_allocation_in_force() -> None:
+    """Exact Thompson reports the refreshed allocation: after a refresh that moves it, a
+    restore and a new variant, never a stale copy of an earlier one."""
+    engine, _ = _engine()
+
+    def check() -> None:
+        alloc = engine.view("exp").alloc
+        for _ in range(20):
+            d = engine.assign("exp")
+            assert d.propensity == alloc[d.arm]
+
+    check()
+    engine.reward_batch("exp", np.ones(400, dtype=np.int64), np.ones(400))
+    engine.refresh("exp")
+    assert engine.view("exp").alloc.max() > 0.5  # b took most of the traffic
+    check()
+    saved = engine.snapshot(["exp"])
+    engine.reward_batch("exp", np.zeros(800, dtype=np.int64), np.ones(800))
+    engine.refresh("exp")
+    engine.restore(saved)
+    check()
+    engine.add_variant("exp", "d")
+    assert engine.view("exp").alloc.shape == (4,)
+    check()
+
+
 def test_index_policies_report_exact_propensities() -> None:
     engine = Engine(clock=FakeClock())
     engine.create(
