@@ -30,7 +30,7 @@ from allocator_client.v1 import allocator_pb2 as pb
 from allocator.config import ServerConfig
 from allocator.convert import check_promotion, spec_from_json, spec_to_config, spec_to_json
 from allocator.defaults import DefaultRewards, Pending
-from allocator.drift import ScoreWindows
+from allocator.drift import ScoreWindows, score_spans
 from allocator.durable import Recovery, RewardWriter
 from allocator.engine import BatchDecision, Decision, Engine, ExperimentConfig
 from allocator.errors import (
@@ -300,7 +300,19 @@ class Allocator:
         self._positions = Recovery(self.store, self.engine).load(ids, configs)
         for rec in self.records.values():
             self._apply_state(rec)
+            self._load_scores(rec)
         self._last_event_seq = self._max_event_seq()
+
+    def _load_scores(self, rec: Record) -> None:
+        """Rebuild the prediction-score windows from the log applied so far (the rows
+        after it reach them through the writer, like every other replica's)."""
+        reference, current = score_spans(rec.lifecycle.audit)
+        size, n, pos = rec.scores.size, rec.config.n_arms, self._positions
+        rec.scores.restore(
+            self.store.recent_scores(rec.id, n, reference, size, pos),
+            self.store.recent_scores(rec.id, n, [current], size, pos) if current else {},
+            promoted=rec.lifecycle.state == State.PROMOTED,
+        )
 
     def _max_event_seq(self) -> int:
         seq = 0

@@ -4,18 +4,54 @@ Rewards may carry the model's prediction score. For each variant the last ``size
 seen while the experiment was not promoted form the reference window; after a promotion
 new scores go to the current window. KS and PSI of current against reference flag a
 model whose inputs or outputs moved (prediction drift), independent of the rewards.
+
+The windows live in memory and are rebuilt from the reward log at start-up
+(:func:`score_spans` says which stretches of time feed each one), so a restart keeps the
+reference of an experiment that stays promoted.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from allocator.lifecycle import AuditRecord, State
 from allocator.monitor import KsDrift, Psi, ks_drift, psi
 
 MIN_SCORES = 50
+
+Span = tuple[float, float]  # [start, end) of reward receipt times; either may be infinite
+
+
+def score_spans(audit: Sequence[AuditRecord]) -> tuple[list[Span], Span | None]:
+    """The stretches of time whose scores fill each window, from the audit trail.
+
+    Returns (reference spans: every stretch not spent PROMOTED; current span: the last
+    stretch spent PROMOTED, or None if it never was), which is what :meth:`ScoreWindows.add`
+    and :meth:`ScoreWindows.set_promoted` would have filled the windows with: the current
+    window is emptied on each entry into PROMOTED and kept, frozen, after leaving it.
+    """
+    reference: list[Span] = []
+    start = -math.inf
+    entered: float | None = None
+    current: Span | None = None
+    for r in audit:
+        if r.to_state == State.PROMOTED and r.from_state != State.PROMOTED:
+            reference.append((start, r.at))
+            entered = r.at
+        elif entered is not None and r.to_state != State.PROMOTED:
+            current = (entered, r.at)
+            start = r.at
+            entered = None
+    if entered is not None:
+        current = (entered, math.inf)
+    else:
+        reference.append((start, math.inf))
+    return reference, current
 
 
 class ScoreWindows:
@@ -34,6 +70,18 @@ class ScoreWindows:
             target = self._after if self._promoted else self._before
             for arm, score in zip(arms, scores, strict=True):
                 target.setdefault(arm, deque(maxlen=self.size)).append(score)
+
+    def restore(
+        self,
+        reference: Mapping[int, Iterable[float]],
+        current: Mapping[int, Iterable[float]],
+        promoted: bool,
+    ) -> None:
+        """Replace both windows (scores oldest first), as rebuilt from the log."""
+        with self._lock:
+            self._before = {a: deque(v, maxlen=self.size) for a, v in reference.items()}
+            self._after = {a: deque(v, maxlen=self.size) for a, v in current.items()}
+            self._promoted = promoted
 
     def set_promoted(self, promoted: bool) -> None:
         """Start (or stop) filling the current window; the reference freezes meanwhile."""

@@ -523,6 +523,17 @@ class Store(Protocol):
         """Highest logged replica_seq per replica."""
         ...
 
+    def recent_scores(
+        self,
+        experiment_id: int,
+        n_arms: int,
+        spans: Sequence[tuple[float, float]],
+        per_arm: int,
+        positions: Mapping[str, int],
+    ) -> dict[int, list[float]]:
+        """Per variant the last `per_arm` prediction scores received in `spans`."""
+        ...
+
     def add_assignment_counts(self, rows: Sequence[AssignmentCount]) -> None:
         """Add the deltas to the stored counts."""
         ...
@@ -655,6 +666,15 @@ rewards = sa.Table(
     sa.Column("epoch", sa.Integer, nullable=False),
     sa.Column("received_at", sa.Double, nullable=False),
     sa.Index(None, "experiment_id", "replica_id", "replica_seq"),
+    # Rebuilding the prediction-score windows at start-up (`recent_scores`).
+    sa.Index(
+        "ix_rewards_scored",
+        "experiment_id",
+        "arm",
+        "received_at",
+        sqlite_where=sa.text("prediction_score IS NOT NULL"),
+        postgresql_where=sa.text("prediction_score IS NOT NULL"),
+    ),
 )
 
 assignment_counts = sa.Table(
@@ -1289,6 +1309,52 @@ class SqlStore:
                 )
                 for r in conn.execute(query)
             ]
+
+    @_guard
+    def recent_scores(
+        self,
+        experiment_id: int,
+        n_arms: int,
+        spans: Sequence[tuple[float, float]],
+        per_arm: int,
+        positions: Mapping[str, int],
+    ) -> dict[int, list[float]]:
+        """Per variant the last `per_arm` prediction scores of rewards received in any of
+        `spans` (``[start, end)`` of `received_at`, either end may be infinite), oldest
+        first; only rows at or before `positions` (the log applied so far), so a row the
+        caller will still be fed from the log is not counted twice. One index range scan
+        (``ix_rewards_scored``) per variant and span, each reading at most `per_arm` rows.
+        """
+        c = rewards.c
+        applied = sa.or_(
+            sa.false(),
+            *(sa.and_(c.replica_id == rid, c.replica_seq <= seq) for rid, seq in positions.items()),
+        )
+        found: dict[int, list[tuple[float, float]]] = {}
+        with self._tx(write=False) as conn:
+            for arm in range(n_arms):
+                rows: list[tuple[float, float]] = []
+                for start, end in spans:
+                    query = (
+                        sa.select(c.received_at, c.prediction_score)
+                        .where(
+                            c.experiment_id == experiment_id,
+                            c.arm == arm,
+                            c.prediction_score.is_not(None),
+                            applied,
+                        )
+                        .order_by(c.received_at.desc())
+                        .limit(per_arm)
+                    )
+                    if math.isfinite(start):
+                        query = query.where(c.received_at >= start)
+                    if math.isfinite(end):
+                        query = query.where(c.received_at < end)
+                    rows.extend((float(t), float(x)) for t, x in conn.execute(query))
+                if rows:
+                    rows.sort(key=lambda r: r[0])
+                    found[arm] = rows[-per_arm:]
+        return {arm: [x for _, x in rows] for arm, rows in found.items()}
 
     @_guard
     def replica_positions(self) -> dict[str, int]:

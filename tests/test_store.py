@@ -18,11 +18,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sqlalchemy as sa
+from alembic import command
 from alembic.autogenerate import compare_metadata
+from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import exc as sa_exc
 
 from allocator.store import (
+    MIGRATIONS_DIR,
     AllocationEpoch,
     AlreadyExists,
     AssignmentCount,
@@ -44,7 +47,7 @@ from allocator.store import (
     normalize_url,
 )
 
-HEAD = "0002"
+HEAD = "0003"
 
 
 @pytest.fixture
@@ -81,6 +84,31 @@ def test_fresh_database_is_migrated_to_head(any_store_url: str) -> None:
         engine.dispose()
     assert tables >= {"experiments", "rewards", "assignment_counts", "snapshots", "meta"}
     assert diffs == []
+
+
+def test_database_of_an_older_revision_is_upgraded_keeping_its_rows(any_store_url: str) -> None:
+    """A database left at 0002 (before the scored-rewards index) gains the index on open."""
+    with SqlStore.open(any_store_url) as s:
+        exp = _new_experiment(s)
+        s.append_rewards("r", [_reward("k1", exp)])
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    engine = sa.create_engine(normalize_url(any_store_url))
+
+    def indexes() -> set[str]:
+        with engine.connect() as conn:
+            return {str(i["name"]) for i in sa.inspect(conn).get_indexes("rewards")}
+
+    try:
+        with engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.downgrade(cfg, "0002")
+        assert "ix_rewards_scored" not in indexes()
+        with SqlStore.open(any_store_url) as s:
+            assert len(s.rewards_since({})) == 1
+        assert "ix_rewards_scored" in indexes()
+    finally:
+        engine.dispose()
 
 
 def test_reopening_keeps_data(any_store_url: str) -> None:
@@ -518,6 +546,41 @@ def test_rewards_since_with_two_replicas(store: SqlStore) -> None:
     assert store.replica_positions() == {"r1": 4, "r2": 2}
     with pytest.raises(ValueError):
         store.rewards_since({}, limit=0)
+
+
+def test_recent_scores_by_variant_span_and_log_position(store: SqlStore) -> None:
+    exp = _new_experiment(store)
+    other = _new_experiment(store, "other")
+
+    def scored(key: str, arm: int, at: float, score: float | None, e: int = exp) -> RewardRow:
+        return RewardRow(
+            dedup_key=key,
+            experiment_id=e,
+            arm=arm,
+            value=1.0,
+            epoch=0,
+            received_at=at,
+            prediction_score=score,
+        )
+
+    # Arm 0: scores 0.0 .. 0.9 at t = 0 .. 9; arm 1: one score at t = 5 and one unscored.
+    store.append_rewards("r1", [scored(f"a{t}", 0, float(t), t / 10) for t in range(10)])
+    store.append_rewards("r2", [scored("b5", 1, 5.0, 0.55), scored("b6", 1, 6.0, None)])
+    store.append_rewards("r1", [scored("o", 0, 3.0, 9.9, e=other)])
+    everything = store.replica_positions()
+    inf = float("inf")
+
+    def scores(spans: list[tuple[float, float]], per_arm: int = 100, **pos: int) -> object:
+        return store.recent_scores(exp, 2, spans, per_arm, pos or everything)
+
+    assert scores([(-inf, inf)]) == {0: [t / 10 for t in range(10)], 1: [0.55]}
+    # [start, end): 3 is in, 7 is out; two spans merge in time order.
+    assert scores([(7.0, inf), (3.0, 5.0)]) == {0: [0.3, 0.4, 0.7, 0.8, 0.9]}
+    # The most recent per_arm of all the spans together.
+    assert scores([(0.0, 2.0), (8.0, inf)], per_arm=3) == {0: [0.1, 0.8, 0.9]}
+    # Only rows at or before the positions: r2 not applied yet, r1 up to seq 4 (t = 3).
+    assert scores([(-inf, inf)], r1=4) == {0: [0.0, 0.1, 0.2, 0.3]}
+    assert store.recent_scores(exp, 2, [(-inf, inf)], 100, {}) == {}
 
 
 def test_paging_with_positions_reads_every_row_once(store: SqlStore) -> None:

@@ -284,6 +284,51 @@ def test_prediction_score_drift_is_reported(fast_server: Running) -> None:
     assert psi.statistic > 0.25
 
 
+def test_prediction_score_windows_survive_a_restart(tmp_path: Path) -> None:
+    """Scores before and after the promotion, then a restart: the report's KS/PSI rows are
+    the same as before it (rebuilt from the reward log), and scores sent afterwards join
+    the current window. Kept in memory only, the restarted server had no reference window
+    and, the experiment staying promoted, would never get one again."""
+    rng = np.random.default_rng(8)
+
+    def send(c: AllocatorClient, prefix: str, mean: float) -> None:
+        c.reward_batch(
+            "d",
+            [1.0] * 300,
+            event_ids=[f"{prefix}{i}" for i in range(300)],
+            variants=["b"] * 300,
+            prediction_scores=rng.normal(mean, 0.1, size=300).tolist(),
+        )
+
+    def drift_rows(c: AllocatorClient) -> dict[str, float]:
+        return {
+            t.name: t.statistic
+            for t in c.get_report("d").tests
+            if t.name.endswith("_prediction_drift") and t.variant == "b"
+        }
+
+    first = _start_fast(tmp_path)
+    try:
+        with AllocatorClient(f"127.0.0.1:{first.port}", admin_token=ADMIN_TOKEN) as c:
+            c.create_experiment(pb.ExperimentSpec(name="d", variants=["a", "b"]))
+            send(c, "before", 0.5)
+            c.promote("d", "b", reason="test")
+            send(c, "after", 0.7)
+            before_restart = drift_rows(c)
+    finally:
+        first.stop(1.0)
+    assert set(before_restart) == {"ks_prediction_drift", "psi_prediction_drift"}
+    second = _start_fast(tmp_path)
+    try:
+        assert second.app.records["d"].scores.sizes() == {1: (300, 300)}
+        with AllocatorClient(f"127.0.0.1:{second.port}", admin_token=ADMIN_TOKEN) as c:
+            assert drift_rows(c) == before_restart
+            send(c, "later", 0.7)
+        assert second.app.records["d"].scores.sizes() == {1: (300, 600)}
+    finally:
+        second.stop(1.0)
+
+
 def test_clear_winner_is_promoted_automatically_and_reproducibly(fast_server: Running) -> None:
     spec = pb.ExperimentSpec(
         name="auto",
