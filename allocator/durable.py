@@ -237,6 +237,11 @@ class RewardWriter:
         self.positions.pop(replica_id, None)
 
     # -- API -------------------------------------------------------------------------------
+    @property
+    def started(self) -> bool:
+        """Whether :meth:`start` was called (rewards may be flowing)."""
+        return self._thread.ident is not None
+
     def start(self) -> None:
         """Start the writer thread."""
         self._thread.start()
@@ -506,16 +511,24 @@ class RewardWriter:
         except Exception as err:
             self._mark_down(err)
 
-    def snapshot_now(self, names: Iterable[str] | None = None) -> None:
-        """Snapshot posteriors with the log positions they include (writer thread only)."""
+    def applied_positions(self) -> dict[str, int] | None:
+        """The log positions, per replica, of every row applied so far (writer thread only):
+        what a snapshot, or a monitor's saved state, includes. None while a failed commit is
+        in doubt: our highest position may cover a landed-but-unapplied row."""
         if self._doubtful:
-            return  # our max position may cover a landed-but-unapplied row: wait
-        ids = self.ids()
+            return None
         # Between commits on the only thread that writes our rows, every row of ours in the
         # log has been applied, except rows of a commit that reported failure but happened,
         # and there are none of those while nothing is in doubt (checked above).
-        own = self.store.replica_positions().get(self.replica_id, 0)
-        positions = {**self.positions, self.replica_id: own}
+        own = self.store.replica_position(self.replica_id)
+        return {**self.positions, self.replica_id: own}
+
+    def snapshot_now(self, names: Iterable[str] | None = None) -> None:
+        """Snapshot posteriors with the log positions they include (writer thread only)."""
+        positions = self.applied_positions()
+        if positions is None:
+            return  # wait until nothing is in doubt
+        ids = self.ids()
         for name, snap in self.engine.snapshot(names).items():
             if name in ids:
                 self.store.save_snapshot(ids[name], positions, snap.to_bytes(), time.time())

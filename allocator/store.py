@@ -523,6 +523,10 @@ class Store(Protocol):
         """Highest logged replica_seq per replica."""
         ...
 
+    def replica_position(self, replica_id: str) -> int:
+        """Highest logged replica_seq of one replica (0 if none)."""
+        ...
+
     def recent_scores(
         self,
         experiment_id: int,
@@ -1355,6 +1359,15 @@ class SqlStore:
                     rows.sort(key=lambda r: r[0])
                     found[arm] = rows[-per_arm:]
         return {arm: [x for _, x in rows] for arm, rows in found.items()}
+
+    @_guard
+    def replica_position(self, replica_id: str) -> int:
+        """Highest logged replica_seq of one replica (0 if none): one primary-key probe,
+        where `replica_positions` reads an index entry per row of the log."""
+        c = rewards.c
+        query = sa.select(sa.func.max(c.replica_seq)).where(c.replica_id == replica_id)
+        with self._tx(write=False) as conn:
+            return int(conn.execute(query).scalar() or 0)
 
     @_guard
     def replica_positions(self) -> dict[str, int]:

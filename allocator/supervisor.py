@@ -165,6 +165,15 @@ def evaluate_promotion(app: Allocator, rec: Record) -> pb.PromotionStatus | None
     return status
 
 
+def _positions(raw: object) -> dict[str, int] | None:
+    """Saved log positions, or None if absent or malformed (then no catch-up)."""
+    if not isinstance(raw, dict):
+        return None
+    if not all(isinstance(k, str) and type(v) is int for k, v in raw.items()):
+        return None
+    return dict(raw)
+
+
 @dataclass
 class _Watch:
     champion: int
@@ -214,6 +223,12 @@ class Supervisor:
         app.hooks.append(self.feed)
         app.tick_hooks.append(self.save_monitors)
         app.event_listeners.append(self._on_event)
+        if not app.writer.started:
+            # Before any reward flows: a restored monitor catches up on the log rows that
+            # recovery applied since its state was saved, and every later row reaches it
+            # through ``feed``, so none is seen twice or missed.
+            for rec in list(app.records.values()):
+                self._sync_watch(rec, catch_up=True)
 
     def start(self) -> None:
         """Start the loop."""
@@ -282,8 +297,12 @@ class Supervisor:
         self._evaluated[rec.name] = (total, now)
         return True
 
-    def _sync_watch(self, rec: Record) -> None:
-        """Start watching a new champion; stop when it is no longer promoted."""
+    def _sync_watch(self, rec: Record, catch_up: bool = False) -> None:
+        """Start watching a new champion; stop when it is no longer promoted.
+
+        ``catch_up`` (start-up only, before the writer runs): a monitor restored from a
+        saved state is also fed the log rows after the positions saved with it.
+        """
         lc = rec.lifecycle
         with self._lock:
             watch = self._watches.get(rec.name)
@@ -311,13 +330,40 @@ class Supervisor:
             )
             key = _monitor_key(rec, settings, holdout)
             saved = self._saved_monitor(rec)
+            since: dict[str, int] | None = None
             if saved is not None and saved.get("key") == key:
                 # A restart: continue watching with the reference and statistic learnt
                 # before it, not a new burn-in over rewards that may already have regressed.
                 monitor.load_state(saved["state"])
+                since = _positions(saved.get("positions"))
             # A regression found before the restart but still PROMOTED: its reaction (if
             # any) did not happen yet, so it is due now; its events were already recorded.
-            self._watches[rec.name] = _Watch(lc.champion, monitor, key, monitor.regression)
+            watch = _Watch(lc.champion, monitor, key, monitor.regression)
+            self._watches[rec.name] = watch
+        if catch_up and since is not None:
+            self._catch_up(rec, since)
+
+    def _catch_up(self, rec: Record, since: dict[str, int]) -> None:
+        """Feed the monitor the rows of ``rec`` logged after ``since`` and applied by
+        recovery (up to ``Allocator.recovered_positions``): the rewards a crash took from
+        it between its last save and the restart."""
+        upto = self.app.recovered_positions
+        positions = dict(since)
+        fed = 0
+        while True:
+            rows = self.app.store.rewards_since(positions, experiment_id=rec.id, limit=50_000)
+            mine = [r for r in rows if r.replica_seq <= upto.get(r.replica_id, 0)]
+            if mine:
+                arms = np.fromiter((r.arm for r in mine), dtype=np.int64, count=len(mine))
+                values = np.fromiter((r.value for r in mine), dtype=np.float64, count=len(mine))
+                self.feed(rec, arms, values)
+                fed += len(mine)
+            if len(rows) < 50_000:
+                break
+            for r in rows:
+                positions[r.replica_id] = max(positions.get(r.replica_id, 0), r.replica_seq)
+        if fed:
+            log.info("experiment %s: monitor caught up on %d logged rewards", rec.name, fed)
 
     def _saved_monitor(self, rec: Record) -> dict[str, Any] | None:
         raw = self.app.store.get_meta(_MONITOR_META.format(rec.id))
@@ -341,13 +387,17 @@ class Supervisor:
         """Every ``save_interval_s``, store the state of each monitor that changed.
 
         Runs on the writer thread, the one that feeds the monitors, so each state is
-        consistent. A crash loses at most the rewards of the last interval to the monitor
-        (the posterior keeps them all), and a regression found in that interval may be
-        reported a second time after the restart.
+        consistent with the log positions saved beside it. After a crash the restarted
+        monitor replays the logged rows past those positions (``_catch_up``), so it loses
+        none of them; a regression found in that interval is found again, and reported a
+        second time.
         """
         now = time.monotonic()
         if now < self._next_save:
             return
+        positions = self.app.writer.applied_positions()
+        if positions is None:
+            return  # a failed commit is in doubt: save once the positions are exact
         self._next_save = now + self.save_interval_s
         with self._lock:
             watches = list(self._watches.items())
@@ -358,13 +408,17 @@ class Supervisor:
             rec = self.app.records.get(name)
             if rec is None:
                 continue
+            state = watch.monitor.state()
             try:
-                text = json.dumps({"key": watch.key, "state": watch.monitor.state()})
+                text = json.dumps(state)
             except (TypeError, ValueError):  # a bug here must not stop the writer's pulls
                 log.exception("experiment %s: monitor state not saved", name)
                 continue
             if text != watch.saved:
-                self.app.store.set_meta(_MONITOR_META.format(rec.id), text)
+                # With the log positions the state includes (what a restart catches up
+                # from). Unchanged state, stale positions: the rows in between fed nothing.
+                doc = {"key": watch.key, "state": state, "positions": positions}
+                self.app.store.set_meta(_MONITOR_META.format(rec.id), json.dumps(doc))
                 watch.saved = text
 
     def _forget_monitor(self, exp_id: int, key: dict[str, object]) -> None:
