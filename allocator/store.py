@@ -616,8 +616,8 @@ class Store(Protocol):
         """Store `value` unless `key` exists; return the value in force (race-safe)."""
         ...
 
-    def delete_meta(self, key: str) -> None:
-        """Forget a metadata value (a no-op if absent)."""
+    def delete_meta(self, key: str, if_value: str | None = None) -> None:
+        """Forget a metadata value (a no-op if absent, or if it is not ``if_value``)."""
         ...
 
     def try_leader_lock(self, key: int) -> bool:
@@ -1712,10 +1712,14 @@ class SqlStore:
         return str(stored)
 
     @_guard
-    def delete_meta(self, key: str) -> None:
-        """Forget a metadata value (a no-op if absent)."""
+    def delete_meta(self, key: str, if_value: str | None = None) -> None:
+        """Forget a metadata value (a no-op if absent, or if it is not ``if_value``: a
+        compare-and-delete, so a value written since it was read survives)."""
+        stmt = sa.delete(meta).where(meta.c.key == key)
+        if if_value is not None:
+            stmt = stmt.where(meta.c.value == if_value)
         with self._tx(write=True) as conn:
-            conn.execute(sa.delete(meta).where(meta.c.key == key))
+            conn.execute(stmt)
 
     # ------------------------------------------------------------ leadership
 

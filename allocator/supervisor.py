@@ -309,7 +309,10 @@ class Supervisor:
             if lc.state != State.PROMOTED or lc.champion is None:
                 if watch is not None:
                     del self._watches[rec.name]
-                    self._ended.append((rec.id, watch.key))
+                    # A pause of the promotion silences its monitor but does not end the
+                    # promotion: RESUME restores the saved state (same key).
+                    if not (lc.state == State.PAUSED and lc.paused_from == State.PROMOTED):
+                        self._ended.append((rec.id, watch.key))
                 return
             if watch is not None and watch.champion == lc.champion:
                 return
@@ -401,9 +404,11 @@ class Supervisor:
         self._next_save = now + self.save_interval_s
         with self._lock:
             watches = list(self._watches.items())
-            ended, self._ended = self._ended, []
-        for exp_id, key in ended:
-            self._forget_monitor(exp_id, key)
+            ended = list(self._ended)
+        for item in ended:
+            self._forget_monitor(*item)
+            with self._lock:  # only once deleted: a store error retries it next pass
+                self._ended.remove(item)
         for name, watch in watches:
             rec = self.app.records.get(name)
             if rec is None:
@@ -427,9 +432,11 @@ class Supervisor:
         would otherwise stay forever. A pass of the ended watch that was saving while it
         ended wrote under its own key, so it is deleted here too."""
         name = _MONITOR_META.format(exp_id)
-        saved = self._parse_saved(self.app.store.get_meta(name))
-        if saved is not None and saved.get("key") == key:
-            self.app.store.delete_meta(name)
+        raw = self.app.store.get_meta(name)
+        saved = self._parse_saved(raw)
+        if raw is not None and saved is not None and saved.get("key") == key:
+            # Only the value read: one another replica writes meanwhile is kept.
+            self.app.store.delete_meta(name, if_value=raw)
 
     def _emit(self, rec: Record, event: Event) -> None:
         """Monitor events are only recorded by the leader (followers watch silently)."""

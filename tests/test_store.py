@@ -838,6 +838,11 @@ def test_meta(store: SqlStore) -> None:
     assert store.set_meta_if_absent("k", "second") == "first"
     store.set_meta("k", "third")
     assert store.get_meta("k") == "third"
+    store.delete_meta("k", if_value="second")  # not the value in force: kept
+    assert store.get_meta("k") == "third"
+    store.delete_meta("k", if_value="third")
+    assert store.get_meta("k") is None
+    store.set_meta("k", "fourth")
     store.delete_meta("k")
     store.delete_meta("k")
     assert store.get_meta("k") is None

@@ -244,6 +244,33 @@ def test_monitor_catches_up_on_rewards_logged_after_its_last_save(tmp_path: Path
         second.stop(1.0)
 
 
+def test_pausing_a_promotion_keeps_its_saved_monitor_state(fast_server: Running) -> None:
+    """PAUSE silences the monitor, RESUME brings back what it had learnt: not a new
+    burn-in that would take whatever the rewards did meanwhile for normal."""
+    rng = np.random.default_rng(10)
+    with AllocatorClient(f"127.0.0.1:{fast_server.port}", admin_token=ADMIN_TOKEN) as c:
+        c.create_experiment(_monitored(pb.REGRESSION_ACTION_NOTIFY_ONLY))
+        c.promote("m", "b", reason="test")
+        _wait(lambda: "m" in fast_server.supervisor._watches)
+        _send_rate(c, rng, "before", 0.5, 3)
+
+        def saved_rewards() -> float:
+            saved = _saved_monitor(fast_server)
+            return saved["state"]["promoted"]["stats"][0] if saved else 0.0
+
+        _wait(lambda: saved_rewards() == 3_000)
+        c.pause("m", reason="incident")
+        _wait(lambda: "m" not in fast_server.supervisor._watches)
+        # Two save passes or more (every snapshot_interval_s, 0.5 s in these tests) while
+        # paused: the saved state stays.
+        time.sleep(1.2)
+        assert saved_rewards() == 3_000
+        c.resume("m", reason="over")
+        _wait(lambda: "m" in fast_server.supervisor._watches)
+        monitor = fast_server.supervisor._watches["m"].monitor
+        assert monitor.state()["promoted"]["stats"][0] == 3_000
+
+
 def test_regression_reported_before_a_restart_is_not_reported_again(tmp_path: Path) -> None:
     """NOTIFY_ONLY: the drop is reported (DRIFT_DETECTED once) and the champion stays
     promoted. After a restart the monitor comes back triggered: more of the same low rate
