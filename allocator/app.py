@@ -268,6 +268,7 @@ class Allocator:
             metrics,
             ids=lambda: {name: r.id for name, r in self.records.items()},
             positions=self._positions,
+            skip_until=self._skip_until,
             max_rows=config.flush_max_rows,
             max_delay_ms=config.flush_max_delay_ms,
             max_queue=config.max_queue,
@@ -297,7 +298,9 @@ class Allocator:
             self.by_id[rec.id] = rec
             configs[rec.name] = rec.config
             ids[rec.name] = rec.id
-        self._positions = Recovery(self.store, self.engine).load(ids, configs)
+        recovery = Recovery(self.store, self.engine)
+        self._positions = recovery.load(ids, configs)
+        self._skip_until = recovery.skip_until
         for rec in self.records.values():
             self._apply_state(rec)
             self._load_scores(rec)

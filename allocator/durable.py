@@ -72,6 +72,11 @@ class Recovery:
     def __init__(self, store: Store, engine: Engine) -> None:
         self.store = store
         self.engine = engine
+        # Per experiment, the log positions its restored snapshot includes: rows at or
+        # before them are in the posterior already. `load` may stop before passing them
+        # (a row of an experiment not known yet), so whoever resumes the log after it
+        # must skip them too (`RewardWriter(skip_until=...)`).
+        self.skip_until: dict[str, dict[str, int]] = {}
 
     def load(self, ids: dict[str, int], configs: dict[str, ExperimentConfig]) -> dict[str, int]:
         """Restore every experiment; returns the log positions now applied, per replica."""
@@ -86,6 +91,7 @@ class Recovery:
                 restored = ExperimentSnapshot.from_bytes(snap.payload)
                 self.engine.restore({name: restored})
                 positions_by_exp[name] = dict(snap.positions)
+        self.skip_until = {n: p for n, p in positions_by_exp.items() if p}
         # Replay from the smallest position any experiment needs, filtering per experiment.
         start: dict[str, int] = {}
         replicas = set(self.store.replica_positions())
@@ -207,6 +213,7 @@ class RewardWriter:
         on_pulled: Callable[[Sequence[LoggedReward]], None] | None = None,
         on_applied: Callable[[str, np.ndarray, np.ndarray], None] | None = None,
         on_tick: Callable[[], None] | None = None,
+        skip_until: Mapping[str, Mapping[str, int]] | None = None,
     ) -> None:
         self.store = store
         self.engine = engine
@@ -214,6 +221,8 @@ class RewardWriter:
         self.metrics = metrics
         self.ids = ids
         self.positions = dict(positions)
+        # Rows that recovery left behind but a restored snapshot includes (Recovery).
+        self.skip_until = {n: dict(p) for n, p in (skip_until or {}).items()}
         self.max_rows = max_rows
         self.max_delay = max_delay_ms / 1000.0
         self.max_queue = max_queue
@@ -451,12 +460,23 @@ class RewardWriter:
             known = known_prefix(rows, names_by_id)
             if not known:
                 return total
-            total += apply_logged(self.engine, known, names_by_id)
+            total += apply_logged(self.engine, known, names_by_id, self.skip_until or None)
             advance(self.positions, known)
+            if self.skip_until:
+                self._drop_passed_skips()
             if self.on_pulled is not None:
                 self.on_pulled(known)
             if len(known) < len(rows):
                 return total  # the rest after the next _sync_experiments
+
+    def _drop_passed_skips(self) -> None:
+        """Forget the skip positions the pull has passed (our own rows are never pulled)."""
+        pos, me = self.positions, self.replica_id
+        self.skip_until = {
+            name: until
+            for name, until in self.skip_until.items()
+            if any(r != me and pos.get(r, 0) < seq for r, seq in until.items())
+        }
 
     def flush_counts(self) -> None:
         """Write assignment-count deltas and newly opened epochs.
