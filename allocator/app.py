@@ -75,10 +75,11 @@ ACCEPTED, DUPLICATE, EXPIRED = "accepted", "duplicate", "expired"
 # Per-item outcome codes of `Allocator.reward_indexed`: an index into this tuple.
 STATUSES = (ACCEPTED, DUPLICATE, EXPIRED)
 _LEADER_LOCK_KEY = 0x616C6C6F63  # "alloc": one promoter at a time across replicas
-# How long start-up waits for this replica's lock (a previous incarnation's session may
-# take a moment to be closed by the database), and how often the lock is confirmed and
-# the leader takes over the pending defaults of replicas that are gone.
-_REPLICA_LOCK_WAIT_S = 10.0
+# How long start-up waits for this replica's lock: a previous incarnation's session may
+# take the database a while to close (about 25 s for a vanished host, the lock sessions'
+# keepalive). And how often the leader looks for replicas that are gone, whose pending
+# defaults it takes over once they were gone on two looks.
+_REPLICA_LOCK_WAIT_S = 30.0
 _ADOPT_INTERVAL_S = 30.0
 
 
@@ -259,6 +260,7 @@ class Allocator:
         self._hold_replica_lock()
         self._load_defaults()
         self._next_adoption = time.monotonic() + _ADOPT_INTERVAL_S
+        self._gone_before: set[str] = set()  # replicas the last adoption pass found gone
         self.tick_hooks.append(self._save_defaults)
         self.tick_hooks.append(self._adopt_defaults)
         self.writer = RewardWriter(
@@ -838,9 +840,11 @@ class Allocator:
     def _load_defaults(self) -> None:
         """Track again the decisions this replica issued before it stopped, and those of
         replicas that are gone (a restart without ``--replica-id`` is a new replica)."""
-        # At runtime only the leader takes over; at start-up any replica does (rows move
-        # in one transaction, so two replicas never both take the same one).
-        self.store.adopt_pending_defaults(self.replica_id, list(self.by_id))
+        if not self.store.shared:
+            # SQLite: this process owns the file, every other id is gone for good. A
+            # shared store leaves it to the leader, which waits for an id to look gone
+            # twice (``_adopt_defaults``).
+            self.store.adopt_pending_defaults(self.replica_id, list(self.by_id))
         for item in self._pending(self.store.pending_defaults(self.replica_id)):
             self.defaults.track(item, saved=True)
 
@@ -858,19 +862,31 @@ class Allocator:
                 )
 
     def _adopt_defaults(self) -> None:
-        """Writer-thread tick, every ``_ADOPT_INTERVAL_S``: confirm this replica's lock;
-        on the leader, take over the pending defaults of replicas that are gone."""
+        """Writer-thread tick (shared store): confirm this replica's lock, taking it again
+        at once if its session dropped; every ``_ADOPT_INTERVAL_S`` on the leader, take
+        over the pending defaults of replicas found gone on this pass and the one before
+        (a replica whose session dropped with a database restart looks gone for a tick,
+        never for a whole interval)."""
+        if not self.store.shared:
+            return
+        if not self.store.hold_replica_lock(self.replica_id):
+            # Taken meanwhile: by an adopter for a moment, or by a second process
+            # misconfigured with our id.
+            log.warning("replica lock of %r is held elsewhere", self.replica_id)
         now = time.monotonic()
         if now < self._next_adoption:
             return
         self._next_adoption = now + _ADOPT_INTERVAL_S
-        if not self.store.hold_replica_lock(self.replica_id):
-            # Lost with a dropped connection and taken meanwhile: by an adopter for a
-            # moment, or by a second process misconfigured with our id.
-            log.warning("replica lock of %r is held elsewhere", self.replica_id)
         if not self.leader():
+            self._gone_before = set()
             return
-        adopted = self.store.adopt_pending_defaults(self.replica_id, list(self.by_id))
+        gone = self.store.gone_replicas(self.replica_id)
+        confirmed, self._gone_before = gone & self._gone_before, gone
+        if not confirmed:
+            return
+        adopted = self.store.adopt_pending_defaults(
+            self.replica_id, list(self.by_id), only=confirmed
+        )
         if adopted:
             log.info("took over %d pending default rewards of stopped replicas", len(adopted))
             self.defaults.adopt(self._pending(adopted))

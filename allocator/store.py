@@ -566,8 +566,15 @@ class Store(Protocol):
         """Take or confirm the lock that says ``replica_id`` is alive; False if held."""
         ...
 
+    def gone_replicas(self, replica_id: str) -> set[str]:
+        """Replicas other than ``replica_id`` with pending defaults and no live holder."""
+        ...
+
     def adopt_pending_defaults(
-        self, replica_id: str, experiment_ids: Collection[int]
+        self,
+        replica_id: str,
+        experiment_ids: Collection[int],
+        only: Collection[str] | None = None,
     ) -> list[PendingDefault]:
         """Move the pending defaults of replicas that are gone to ``replica_id``."""
         ...
@@ -916,6 +923,8 @@ class SqlStore:
         self._writer_locks: dict[str, threading.Lock] = {}
         self._state_lock = threading.Lock()
         self._leader_conns: dict[int, Connection] = {}
+        # Lock sessions are used from the writer and the supervisor threads.
+        self._leader_conns_lock = threading.RLock()
         self._closed = False
 
     @classmethod
@@ -1477,36 +1486,61 @@ class SqlStore:
         return self.try_leader_lock(replica_lock_key(replica_id))
 
     @_guard
+    def gone_replicas(self, replica_id: str) -> set[str]:
+        """Replicas other than ``replica_id`` that have pending defaults and whose replica
+        lock nobody holds right now (SQLite: every other one, one process owns the file).
+
+        A moment's answer: a replica whose lock session just dropped (a database restart)
+        looks gone until it takes its lock again, so callers adopt only ids found gone on
+        two passes some time apart (``Allocator._adopt_defaults``).
+        """
+        with self._tx(write=True) as conn:
+            return set(self._gone(conn, replica_id))
+
+    def _gone(self, conn: Connection, replica_id: str) -> Iterator[str]:
+        t = pending_defaults.c
+        others = list(
+            conn.execute(sa.select(t.replica_id).where(t.replica_id != replica_id).distinct())
+            .scalars()
+        )
+        for other in others:
+            if not self._sqlite:
+                # Held until this transaction ends: the replica cannot take its lock (and
+                # then load its rows) while the caller looks at, or moves, them.
+                lock = sa.func.pg_try_advisory_xact_lock(replica_lock_key(other))
+                if not conn.execute(sa.select(lock)).scalar():
+                    continue  # alive: it holds its lock
+            yield str(other)
+
+    @_guard
     def adopt_pending_defaults(
-        self, replica_id: str, experiment_ids: Collection[int]
+        self,
+        replica_id: str,
+        experiment_ids: Collection[int],
+        only: Collection[str] | None = None,
     ) -> list[PendingDefault]:
         """Move the pending defaults of replicas that are gone to ``replica_id``; returns
         the moved rows, oldest first. Only rows of ``experiment_ids`` (the experiments the
-        caller knows) move: the others wait for a pass that knows them.
+        caller knows) move: the others wait for a pass that knows them; with ``only``, only
+        rows of those replica ids.
 
         Replica ids default to host:pid, so a restarted server comes back under a new id
-        and its saved decisions would otherwise wait forever. SQLite: one process owns the
-        file, so every other id is gone. PostgreSQL: an id is gone when nobody holds its
-        replica lock (`hold_replica_lock`); the check takes that lock for the transaction
-        that moves the rows, so the replica cannot come back (it takes its lock before it
-        loads its rows) half way through. Rows move between replicas, never get copied:
-        each decision is tracked by one replica, and its default's dedup key would make a
-        second write a duplicate anyway.
+        and its saved decisions would otherwise wait forever. An id is gone when nobody
+        holds its replica lock (`hold_replica_lock`, `gone_replicas`); the check takes that
+        lock for the transaction that moves the rows, so the replica cannot come back (it
+        takes its lock before it loads its rows) half way through. Rows move between
+        replicas, never get copied: each decision is tracked by one replica, and its
+        default's dedup key would make a second write a duplicate anyway.
         """
         t = pending_defaults.c
         ids = sorted(experiment_ids)
         if not ids:
             return []
+        moved: list[PendingDefault] = []
         with self._tx(write=True) as conn:
-            others = conn.execute(
-                sa.select(t.replica_id).where(t.replica_id != replica_id).distinct()
-            ).scalars()
-            moved: list[PendingDefault] = []
-            for other in list(others):
-                if not self._sqlite:
-                    lock = sa.func.pg_try_advisory_xact_lock(replica_lock_key(other))
-                    if not conn.execute(sa.select(lock)).scalar():
-                        continue  # alive: it holds its lock
+            for other in list(self._gone(conn, replica_id)):
+                if only is not None and other not in only:
+                    continue
                 stmt = (
                     sa.update(pending_defaults)
                     .where(t.replica_id == other, t.experiment_id.in_(ids))
@@ -1738,35 +1772,43 @@ class SqlStore:
 
     @_guard
     def _try_pg_lock(self, key: int) -> bool:
-        held = self._leader_conns.get(key)
-        if held is not None:
+        with self._leader_conns_lock:
+            held = self._leader_conns.get(key)
+            if held is not None:
+                try:
+                    held.execute(sa.text("SELECT 1"))
+                    return True
+                except sa_exc.DBAPIError:
+                    self._drop_leader_conn(key)
+            conn = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
             try:
-                held.execute(sa.text("SELECT 1"))
-                return True
-            except sa_exc.DBAPIError:
-                self._drop_leader_conn(key)
-        conn = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
-        try:
-            got = bool(conn.execute(sa.select(sa.func.pg_try_advisory_lock(key))).scalar())
-        except BaseException:
-            conn.invalidate()
-            conn.close()
-            raise
-        if not got:
-            conn.close()
-            return False
-        self._leader_conns[key] = conn
-        return True
+                # The server must notice a holder that vanished (power loss, partition)
+                # in seconds, not after the kernel's two-hour keepalive default: until it
+                # closes the session the lock stays taken (a restart with the same
+                # --replica-id is refused, no new leader is elected).
+                for setting, value in _LOCK_SESSION_KEEPALIVE:
+                    conn.execute(sa.text(f"SET {setting} = {value}"))
+                got = bool(conn.execute(sa.select(sa.func.pg_try_advisory_lock(key))).scalar())
+            except BaseException:
+                conn.invalidate()
+                conn.close()
+                raise
+            if not got:
+                conn.close()
+                return False
+            self._leader_conns[key] = conn
+            return True
 
     def release_leader_lock(self, key: int | None = None) -> None:
         """Give up one leader lock (or all); a no-op for locks not held."""
-        for k in [key] if key is not None else list(self._leader_conns):
-            conn = self._leader_conns.get(k)
-            if conn is None:
-                continue
-            with contextlib.suppress(sa_exc.DBAPIError):
-                conn.execute(sa.select(sa.func.pg_advisory_unlock(k)))
-            self._drop_leader_conn(k)
+        with self._leader_conns_lock:
+            for k in [key] if key is not None else list(self._leader_conns):
+                conn = self._leader_conns.get(k)
+                if conn is None:
+                    continue
+                with contextlib.suppress(sa_exc.DBAPIError):
+                    conn.execute(sa.select(sa.func.pg_advisory_unlock(k)))
+                self._drop_leader_conn(k)
 
     def _drop_leader_conn(self, key: int) -> None:
         conn = self._leader_conns.pop(key)
@@ -1774,6 +1816,15 @@ class SqlStore:
             # Closing the session is what guarantees the server frees the lock.
             conn.invalidate()
         conn.close()
+
+
+# Server-side TCP keepalive of the lock sessions: a dead peer is found after about
+# idle + interval * count = 25 s (ignored on Unix-socket connections, which fail at once).
+_LOCK_SESSION_KEEPALIVE = (
+    ("tcp_keepalives_idle", 10),
+    ("tcp_keepalives_interval", 5),
+    ("tcp_keepalives_count", 3),
+)
 
 
 def replica_lock_key(replica_id: str) -> int:

@@ -30,7 +30,13 @@ from allocator.errors import WrongState
 from allocator.lifecycle import Action, State
 from allocator.metrics import Metrics
 from allocator.server import Running, create_server
-from allocator.store import ReplicaConflict, RewardRow, SqlStore, StoreUnavailable
+from allocator.store import (
+    PendingDefault,
+    ReplicaConflict,
+    RewardRow,
+    SqlStore,
+    StoreUnavailable,
+)
 from tests.conftest import ADMIN_TOKEN, server_config
 from tests.test_durability import (
     EXPERIMENT,
@@ -306,19 +312,89 @@ def test_leader_takes_over_the_pending_defaults_of_a_replica_that_is_gone(pg_url
             lambda: len(r1.app.store.pending_defaults("r1")) == 2, 5, "r1 to save its decisions"
         )
         r1.stop(grace=1.0)
-        r2.app._next_adoption = 0.0  # the next pass, not in 30 s
+        _adoption_pass(r2)  # r1 looks gone once: not yet taken
+        assert r2.app._gone_before == {"r1"}
+        assert len(r2.app.store.pending_defaults("r1")) == 2
+        _adoption_pass(r2)  # and twice: taken
         wait_until(
             lambda: sum(r2.app.engine.view("dr").reward_counts) == 5, 20, "the defaults via r2"
         )
-        wait_until(
-            lambda: r2.app.store.pending_defaults("r2") == [], 5, "the written ones deleted"
-        )
+        wait_until(lambda: r2.app.store.pending_defaults("r2") == [], 5, "the written ones deleted")
         assert r2.app.store.pending_defaults("r1") == []
         time.sleep(0.5)  # more passes: still once
         assert sum(r2.app.engine.view("dr").reward_counts) == 5
     finally:
         r2.stop(grace=1.0)
         r1.stop(grace=1.0)
+
+
+def _adoption_pass(r: Running) -> None:
+    """Run the leader's adoption pass on the next writer tick, not in 30 s; wait for it."""
+    r.app._next_adoption = 0.0
+    wait_until(lambda: r.app._next_adoption > 0.0, 5, "an adoption pass")
+
+
+def test_a_replica_that_looks_gone_for_one_pass_keeps_its_pending_defaults(
+    pg_url: str,
+) -> None:
+    """A replica's lock session can drop for a moment (a database restart) and be taken
+    again on its next tick: a leader that saw it gone once must not take its rows. Gone
+    on two passes in a row, they are taken."""
+    r2 = _replica(pg_url, "r2")
+    x = SqlStore.open(pg_url)  # plays replica "x": its rows, its lock
+    try:
+        with AllocatorClient(_target(r2), timeout=10) as c:
+            c.create_experiment(pb.ExperimentSpec(name="dr", variants=["a", "b"]))
+        exp = r2.app.get("dr").id
+        rows = [
+            PendingDefault(
+                experiment_id=exp,
+                key=f"k{i}",
+                token=f"t{i}",
+                issued_at=1.0 + i,
+                epoch=0,
+                batch=False,
+                arms=(1,),
+            )
+            for i in range(3)
+        ]
+        x.save_pending_defaults("x", rows)
+        _adoption_pass(r2)
+        assert r2.app._gone_before == {"x"}  # no lock held: looks gone
+        assert x.hold_replica_lock("x")  # back before the next pass
+        _adoption_pass(r2)
+        assert r2.app._gone_before == set()
+        assert [p.key for p in x.pending_defaults("x")] == ["k0", "k1", "k2"]
+        x.release_leader_lock()  # gone for good now
+        _adoption_pass(r2)
+        assert len(x.pending_defaults("x")) == 3
+        _adoption_pass(r2)
+        assert x.pending_defaults("x") == []
+        assert [p.key for p in r2.app.store.pending_defaults("r2")] == ["k0", "k1", "k2"]
+    finally:
+        x.close()
+        r2.stop(grace=1.0)
+
+
+def test_lock_sessions_notice_a_vanished_peer_in_seconds(pg_url: str) -> None:
+    """The server keeps a lock until it closes the holder's session; over TCP the lock
+    sessions ask for keepalive probes after 10 s idle (not the kernel's two hours), so a
+    replica whose host died frees its replica and leader locks in about 25 s."""
+    store = SqlStore.open(pg_url)
+    try:
+        assert store.hold_replica_lock("k")
+        conn = next(iter(store._leader_conns.values()))
+        shown = {
+            name: conn.execute(sa.text(f"SHOW {name}")).scalar()
+            for name in ("tcp_keepalives_idle", "tcp_keepalives_interval", "tcp_keepalives_count")
+        }
+        assert shown == {
+            "tcp_keepalives_idle": "10",
+            "tcp_keepalives_interval": "5",
+            "tcp_keepalives_count": "3",
+        }
+    finally:
+        store.close()
 
 
 def test_second_live_server_with_the_same_replica_id_is_refused(

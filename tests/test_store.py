@@ -821,12 +821,18 @@ def test_postgres_adopts_pending_defaults_only_of_replicas_that_are_gone(pg_url:
         assert not adopter.hold_replica_lock("r-alive")
         alive.save_pending_defaults("r-alive", [_pending(exp, "k1", 1.0)])
         adopter.save_pending_defaults("r-dead", [_pending(exp, "k0", 0.0)])
-        assert [r.key for r in adopter.adopt_pending_defaults("r-adopter", [exp])] == ["k0"]
+        adopter.save_pending_defaults("r-other", [_pending(exp, "k2", 2.0)])
+        assert adopter.gone_replicas("r-adopter") == {"r-dead", "r-other"}
+        # ``only``: the ids the caller has seen gone long enough.
+        moved = adopter.adopt_pending_defaults("r-adopter", [exp], only={"r-dead"})
+        assert [r.key for r in moved] == ["k0"]
+        assert [r.key for r in adopter.adopt_pending_defaults("r-adopter", [exp])] == ["k2"]
         assert [r.key for r in alive.pending_defaults("r-alive")] == ["k1"]
         alive.close()
         assert [r.key for r in adopter.adopt_pending_defaults("r-adopter", [exp])] == ["k1"]
-        assert [r.key for r in adopter.pending_defaults("r-adopter")] == ["k0", "k1"]
+        assert [r.key for r in adopter.pending_defaults("r-adopter")] == ["k0", "k1", "k2"]
         assert adopter.pending_defaults("r-alive") == []
+        assert adopter.gone_replicas("r-adopter") == set()
     finally:
         alive.close()
         adopter.close()
