@@ -30,7 +30,7 @@ from allocator_client.v1 import allocator_pb2 as pb
 from allocator.config import ServerConfig
 from allocator.convert import check_promotion, spec_from_json, spec_to_config, spec_to_json
 from allocator.defaults import DefaultRewards, Pending
-from allocator.drift import ScoreWindows, score_spans
+from allocator.drift import ScoreWindows, route, score_spans
 from allocator.durable import Recovery, RewardWriter
 from allocator.engine import BatchDecision, Decision, Engine, ExperimentConfig
 from allocator.errors import (
@@ -1184,9 +1184,20 @@ class Allocator:
             values = np.fromiter((r.value for r in items), dtype=np.float64, count=len(items))
             for hook in self.hooks:
                 hook(rec, arms, values)
-            scored = [(r.arm, r.prediction_score) for r in items if r.prediction_score is not None]
+            scored = [r for r in items if r.prediction_score is not None]
             if scored:
-                rec.scores.add([a for a, _ in scored], [x for _, x in scored])
+                # By when each was received, not when it was pulled: a backlog pulled
+                # after a promotion holds scores from before it (as `_load_scores` does).
+                reference, current = score_spans(rec.lifecycle.audit)
+                into: dict[bool, tuple[list[int], list[float]]] = {True: ([], []), False: ([], [])}
+                for r in scored:
+                    side = route(r.received_at, reference, current)
+                    if side is not None and r.prediction_score is not None:
+                        into[side][0].append(r.arm)
+                        into[side][1].append(r.prediction_score)
+                for side, (arms_in, scores_in) in into.items():
+                    if arms_in:
+                        rec.scores.add(arms_in, scores_in, current=side)
 
     def _tick(self) -> None:
         """Writer-thread housekeeping: pick up experiments other replicas changed."""

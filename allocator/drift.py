@@ -54,6 +54,17 @@ def score_spans(audit: Sequence[AuditRecord]) -> tuple[list[Span], Span | None]:
     return reference, current
 
 
+def route(received_at: float, reference: Sequence[Span], current: Span | None) -> bool | None:
+    """The window a score received at ``received_at`` belongs to (spans of
+    :func:`score_spans`): True current, False reference, None neither (a promotion
+    before the last one)."""
+    if current is not None and current[0] <= received_at < current[1]:
+        return True
+    if any(a <= received_at < b for a, b in reference):
+        return False
+    return None
+
+
 class ScoreWindows:
     """Bounded reference/current windows of prediction scores, per variant."""
 
@@ -64,10 +75,13 @@ class ScoreWindows:
         self._promoted = False
         self._lock = threading.Lock()
 
-    def add(self, arms: list[int], scores: list[float]) -> None:
-        """Record scores of accepted rewards."""
+    def add(self, arms: list[int], scores: list[float], current: bool | None = None) -> None:
+        """Record scores of accepted rewards: into the current window while promoted, the
+        reference otherwise, or the one ``current`` says (rewards received earlier, by
+        another replica, routed by :func:`route`)."""
         with self._lock:
-            target = self._after if self._promoted else self._before
+            into_current = self._promoted if current is None else current
+            target = self._after if into_current else self._before
             for arm, score in zip(arms, scores, strict=True):
                 target.setdefault(arm, deque(maxlen=self.size)).append(score)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from allocator.drift import MIN_SCORES, ScoreWindows, score_spans
+from allocator.drift import MIN_SCORES, ScoreWindows, route, score_spans
 from allocator.lifecycle import Action, Lifecycle
 
 INF = math.inf
@@ -76,3 +76,19 @@ def test_spans_replay_what_the_live_windows_hold() -> None:
     assert rebuilt.compare().keys() == live.compare().keys() == {0, 1}
     for arm, (ks, p) in live.compare().items():
         assert rebuilt.compare()[arm] == (ks, p)
+
+
+def test_route_sends_a_score_to_the_window_of_its_receipt_time() -> None:
+    lc = _lifecycle((Action.PROMOTE, 10.0), (Action.ROLLBACK, 20.0), (Action.REOPEN, 25.0))
+    lc.apply(Action.PROMOTE, actor="t", reason="", now=30.0, variant=1)
+    reference, current = score_spans(lc.audit)
+    assert current == (30.0, INF)
+    assert route(5.0, reference, current) is False  # before any promotion
+    assert route(15.0, reference, current) is None  # the first promotion's: neither
+    assert route(22.0, reference, current) is False  # rolled back: reference
+    assert route(30.0, reference, current) is True
+    windows = ScoreWindows()
+    windows.set_promoted(True)
+    windows.add([0], [0.1], current=route(5.0, reference, current))
+    windows.add([0], [0.2])  # live, while promoted: current
+    assert windows.sizes() == {0: (1, 1)}

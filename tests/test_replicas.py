@@ -414,6 +414,38 @@ def test_second_live_server_with_the_same_replica_id_is_refused(
     _replica(pg_url, "dup").stop(grace=1.0)
 
 
+def test_scores_pulled_after_a_promotion_go_to_the_window_of_their_receipt(
+    pg_url: str,
+) -> None:
+    """r2 learns of the experiment only after r1 received its scored rewards and promoted
+    it (r2 syncs once an hour; the test runs its sync and pull by hand). The scores were
+    received before the promotion: they belong to the reference window, as a restart's
+    rebuild from the log would put them, not to the current one r2 is filling now."""
+    r2 = _replica(pg_url, "r2", sync_interval_s=3600.0)
+    time.sleep(0.5)  # its one start-up sync is over
+    r1 = _replica(pg_url, "r1")
+    try:
+        rng = np.random.default_rng(11)
+        with AllocatorClient(_target(r1), admin_token=ADMIN_TOKEN, timeout=10) as c:
+            c.create_experiment(pb.ExperimentSpec(name="d", variants=["a", "b"]))
+            c.reward_batch(
+                "d",
+                [1.0] * 300,
+                event_ids=[f"e{i}" for i in range(300)],
+                variants=["b"] * 300,
+                prediction_scores=rng.normal(0.5, 0.1, size=300).tolist(),
+            )
+            c.promote("d", "b", reason="test")
+        assert "d" not in r2.app.records
+        r2.app._sync_experiments()  # learns "d", already PROMOTED
+        r2.app.writer.pull()  # then the backlog of its rewards
+        assert r2.app.records["d"].scores.sizes() == {1: (300, 0)}
+        assert r2.app.records["d"].scores.sizes() == r1.app.records["d"].scores.sizes()
+    finally:
+        r1.stop(grace=1.0)
+        r2.stop(grace=1.0)
+
+
 def test_stale_replica_promotion_is_aborted_and_refreshed(pg_url: str) -> None:
     """A replica that has not yet seen another's promotion cannot promote over it.
 
