@@ -91,17 +91,24 @@ class DefaultRewards:
 
         They are older than most of what is queued, so they are merged in by
         ``issued_at`` (``due`` pops from the front until the first entry not yet due),
-        and past the bound, like ``retry``: they are saved and counted already.
+        and past the bound, like ``retry``: they are saved and counted already. Only the
+        queued entries older than the newest adopted one are touched (usually none), not
+        the whole queue: ``track`` waits on this lock on the Assign path.
         """
         by_name: dict[str, list[Pending]] = {}
         for item in items:
             by_name.setdefault(item.experiment, []).append(item)
+        for new in by_name.values():
+            new.sort(key=lambda i: i.issued_at)
         with self._lock:
             for name, new in by_name.items():
-                new.sort(key=lambda i: i.issued_at)
-                old = self._queues.get(name, ())
-                merged = heapq.merge(old, new, key=lambda i: i.issued_at)
-                self._queues[name] = deque(merged)
+                q = self._queues.setdefault(name, deque())
+                newest = new[-1].issued_at
+                older: list[Pending] = []
+                while q and q[0].issued_at < newest:
+                    older.append(q.popleft())
+                merged = list(heapq.merge(older, new, key=lambda i: i.issued_at))
+                q.extendleft(reversed(merged))
                 self._size += sum(int(i.arms.shape[0]) for i in new)
 
     def retry(self, item: Pending) -> None:

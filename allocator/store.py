@@ -1336,25 +1336,22 @@ class SqlStore:
         `spans` (``[start, end)`` of `received_at`, either end may be infinite), oldest
         first; only rows at or before `positions` (the log applied so far), so a row the
         caller will still be fed from the log is not counted twice. One index range scan
-        (``ix_rewards_scored``) per variant and span, each reading at most `per_arm` rows.
+        (``ix_rewards_scored``) per variant and span, each reading at most `per_arm` rows;
+        rows past `positions` (logged since the caller read them: a handful) are dropped
+        after the read, so a window may come out that many short.
         """
         c = rewards.c
-        applied = sa.or_(
-            sa.false(),
-            *(sa.and_(c.replica_id == rid, c.replica_seq <= seq) for rid, seq in positions.items()),
-        )
         found: dict[int, list[tuple[float, float]]] = {}
         with self._tx(write=False) as conn:
             for arm in range(n_arms):
                 rows: list[tuple[float, float]] = []
                 for start, end in spans:
                     query = (
-                        sa.select(c.received_at, c.prediction_score)
+                        sa.select(c.received_at, c.prediction_score, c.replica_id, c.replica_seq)
                         .where(
                             c.experiment_id == experiment_id,
                             c.arm == arm,
                             c.prediction_score.is_not(None),
-                            applied,
                         )
                         .order_by(c.received_at.desc())
                         .limit(per_arm)
@@ -1363,7 +1360,11 @@ class SqlStore:
                         query = query.where(c.received_at >= start)
                     if math.isfinite(end):
                         query = query.where(c.received_at < end)
-                    rows.extend((float(t), float(x)) for t, x in conn.execute(query))
+                    rows.extend(
+                        (float(t), float(x))
+                        for t, x, rid, seq in conn.execute(query)
+                        if seq <= positions.get(rid, 0)
+                    )
                 if rows:
                     rows.sort(key=lambda r: r[0])
                     found[arm] = rows[-per_arm:]
