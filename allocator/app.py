@@ -31,7 +31,7 @@ from allocator.config import ServerConfig
 from allocator.convert import check_promotion, spec_from_json, spec_to_config, spec_to_json
 from allocator.defaults import DefaultRewards, Pending
 from allocator.drift import ScoreWindows, route, score_spans
-from allocator.durable import Recovery, RewardWriter
+from allocator.durable import Recovery, RewardWriter, replay_new_experiment
 from allocator.engine import BatchDecision, Decision, Engine, ExperimentConfig
 from allocator.errors import (
     ExperimentExists,
@@ -256,8 +256,9 @@ class Allocator:
         self.last_decisions: dict[str, pb.PromotionStatus] = {}
         self.defaults = DefaultRewards()
         self.event_listeners: list[Callable[[Record, Event], None]] = []
-        self._load()
+        # The lock first: the log of our id is final once no one else can write it.
         self._hold_replica_lock()
+        self._load()
         self._load_defaults()
         self._next_adoption = time.monotonic() + _ADOPT_INTERVAL_S
         self._gone_before: set[str] = set()  # replicas the last adoption pass found gone
@@ -301,7 +302,7 @@ class Allocator:
             configs[rec.name] = rec.config
             ids[rec.name] = rec.id
         recovery = Recovery(self.store, self.engine)
-        self._positions = recovery.load(ids, configs)
+        self._positions = recovery.load(ids, configs, own_replica=self.replica_id)
         self._skip_until = recovery.skip_until
         for rec in self.records.values():
             self._apply_state(rec)
@@ -1212,11 +1213,18 @@ class Allocator:
             if rec is None:
                 rec = self._record_from_row(row)
                 with self._records_lock:
-                    if row.name not in self.records:
-                        self.engine.create(rec.config)
-                        self.records[rec.name] = rec
-                        self.by_id[rec.id] = rec
-                        self._apply_state(rec)
+                    if row.name in self.records:
+                        continue
+                    self.engine.create(rec.config)
+                    self.records[rec.name] = rec
+                    self.by_id[rec.id] = rec
+                    self._apply_state(rec)
+                behind = replay_new_experiment(
+                    self.store, self.engine, rec.id, rec.name, self.writer.positions
+                )
+                if behind:
+                    log.info("experiment %s: applied %d earlier rewards", rec.name, len(behind))
+                    self._on_pulled(behind)
             elif row.version > rec.version:
                 with rec.lock:
                     self._adopt_row(rec, row)

@@ -78,8 +78,17 @@ class Recovery:
         # must skip them too (`RewardWriter(skip_until=...)`).
         self.skip_until: dict[str, dict[str, int]] = {}
 
-    def load(self, ids: dict[str, int], configs: dict[str, ExperimentConfig]) -> dict[str, int]:
-        """Restore every experiment; returns the log positions now applied, per replica."""
+    def load(
+        self,
+        ids: dict[str, int],
+        configs: dict[str, ExperimentConfig],
+        own_replica: str | None = None,
+    ) -> dict[str, int]:
+        """Restore every experiment; returns the log positions now applied, per replica.
+
+        ``own_replica``: the id this process logs under. Its rows are replayed to the end
+        even when the replay of the others stops early (below): nobody pulls them later.
+        """
         positions_by_exp: dict[str, dict[str, int]] = {}
         for name, config in configs.items():
             snap = self.store.latest_snapshot(ids[name])
@@ -110,7 +119,53 @@ class Recovery:
                 # An experiment created (by another replica) after we listed them: the
                 # writer's pull resumes here once _sync_experiments has loaded it.
                 break
+        if own_replica is not None:
+            self._replay_own(own_replica, applied, by_id, positions_by_exp)
         return applied
+
+    def _replay_own(
+        self,
+        own: str,
+        applied: dict[str, int],
+        by_id: dict[int, str],
+        skip: dict[str, dict[str, int]],
+    ) -> None:
+        """Apply the rest of our own stream. The pull skips our id (we log it), so rows of
+        ours past where the replay stopped would be lost; they belong to experiments listed
+        already (a previous run of ours wrote them, before we took the replica lock)."""
+        while True:
+            rows = self.store.rewards_since(applied, limit=50_000, replica=own)
+            known = known_prefix(rows, by_id)
+            apply_logged(self.engine, known, by_id, skip)
+            advance(applied, known)
+            if len(known) < len(rows):
+                log.error("replica %r logged rewards of an experiment not listed yet", own)
+                return
+            if len(rows) < 50_000:
+                return
+
+
+def replay_new_experiment(
+    store: Store, engine: Engine, experiment_id: int, name: str, upto: Mapping[str, int]
+) -> list[LoggedReward]:
+    """Apply the logged rows of an experiment just learned of that lie at or before
+    ``upto`` (the pull's positions), returning them; the pull applies the rest.
+
+    Usually there are none: the pull never moves past a row of an unknown experiment.
+    But recovery starts its replay at the smallest snapshot position of the experiments
+    it listed, so rows of one created meanwhile (by another replica) may lie before it.
+    """
+    done: list[LoggedReward] = []
+    if not upto:
+        return done
+    positions: dict[str, int] = {}
+    while True:
+        rows = store.rewards_since(positions, limit=50_000, experiment_id=experiment_id, upto=upto)
+        apply_logged(engine, rows, {experiment_id: name})
+        advance(positions, rows)
+        done.extend(rows)
+        if len(rows) < 50_000:
+            return done
 
 
 def known_prefix(

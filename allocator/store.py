@@ -515,6 +515,8 @@ class Store(Protocol):
         exclude_replica: str | None = None,
         limit: int = 10_000,
         experiment_id: int | None = None,
+        replica: str | None = None,
+        upto: Mapping[str, int] | None = None,
     ) -> list[LoggedReward]:
         """Rows past `positions` (replicas missing from it: from the start)."""
         ...
@@ -1280,8 +1282,12 @@ class SqlStore:
         exclude_replica: str | None = None,
         limit: int = 10_000,
         experiment_id: int | None = None,
+        replica: str | None = None,
+        upto: Mapping[str, int] | None = None,
     ) -> list[LoggedReward]:
-        """Rows past `positions` (replicas missing from it: from the start).
+        """Rows past `positions` (replicas missing from it: from the start); only of
+        `replica` if given, and only at or before `upto` if given (replicas missing from
+        it: none).
 
         Ordered by (replica_id, replica_seq); page by advancing `positions` to the last row
         seen per replica and calling again until the result is shorter than `limit`.
@@ -1304,6 +1310,18 @@ class SqlStore:
             query = query.where(c.replica_id != exclude_replica)
         if experiment_id is not None:
             query = query.where(c.experiment_id == experiment_id)
+        if replica is not None:
+            query = query.where(c.replica_id == replica)
+        if upto is not None:
+            query = query.where(
+                sa.or_(
+                    sa.false(),
+                    *(
+                        sa.and_(c.replica_id == rid, c.replica_seq <= seq)
+                        for rid, seq in upto.items()
+                    ),
+                )
+            )
         with self._tx(write=False) as conn:
             return [
                 LoggedReward(
@@ -1501,8 +1519,9 @@ class SqlStore:
     def _gone(self, conn: Connection, replica_id: str) -> Iterator[str]:
         t = pending_defaults.c
         others = list(
-            conn.execute(sa.select(t.replica_id).where(t.replica_id != replica_id).distinct())
-            .scalars()
+            conn.execute(
+                sa.select(t.replica_id).where(t.replica_id != replica_id).distinct()
+            ).scalars()
         )
         for other in others:
             if not self._sqlite:

@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from allocator import app as app_module
 from allocator.app import _LEADER_LOCK_KEY
-from allocator.durable import Recovery, RewardWriter
+from allocator.durable import Recovery, RewardWriter, replay_new_experiment
 from allocator.engine import Engine, ExperimentConfig
 from allocator.errors import WrongState
 from allocator.lifecycle import Action, State
@@ -606,6 +606,90 @@ def test_rows_recovery_left_to_the_writer_are_not_applied_twice(pg_url: str) -> 
         counts = {n: int(engine.view(n).stats[:, 0].sum()) for n in "ABZ"}
         assert counts == {"A": 5, "B": 1, "Z": 1}
         assert writer.skip_until == {}  # passed: later pulls skip nothing
+    finally:
+        store.close()
+
+
+def _log_rows(store: SqlStore, replica: str, ids: dict[str, int], names: str) -> None:
+    """One reward (variant 1, value 1) per letter of ``names``, in that order."""
+    store.append_rewards(
+        replica,
+        [
+            RewardRow(
+                dedup_key=f"{replica}-{i}-{time.monotonic_ns()}",
+                experiment_id=ids[n],
+                arm=1,
+                value=1.0,
+                epoch=0,
+                received_at=2.0,
+            )
+            for i, n in enumerate(names)
+        ],
+    )
+
+
+def _snapshot_of(cfg: ExperimentConfig, n: int) -> bytes:
+    """The snapshot of ``cfg`` after ``n`` such rewards."""
+    engine = Engine()
+    engine.create(cfg)
+    if n:
+        engine.reward_batch(cfg.name, [1] * n, [1.0] * n, [0] * n)
+    return engine.snapshot([cfg.name])[cfg.name].to_bytes()
+
+
+def test_recovery_replays_its_own_rows_even_when_it_stops_early(pg_url: str) -> None:
+    """The replay stops at another replica's row of an experiment not listed yet; our
+    own rows after it (ids sort after) must still be applied: the pull never reads our
+    own id, so they would be lost for good (and the next snapshot would claim them)."""
+    store = SqlStore.open(pg_url)
+    try:
+        cfgs = {n: ExperimentConfig(name=n, variants=("x", "y"), seed=1) for n in "AZ"}
+        ids = {n: store.create_experiment(n, "{}", "RUNNING", now=1.0).id for n in "AZ"}
+        _log_rows(store, "r1", ids, "Z")
+        _log_rows(store, "r2", ids, "AAA")
+        store.save_snapshot(ids["A"], {"r2": 1}, _snapshot_of(cfgs["A"], 1), now=3.0)
+        engine = Engine()
+        positions = Recovery(store, engine).load(
+            {"A": ids["A"]}, {"A": cfgs["A"]}, own_replica="r2"
+        )
+        assert int(engine.view("A").stats[:, 0].sum()) == 3
+        assert positions["r2"] == 3 and positions["r1"] == 0  # r1: the pull's, later
+    finally:
+        store.close()
+
+
+def test_rows_of_an_experiment_created_during_recovery_are_not_lost(pg_url: str) -> None:
+    """Recovery starts at the smallest snapshot position of the experiments it listed, so
+    rows of one created meanwhile may lie before it; learning of the experiment applies
+    those (up to the pull's positions), the pull the rest: each once."""
+    store = SqlStore.open(pg_url)
+    try:
+        cfgs = {n: ExperimentConfig(name=n, variants=("x", "y"), seed=1) for n in "AE"}
+        ids = {n: store.create_experiment(n, "{}", "RUNNING", now=1.0).id for n in "AE"}
+        _log_rows(store, "r1", ids, "EEA")
+        store.save_snapshot(ids["A"], {"r1": 3}, _snapshot_of(cfgs["A"], 1), now=3.0)
+        engine = Engine()
+        recovery = Recovery(store, engine)
+        positions = recovery.load({"A": ids["A"]}, {"A": cfgs["A"]}, own_replica="r2")
+        assert positions == {"r1": 3}
+        _log_rows(store, "r1", ids, "E")  # logged after: the pull's
+        known = {"A": ids["A"]}
+        writer = RewardWriter(
+            store,
+            engine,
+            "r2",
+            Metrics(CollectorRegistry()),
+            ids=lambda: known,
+            positions=positions,
+            skip_until=recovery.skip_until,
+        )
+        engine.create(cfgs["E"])  # _sync_experiments learns of E
+        known["E"] = ids["E"]
+        behind = replay_new_experiment(store, engine, ids["E"], "E", writer.positions)
+        assert [r.replica_seq for r in behind] == [1, 2]
+        writer.pull()
+        counts = {n: int(engine.view(n).stats[:, 0].sum()) for n in "AE"}
+        assert counts == {"A": 1, "E": 3}
     finally:
         store.close()
 
