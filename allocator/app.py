@@ -309,11 +309,6 @@ class Allocator:
             self._load_scores(rec)
         self._last_event_seq = self._max_event_seq()
 
-    @property
-    def recovered_positions(self) -> dict[str, int]:
-        """The log positions, per replica, that start-up recovery applied (a copy)."""
-        return dict(self._positions)
-
     def _load_scores(self, rec: Record) -> None:
         """Rebuild the prediction-score windows from the log applied so far (the rows
         after it reach them through the writer, like every other replica's)."""

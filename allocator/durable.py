@@ -301,11 +301,6 @@ class RewardWriter:
         self.positions.pop(replica_id, None)
 
     # -- API -------------------------------------------------------------------------------
-    @property
-    def started(self) -> bool:
-        """Whether :meth:`start` was called (rewards may be flowing)."""
-        return self._thread.ident is not None
-
     def start(self) -> None:
         """Start the writer thread."""
         self._thread.start()

@@ -176,9 +176,15 @@ def _positions(raw: object) -> dict[str, int] | None:
 
 @dataclass
 class _Watch:
+    """One promotion's monitor. Created by the supervisor thread, inactive; activated by
+    the writer thread (``_activate``), which feeds it, so the rows it has seen are exactly
+    those before its activation point (restored state plus catch-up) and those fed after."""
+
     champion: int
     monitor: PromotionMonitor
     key: dict[str, object]  # what a saved state must match to be restored into it
+    restore: dict[str, Any] | None = None  # saved document to continue from
+    active: bool = False  # fed by ``feed`` (writer thread) once True
     pending: Regression | None = None
     saved: str = ""  # the state last written to the store
 
@@ -211,6 +217,8 @@ class Supervisor:
         self.save_interval_s = save_interval_s
         self._next_save = 0.0
         self._watches: dict[str, _Watch] = {}
+        # Watches of promotions that are PAUSED: kept, silent, until RESUME or their end.
+        self._paused: dict[str, _Watch] = {}
         # Watches that ended (experiment id, monitor key): their saved state is deleted by
         # the next save_monitors pass, on the writer thread that writes it.
         self._ended: list[tuple[int, dict[str, object]]] = []
@@ -221,14 +229,9 @@ class Supervisor:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="supervisor", daemon=True)
         app.hooks.append(self.feed)
+        app.tick_hooks.append(self.activate_monitors)
         app.tick_hooks.append(self.save_monitors)
         app.event_listeners.append(self._on_event)
-        if not app.writer.started:
-            # Before any reward flows: a restored monitor catches up on the log rows that
-            # recovery applied since its state was saved, and every later row reaches it
-            # through ``feed``, so none is seen twice or missed.
-            for rec in list(app.records.values()):
-                self._sync_watch(rec, catch_up=True)
 
     def start(self) -> None:
         """Start the loop."""
@@ -254,8 +257,11 @@ class Supervisor:
         """Route a promoted experiment's rewards to its monitor."""
         with self._lock:
             watch = self._watches.get(rec.name)
-        if watch is None or watch.monitor.triggered:
+        if watch is None or not watch.active or watch.monitor.triggered:
             return
+        self._observe(watch, arms, values)
+
+    def _observe(self, watch: _Watch, arms: np.ndarray, values: np.ndarray) -> None:
         now = self.app.clock()
         champion = values[arms == watch.champion]
         reg = watch.monitor.observe_many(champion, now=now) if champion.size else None
@@ -297,33 +303,43 @@ class Supervisor:
         self._evaluated[rec.name] = (total, now)
         return True
 
-    def _sync_watch(self, rec: Record, catch_up: bool = False) -> None:
-        """Start watching a new champion; stop when it is no longer promoted.
-
-        ``catch_up`` (start-up only, before the writer runs): a monitor restored from a
-        saved state is also fed the log rows after the positions saved with it.
-        """
+    def _sync_watch(self, rec: Record) -> None:
+        """Start watching a new champion; stop when it is no longer promoted (a PAUSE of
+        the promotion only silences the watch: RESUME picks it up as it was)."""
         lc = rec.lifecycle
         with self._lock:
             watch = self._watches.get(rec.name)
             if lc.state != State.PROMOTED or lc.champion is None:
                 if watch is not None:
                     del self._watches[rec.name]
-                    # A pause of the promotion silences its monitor but does not end the
-                    # promotion: RESUME restores the saved state (same key).
-                    if not (lc.state == State.PAUSED and lc.paused_from == State.PROMOTED):
-                        self._ended.append((rec.id, watch.key))
+                    if lc.state == State.PAUSED and lc.paused_from == State.PROMOTED:
+                        self._paused[rec.name] = watch
+                        return
+                    self._ended.append((rec.id, watch.key))
+                paused = self._paused.get(rec.name)
+                if paused is not None and lc.state != State.PAUSED:  # e.g. PAUSED -> ARCHIVE
+                    del self._paused[rec.name]
+                    self._ended.append((rec.id, paused.key))
                 return
             if watch is not None and watch.champion == lc.champion:
                 return
             if watch is not None:
                 self._ended.append((rec.id, watch.key))
+                del self._watches[rec.name]
             settings = monitor_settings(rec.spec)
             if settings is None:
                 return
             holdout = lc.previous_champion if rec.spec.monitoring.holdout_share > 0 else None
             if holdout == lc.champion:
                 holdout = None
+            key = _monitor_key(rec, settings, holdout)
+            paused = self._paused.pop(rec.name, None)
+            if paused is not None and paused.key == key:
+                # RESUME: the rewards received while paused were not its to see.
+                self._watches[rec.name] = paused
+                return
+            if paused is not None:
+                self._ended.append((rec.id, paused.key))
             monitor = PromotionMonitor(
                 rec.name,
                 lc.champion,
@@ -331,36 +347,68 @@ class Supervisor:
                 settings=settings,
                 emit=functools.partial(self._emit, rec),
             )
-            key = _monitor_key(rec, settings, holdout)
             saved = self._saved_monitor(rec)
-            since: dict[str, int] | None = None
-            if saved is not None and saved.get("key") == key:
-                # A restart: continue watching with the reference and statistic learnt
-                # before it, not a new burn-in over rewards that may already have regressed.
-                monitor.load_state(saved["state"])
-                since = _positions(saved.get("positions"))
-            # A regression found before the restart but still PROMOTED: its reaction (if
-            # any) did not happen yet, so it is due now; its events were already recorded.
-            watch = _Watch(lc.champion, monitor, key, monitor.regression)
-            self._watches[rec.name] = watch
-        if catch_up and since is not None:
-            self._catch_up(rec, since)
+            restore = saved if saved is not None and saved.get("key") == key else None
+            # A new promotion's monitor starts now (what reached this replica between the
+            # promotion and this pass is not its); a saved one waits for the writer.
+            active = restore is None
+            self._watches[rec.name] = _Watch(lc.champion, monitor, key, restore, active)
 
-    def _catch_up(self, rec: Record, since: dict[str, int]) -> None:
-        """Feed the monitor the rows of ``rec`` logged after ``since`` and applied by
-        recovery (up to ``Allocator.recovered_positions``): the rewards a crash took from
-        it between its last save and the restart."""
-        upto = self.app.recovered_positions
+    # -- activation (writer thread, like feed) ----------------------------------------------
+    def activate_monitors(self) -> None:
+        """Writer-thread tick: start feeding the watches created since the last tick.
+
+        A watch with a saved state continues from it (its reference and statistic, not a
+        new burn-in over rewards that may already have regressed), then catches up on the
+        logged rows of its experiment past the positions saved with the state, up to what
+        this replica has applied: those a crash took from it, or another replica saw since
+        it saved. Everything after reaches it through ``feed`` on this same thread, so no
+        row is seen twice or missed. If this replica has not yet applied up to the saved
+        positions (another replica saved ahead of it), activation waits for the pull.
+        """
+        with self._lock:
+            waiting = [(n, w) for n, w in self._watches.items() if not w.active]
+        if not waiting:
+            return
+        applied = self.app.writer.applied_positions()
+        if applied is None:
+            return  # a failed commit is in doubt
+        for name, watch in waiting:
+            rec = self.app.records.get(name)
+            if rec is not None:
+                self._activate(rec, watch, applied)
+
+    def _activate(self, rec: Record, watch: _Watch, applied: dict[str, int]) -> None:
+        saved = watch.restore
+        since = _positions(saved.get("positions")) if saved is not None else None
+        behind = since is not None and any(applied.get(r, 0) < q for r, q in since.items())
+        if saved is not None and not saved.get("paused") and behind:
+            return  # not there yet: the next tick
+        if saved is not None:
+            watch.monitor.load_state(saved["state"])
+            # A regression found before, still PROMOTED: its reaction (if any) did not
+            # happen yet, so it is due now; its events were already recorded.
+            watch.pending = watch.monitor.regression
+            if not saved.get("paused") and since is not None:
+                self._catch_up(rec, watch, since, applied)
+        watch.restore = None
+        watch.active = True
+
+    def _catch_up(
+        self, rec: Record, watch: _Watch, since: dict[str, int], upto: dict[str, int]
+    ) -> None:
+        """Feed the monitor the rows of ``rec`` logged after ``since``, up to ``upto``."""
         positions = dict(since)
         fed = 0
         while True:
-            rows = self.app.store.rewards_since(positions, experiment_id=rec.id, limit=50_000)
-            mine = [r for r in rows if r.replica_seq <= upto.get(r.replica_id, 0)]
-            if mine:
-                arms = np.fromiter((r.arm for r in mine), dtype=np.int64, count=len(mine))
-                values = np.fromiter((r.value for r in mine), dtype=np.float64, count=len(mine))
-                self.feed(rec, arms, values)
-                fed += len(mine)
+            rows = self.app.store.rewards_since(
+                positions, experiment_id=rec.id, upto=upto, limit=50_000
+            )
+            if rows and not watch.monitor.triggered:
+                arms = np.fromiter((r.arm for r in rows), dtype=np.int64, count=len(rows))
+                values = np.fromiter((r.value for r in rows), dtype=np.float64, count=len(rows))
+                self._observe(watch, arms, values)
+                fed += len(rows)
             if len(rows) < 50_000:
                 break
             for r in rows:
@@ -393,7 +441,8 @@ class Supervisor:
         consistent with the log positions saved beside it. After a crash the restarted
         monitor replays the logged rows past those positions (``_catch_up``), so it loses
         none of them; a regression found in that interval is found again, and reported a
-        second time.
+        second time. Paused watches are saved marked so: the rows received while paused
+        were not theirs, so a restore of one does not catch up.
         """
         now = time.monotonic()
         if now < self._next_save:
@@ -403,26 +452,32 @@ class Supervisor:
             return  # a failed commit is in doubt: save once the positions are exact
         self._next_save = now + self.save_interval_s
         with self._lock:
-            watches = list(self._watches.items())
+            watches = [(n, w, False) for n, w in self._watches.items() if w.active]
+            watches += [(n, w, True) for n, w in self._paused.items()]
             ended = list(self._ended)
         for item in ended:
             self._forget_monitor(*item)
             with self._lock:  # only once deleted: a store error retries it next pass
                 self._ended.remove(item)
-        for name, watch in watches:
+        for name, watch, paused in watches:
             rec = self.app.records.get(name)
             if rec is None:
                 continue
             state = watch.monitor.state()
             try:
-                text = json.dumps(state)
+                text = json.dumps({"state": state, "paused": paused})
             except (TypeError, ValueError):  # a bug here must not stop the writer's pulls
                 log.exception("experiment %s: monitor state not saved", name)
                 continue
             if text != watch.saved:
                 # With the log positions the state includes (what a restart catches up
                 # from). Unchanged state, stale positions: the rows in between fed nothing.
-                doc = {"key": watch.key, "state": state, "positions": positions}
+                doc: dict[str, object] = {
+                    "key": watch.key,
+                    "state": state,
+                    "positions": positions,
+                    "paused": paused,
+                }
                 self.app.store.set_meta(_MONITOR_META.format(rec.id), json.dumps(doc))
                 watch.saved = text
 

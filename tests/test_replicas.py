@@ -7,6 +7,7 @@ have seen the same rewards must hold bit-identical arrays whatever the order.
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
@@ -441,6 +442,61 @@ def test_scores_pulled_after_a_promotion_go_to_the_window_of_their_receipt(
         r2.app.writer.pull()  # then the backlog of its rewards
         assert r2.app.records["d"].scores.sizes() == {1: (300, 0)}
         assert r2.app.records["d"].scores.sizes() == r1.app.records["d"].scores.sizes()
+    finally:
+        r1.stop(grace=1.0)
+        r2.stop(grace=1.0)
+
+
+def test_monitor_restored_from_another_replicas_save_sees_each_reward_once(
+    pg_url: str,
+) -> None:
+    """r1 promotes and its monitor saves a state covering 3,000 rewards; 2,000 more follow
+    that it does not save. r2 (syncing by hand) learns of the promotion and restores that
+    state before it has pulled any of those rewards: it must wait until its pull has
+    passed the saved positions, then catch up on the rest. Fed the pulled rows on top of
+    the restored state, it would count the first 3,000 twice."""
+    r2 = _replica(pg_url, "r2", sync_interval_s=3600.0)
+    time.sleep(0.5)  # its one start-up sync is over
+    r1 = _replica(pg_url, "r1", promotion_interval_s=0.1)
+    spec = pb.ExperimentSpec(
+        name="m",
+        variants=["a", "b"],
+        monitoring=pb.MonitoringSettings(
+            detector=pb.DRIFT_DETECTOR_CUSUM, on_regression=pb.REGRESSION_ACTION_NOTIFY_ONLY
+        ),
+    )
+    try:
+        with AllocatorClient(_target(r1), admin_token=ADMIN_TOKEN, timeout=10) as c:
+            c.create_experiment(spec)
+            c.promote("m", "b", reason="test")
+            wait_until(lambda: "m" in r1.supervisor._watches, 5, "r1's monitor")
+
+            def send(tag: str, n: int) -> None:
+                c.reward_batch(
+                    "m",
+                    [1.0, 0.0] * (n // 2),
+                    event_ids=[f"{tag}{i}" for i in range(n)],
+                    variants=["b"] * n,
+                )
+
+            def r1_saved() -> float:
+                raw = r1.app.store.get_meta(f"monitor:{r1.app.get('m').id}")
+                return json.loads(raw)["state"]["promoted"]["stats"][0] if raw else 0.0
+
+            send("x", 3000)
+            wait_until(lambda: r1_saved() == 3000, 10, "r1 to save its monitor")
+            r1.app.tick_hooks.remove(r1.supervisor.save_monitors)
+            send("y", 2000)
+        r2.app._sync_experiments()  # learns "m", PROMOTED
+        rec = r2.app.records["m"]
+        r2.supervisor._sync_watch(rec)
+        r2.supervisor.activate_monitors()
+        watch = r2.supervisor._watches["m"]
+        assert not watch.active  # its pull is behind the saved positions
+        r2.app.writer.pull()  # the 5,000 rewards: not fed to the inactive monitor
+        r2.supervisor.activate_monitors()
+        assert watch.active
+        assert watch.monitor.state()["promoted"]["stats"][0] == 5000
     finally:
         r1.stop(grace=1.0)
         r2.stop(grace=1.0)

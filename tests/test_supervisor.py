@@ -81,7 +81,7 @@ def test_regression_after_promotion_rolls_back_and_calls_webhook(
     with AllocatorClient(f"127.0.0.1:{fast_server.port}", admin_token=ADMIN_TOKEN) as c:
         c.create_experiment(spec)
         c.promote("m", "b", reason="test")
-        _wait(lambda: "m" in fast_server.supervisor._watches)
+        _wait(lambda: _watching(fast_server, "m"))
         sent = 0
 
         def send(rate: float, n: int) -> None:
@@ -111,6 +111,13 @@ def test_regression_after_promotion_rolls_back_and_calls_webhook(
     audit = fast_server.app.store.list_audit(fast_server.app.records["m"].id)
     rollback = [a for a in audit if a.action == "ROLLBACK"]
     assert len(rollback) == 1 and rollback[0].actor == "monitor"
+
+
+def _watching(running: Running, name: str = "m") -> bool:
+    """Whether ``name``'s monitor is being fed (a restored one once the writer activated
+    it, with its saved state and the catch-up)."""
+    watch = running.supervisor._watches.get(name)
+    return watch is not None and watch.active
 
 
 def _monitored(action: pb.RegressionAction.ValueType) -> pb.ExperimentSpec:
@@ -149,7 +156,7 @@ def test_monitor_survives_a_restart(tmp_path: Path) -> None:
         with AllocatorClient(f"127.0.0.1:{first.port}", admin_token=ADMIN_TOKEN) as c:
             c.create_experiment(spec)
             c.promote("m", "b", reason="test")
-            _wait(lambda: "m" in first.supervisor._watches)
+            _wait(lambda: _watching(first, "m"))
             _send_rate(c, rng, "before", 0.5, 25)  # 250 batches of 100: past the burn-in (200)
         reference = first.supervisor._watches["m"].monitor.detector.state()
 
@@ -162,7 +169,7 @@ def test_monitor_survives_a_restart(tmp_path: Path) -> None:
         first.stop(1.0)
     second = _start_fast(tmp_path)
     try:
-        _wait(lambda: "m" in second.supervisor._watches)
+        _wait(lambda: _watching(second, "m"))
         assert second.supervisor._watches["m"].monitor.detector.state() == reference
         with AllocatorClient(f"127.0.0.1:{second.port}", admin_token=ADMIN_TOKEN) as c:
             # A drop of 0.3 / (0.5 / sqrt(100)) = 6 batch-sd: expected delay ~2 batches.
@@ -179,7 +186,7 @@ def test_saved_monitor_state_is_deleted_when_its_watch_ends(fast_server: Running
     with AllocatorClient(f"127.0.0.1:{fast_server.port}", admin_token=ADMIN_TOKEN) as c:
         c.create_experiment(_monitored(pb.REGRESSION_ACTION_NOTIFY_ONLY))
         c.promote("m", "b", reason="test")
-        _wait(lambda: "m" in fast_server.supervisor._watches)
+        _wait(lambda: _watching(fast_server, "m"))
         _send_rate(c, rng, "first", 0.5, 1)
         _wait(lambda: _saved_monitor(fast_server) is not None)
         first = _saved_monitor(fast_server)
@@ -206,7 +213,7 @@ def test_monitor_catches_up_on_rewards_logged_after_its_last_save(tmp_path: Path
         with AllocatorClient(f"127.0.0.1:{first.port}", admin_token=ADMIN_TOKEN) as c:
             c.create_experiment(spec)
             c.promote("m", "b", reason="test")
-            _wait(lambda: "m" in first.supervisor._watches)
+            _wait(lambda: _watching(first, "m"))
             _send_rate(c, rng, "saved", 0.5, 10)
 
             def saved_rewards() -> float:
@@ -224,6 +231,7 @@ def test_monitor_catches_up_on_rewards_logged_after_its_last_save(tmp_path: Path
     assert crashed["promoted"]["stats"][0] == 17_000
     second = _start_fast(tmp_path)
     try:
+        _wait(lambda: _watching(second))
         restored = second.supervisor._watches["m"].monitor.state()
         assert restored["promoted"]["stats"][0] == 17_000
         # The same walk too: the batches the detector saw are the same batches. The running
@@ -251,7 +259,7 @@ def test_pausing_a_promotion_keeps_its_saved_monitor_state(fast_server: Running)
     with AllocatorClient(f"127.0.0.1:{fast_server.port}", admin_token=ADMIN_TOKEN) as c:
         c.create_experiment(_monitored(pb.REGRESSION_ACTION_NOTIFY_ONLY))
         c.promote("m", "b", reason="test")
-        _wait(lambda: "m" in fast_server.supervisor._watches)
+        _wait(lambda: _watching(fast_server, "m"))
         _send_rate(c, rng, "before", 0.5, 3)
 
         def saved_rewards() -> float:
@@ -266,9 +274,15 @@ def test_pausing_a_promotion_keeps_its_saved_monitor_state(fast_server: Running)
         time.sleep(1.2)
         assert saved_rewards() == 3_000
         c.resume("m", reason="over")
-        _wait(lambda: "m" in fast_server.supervisor._watches)
+        _wait(lambda: _watching(fast_server, "m"))
         monitor = fast_server.supervisor._watches["m"].monitor
         assert monitor.state()["promoted"]["stats"][0] == 3_000
+        # Archived while paused: the promotion is over, its saved state goes.
+        c.pause("m", reason="again")
+        _wait(lambda: "m" in fast_server.supervisor._paused)
+        c.archive_experiment("m")
+        _wait(lambda: _saved_monitor(fast_server) is None)
+        assert "m" not in fast_server.supervisor._paused
 
 
 def test_regression_reported_before_a_restart_is_not_reported_again(tmp_path: Path) -> None:
@@ -287,7 +301,7 @@ def test_regression_reported_before_a_restart_is_not_reported_again(tmp_path: Pa
         with AllocatorClient(f"127.0.0.1:{first.port}", admin_token=ADMIN_TOKEN) as c:
             c.create_experiment(_monitored(pb.REGRESSION_ACTION_NOTIFY_ONLY))
             c.promote("m", "b", reason="test")
-            _wait(lambda: "m" in first.supervisor._watches)
+            _wait(lambda: _watching(first, "m"))
             _send_rate(c, rng, "before", 0.5, 25)
             _send_rate(c, rng, "drop", 0.2, 5)  # 6 batch-sd below: flagged in ~2 batches
             _wait(lambda: drifts(first) == 1)
@@ -301,7 +315,7 @@ def test_regression_reported_before_a_restart_is_not_reported_again(tmp_path: Pa
         first.stop(1.0)
     second = _start_fast(tmp_path)
     try:
-        _wait(lambda: "m" in second.supervisor._watches)
+        _wait(lambda: _watching(second, "m"))
         assert second.supervisor._watches["m"].monitor.triggered
         with AllocatorClient(f"127.0.0.1:{second.port}", admin_token=ADMIN_TOKEN) as c:
             _send_rate(c, rng, "after", 0.2, 5)
@@ -322,7 +336,7 @@ def test_stable_champion_is_not_rolled_back(fast_server: Running) -> None:
     with AllocatorClient(f"127.0.0.1:{fast_server.port}", admin_token=ADMIN_TOKEN) as c:
         c.create_experiment(spec)
         c.promote("s", "b", reason="test")
-        _wait(lambda: "s" in fast_server.supervisor._watches)
+        _wait(lambda: _watching(fast_server, "s"))
         for i in range(40):
             values = (rng.uniform(size=1000) < 0.5).astype(float).tolist()
             ids = [f"x{i}-{j}" for j in range(1000)]
