@@ -262,6 +262,7 @@ class Allocator:
         self._load_defaults()
         self._next_adoption = time.monotonic() + _ADOPT_INTERVAL_S
         self._gone_before: set[str] = set()  # replicas the last adoption pass found gone
+        self._lock_lost = False
         self.tick_hooks.append(self._save_defaults)
         self.tick_hooks.append(self._adopt_defaults)
         self.writer = RewardWriter(
@@ -865,10 +866,15 @@ class Allocator:
         never for a whole interval)."""
         if not self.store.shared:
             return
-        if not self.store.hold_replica_lock(self.replica_id):
-            # Taken meanwhile: by an adopter for a moment, or by a second process
-            # misconfigured with our id.
-            log.warning("replica lock of %r is held elsewhere", self.replica_id)
+        held = self.store.hold_replica_lock(self.replica_id)
+        if held == self._lock_lost:
+            # Lost: taken meanwhile by an adopter for a moment, or by a second process
+            # misconfigured with our id. Said once per change, not every tick.
+            self._lock_lost = not held
+            if held:
+                log.info("replica lock of %r is ours again", self.replica_id)
+            else:
+                log.warning("replica lock of %r is held elsewhere", self.replica_id)
         now = time.monotonic()
         if now < self._next_adoption:
             return

@@ -447,6 +447,9 @@ class Supervisor:
         now = time.monotonic()
         if now < self._next_save:
             return
+        with self._lock:
+            if not (self._watches or self._paused or self._ended):
+                return
         positions = self.app.writer.applied_positions()
         if positions is None:
             return  # a failed commit is in doubt: save once the positions are exact
