@@ -25,6 +25,7 @@ from allocator_client.v1 import allocator_pb2 as pb
 from allocator import stats
 from allocator.app import Allocator, Record
 from allocator.convert import promotion_settings
+from allocator.durable import advance
 from allocator.engine import mc_seed
 from allocator.errors import WrongState
 from allocator.lifecycle import Action, Event, EventType, State
@@ -183,7 +184,9 @@ class _Watch:
     champion: int
     monitor: PromotionMonitor
     key: dict[str, object]  # what a saved state must match to be restored into it
+    holdout: int | None = None
     restore: dict[str, Any] | None = None  # saved document to continue from
+    since: dict[str, int] | None = None  # catch-up position while activating
     active: bool = False  # fed by ``feed`` (writer thread) once True
     pending: Regression | None = None
     saved: str = ""  # the state last written to the store
@@ -313,7 +316,12 @@ class Supervisor:
                 if watch is not None:
                     del self._watches[rec.name]
                     if lc.state == State.PAUSED and lc.paused_from == State.PROMOTED:
-                        self._paused[rec.name] = watch
+                        # Silenced, kept for RESUME and saved marked paused right away.
+                        # One not yet activated has learnt nothing of its own: dropped,
+                        # its saved state left as it is for the RESUME to restore.
+                        if watch.active:
+                            self._paused[rec.name] = watch
+                            self._next_save = 0.0
                         return
                     self._ended.append((rec.id, watch.key))
                 paused = self._paused.get(rec.name)
@@ -337,22 +345,29 @@ class Supervisor:
             if paused is not None and paused.key == key:
                 # RESUME: the rewards received while paused were not its to see.
                 self._watches[rec.name] = paused
+                self._next_save = 0.0  # no longer marked paused in the store
                 return
             if paused is not None:
                 self._ended.append((rec.id, paused.key))
-            monitor = PromotionMonitor(
-                rec.name,
-                lc.champion,
-                holdout_variant=holdout,
-                settings=settings,
-                emit=functools.partial(self._emit, rec),
-            )
+            monitor = self._new_monitor(rec, lc.champion, holdout)
             saved = self._saved_monitor(rec)
             restore = saved if saved is not None and saved.get("key") == key else None
             # A new promotion's monitor starts now (what reached this replica between the
             # promotion and this pass is not its); a saved one waits for the writer.
-            active = restore is None
-            self._watches[rec.name] = _Watch(lc.champion, monitor, key, restore, active)
+            self._watches[rec.name] = _Watch(
+                lc.champion, monitor, key, holdout, restore, active=restore is None
+            )
+
+    def _new_monitor(self, rec: Record, champion: int, holdout: int | None) -> PromotionMonitor:
+        settings = monitor_settings(rec.spec)
+        assert settings is not None  # only watched experiments get here
+        return PromotionMonitor(
+            rec.name,
+            champion,
+            holdout_variant=holdout,
+            settings=settings,
+            emit=functools.partial(self._emit, rec),
+        )
 
     # -- activation (writer thread, like feed) ----------------------------------------------
     def activate_monitors(self) -> None:
@@ -380,39 +395,49 @@ class Supervisor:
 
     def _activate(self, rec: Record, watch: _Watch, applied: dict[str, int]) -> None:
         saved = watch.restore
-        since = _positions(saved.get("positions")) if saved is not None else None
-        behind = since is not None and any(applied.get(r, 0) < q for r, q in since.items())
-        if saved is not None and not saved.get("paused") and behind:
-            return  # not there yet: the next tick
-        if saved is not None:
-            watch.monitor.load_state(saved["state"])
-            # A regression found before, still PROMOTED: its reaction (if any) did not
-            # happen yet, so it is due now; its events were already recorded.
-            watch.pending = watch.monitor.regression
-            if not saved.get("paused") and since is not None:
-                self._catch_up(rec, watch, since, applied)
+        if saved is not None and watch.since is None:
+            since = _positions(saved.get("positions"))
+            ahead = since is not None and any(applied.get(r, 0) < q for r, q in since.items())
+            if ahead and not saved.get("paused"):
+                return  # saved past what this replica applied: the next tick
+            try:
+                watch.monitor.load_state(saved["state"])
+            except (KeyError, TypeError, ValueError):
+                # A document this version cannot read must not stall the writer's ticks
+                # (pulls, counts) for good: watch afresh.
+                log.warning("experiment %s: saved monitor state unusable, new burn-in", rec.name)
+                watch.monitor = self._new_monitor(rec, watch.champion, watch.holdout)
+            else:
+                # A regression found before, still PROMOTED: its reaction (if any) did not
+                # happen yet, so it is due now; its events were already recorded.
+                watch.pending = watch.monitor.regression
+                if not saved.get("paused") and not watch.monitor.triggered:
+                    watch.since = since  # caught up from here, page by page
+        if watch.since is not None:
+            self._catch_up(rec, watch, applied)
         watch.restore = None
+        watch.since = None
         watch.active = True
 
-    def _catch_up(
-        self, rec: Record, watch: _Watch, since: dict[str, int], upto: dict[str, int]
-    ) -> None:
-        """Feed the monitor the rows of ``rec`` logged after ``since``, up to ``upto``."""
-        positions = dict(since)
+    def _catch_up(self, rec: Record, watch: _Watch, upto: dict[str, int]) -> None:
+        """Feed the monitor the rows of ``rec`` logged after ``watch.since``, up to
+        ``upto``. ``since`` moves with each page fed: a store error part way through
+        (raised to the writer's tick) resumes from there next tick, feeding nothing twice.
+        A monitor that triggers stops reading (it ignores rewards from then on)."""
+        assert watch.since is not None
         fed = 0
-        while True:
+        while not watch.monitor.triggered:
             rows = self.app.store.rewards_since(
-                positions, experiment_id=rec.id, upto=upto, limit=50_000
+                watch.since, experiment_id=rec.id, upto=upto, limit=50_000
             )
-            if rows and not watch.monitor.triggered:
+            if rows:
                 arms = np.fromiter((r.arm for r in rows), dtype=np.int64, count=len(rows))
                 values = np.fromiter((r.value for r in rows), dtype=np.float64, count=len(rows))
                 self._observe(watch, arms, values)
                 fed += len(rows)
+                advance(watch.since, rows)
             if len(rows) < 50_000:
                 break
-            for r in rows:
-                positions[r.replica_id] = max(positions.get(r.replica_id, 0), r.replica_seq)
         if fed:
             log.info("experiment %s: monitor caught up on %d logged rewards", rec.name, fed)
 

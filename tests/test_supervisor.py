@@ -17,6 +17,7 @@ from allocator_client.v1 import allocator_pb2 as pb
 from prometheus_client import CollectorRegistry
 
 from allocator.server import Running, create_server
+from allocator.store import SqlStore
 from tests.conftest import ADMIN_TOKEN, server_config
 
 
@@ -283,6 +284,81 @@ def test_pausing_a_promotion_keeps_its_saved_monitor_state(fast_server: Running)
         c.archive_experiment("m")
         _wait(lambda: _saved_monitor(fast_server) is None)
         assert "m" not in fast_server.supervisor._paused
+
+
+def _restarted_with_saved_monitor(tmp_path: Path, rewards: int, **overrides: object) -> Running:
+    """A server whose monitor of "m" (NOTIFY_ONLY, champion b) saved ``rewards`` rewards,
+    stopped and started again with ``overrides``."""
+    first = _start_fast(tmp_path)
+    try:
+        with AllocatorClient(f"127.0.0.1:{first.port}", admin_token=ADMIN_TOKEN) as c:
+            c.create_experiment(_monitored(pb.REGRESSION_ACTION_NOTIFY_ONLY))
+            c.promote("m", "b", reason="test")
+            _wait(lambda: _watching(first))
+            _send_rate(c, np.random.default_rng(12), "saved", 0.5, rewards // 1000)
+
+        def saved_rewards() -> float:
+            saved = _saved_monitor(first)
+            return saved["state"]["promoted"]["stats"][0] if saved else 0.0
+
+        _wait(lambda: saved_rewards() == rewards)
+    finally:
+        first.stop(1.0)
+    return create_server(
+        server_config(f"sqlite:///{tmp_path / 's.sqlite'}", promotion_interval_s=0.1, **overrides),
+        registry=CollectorRegistry(),
+    )
+
+
+def test_pausing_a_monitor_not_yet_restored_keeps_its_saved_state(tmp_path: Path) -> None:
+    """The writer has not yet activated the restored watch (it ticks once an hour here)
+    when the promotion is paused: the watch has learnt nothing, so it must not write its
+    blank state over the saved one. RESUME restores the saved state; in this corner the
+    catch-up also feeds the rewards received while paused (the saved positions predate
+    the pause), which the README documents."""
+    second = _restarted_with_saved_monitor(tmp_path, 3000, sync_interval_s=3600.0)
+    try:
+        _wait(lambda: "m" in second.supervisor._watches)
+        assert not second.supervisor._watches["m"].active
+        with AllocatorClient(f"127.0.0.1:{second.port}", admin_token=ADMIN_TOKEN) as c:
+            c.pause("m", reason="incident")
+            _wait(lambda: "m" not in second.supervisor._watches)
+            second.supervisor._next_save = 0.0
+            second.supervisor.save_monitors()
+            saved = _saved_monitor(second)
+            assert saved is not None and saved["state"]["promoted"]["stats"][0] == 3000
+            _send_rate(c, np.random.default_rng(13), "paused", 0.5, 1)
+            c.resume("m", reason="over")
+            _wait(lambda: "m" in second.supervisor._watches)
+        second.supervisor.activate_monitors()
+        assert _watching(second)
+        stats = second.supervisor._watches["m"].monitor.state()["promoted"]["stats"]
+        assert stats[0] == 4000
+    finally:
+        second.stop(1.0)
+
+
+def test_unusable_saved_monitor_state_starts_a_new_burn_in(tmp_path: Path) -> None:
+    """A saved document this version cannot load must not stall the writer's ticks (its
+    pulls and counts) for good: the monitor starts afresh and the writer stays healthy."""
+    store_url = f"sqlite:///{tmp_path / 's.sqlite'}"
+    _restarted_with_saved_monitor(tmp_path, 1000).stop(1.0)
+    store = SqlStore.open(store_url)
+    try:
+        key = f"monitor:{store.list_experiments()[0].id}"
+        doc = json.loads(store.get_meta(key) or "{}")
+        del doc["state"]["promoted"]
+        store.set_meta(key, json.dumps(doc))
+    finally:
+        store.close()
+    third = _start_fast(tmp_path)
+    try:
+        _wait(lambda: _watching(third))
+        assert third.supervisor._watches["m"].monitor.state()["promoted"]["stats"][0] == 0
+        time.sleep(1.0)  # more writer ticks
+        assert third.app.writer.healthy, third.app.writer.last_error
+    finally:
+        third.stop(1.0)
 
 
 def test_regression_reported_before_a_restart_is_not_reported_again(tmp_path: Path) -> None:
