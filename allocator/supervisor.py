@@ -40,6 +40,7 @@ from allocator.monitor import (
     cusum_threshold_for_arl,
 )
 from allocator.promotion import GuardrailCheck, evaluate
+from allocator.store import StoreUnavailable
 
 # Store metadata key of an experiment's saved monitor state (by experiment id).
 _MONITOR_META = "monitor:{}"
@@ -184,7 +185,6 @@ class _Watch:
     champion: int
     monitor: PromotionMonitor
     key: dict[str, object]  # what a saved state must match to be restored into it
-    holdout: int | None = None
     restore: dict[str, Any] | None = None  # saved document to continue from
     since: dict[str, int] | None = None  # catch-up position while activating
     active: bool = False  # fed by ``feed`` (writer thread) once True
@@ -274,7 +274,8 @@ class Supervisor:
             if held.size:
                 reg = watch.monitor.observe_many(held, now=now, holdout=True)
         if reg is not None:
-            watch.pending = reg
+            with self._lock:  # _react reads and clears it under the lock
+                watch.pending = reg
 
     # -- the loop ----------------------------------------------------------------------------
     def tick(self) -> None:
@@ -349,25 +350,20 @@ class Supervisor:
                 return
             if paused is not None:
                 self._ended.append((rec.id, paused.key))
-            monitor = self._new_monitor(rec, lc.champion, holdout)
+            monitor = PromotionMonitor(
+                rec.name,
+                lc.champion,
+                holdout_variant=holdout,
+                settings=settings,
+                emit=functools.partial(self._emit, rec),
+            )
             saved = self._saved_monitor(rec)
             restore = saved if saved is not None and saved.get("key") == key else None
             # A new promotion's monitor starts now (what reached this replica between the
             # promotion and this pass is not its); a saved one waits for the writer.
             self._watches[rec.name] = _Watch(
-                lc.champion, monitor, key, holdout, restore, active=restore is None
+                lc.champion, monitor, key, restore, active=restore is None
             )
-
-    def _new_monitor(self, rec: Record, champion: int, holdout: int | None) -> PromotionMonitor:
-        settings = monitor_settings(rec.spec)
-        assert settings is not None  # only watched experiments get here
-        return PromotionMonitor(
-            rec.name,
-            champion,
-            holdout_variant=holdout,
-            settings=settings,
-            emit=functools.partial(self._emit, rec),
-        )
 
     # -- activation (writer thread, like feed) ----------------------------------------------
     def activate_monitors(self) -> None:
@@ -390,8 +386,17 @@ class Supervisor:
             return  # a failed commit is in doubt
         for name, watch in waiting:
             rec = self.app.records.get(name)
-            if rec is not None:
+            if rec is None:
+                continue
+            try:
                 self._activate(rec, watch, applied)
+            except StoreUnavailable:
+                raise  # the tick is retried, and this watch with it
+            except Exception:
+                # Whatever a saved document can do to the load or the catch-up, it must not
+                # stall the writer's ticks (pulls, counts) for good: watch afresh.
+                log.exception("experiment %s: saved monitor state unusable, new burn-in", name)
+                self._start_fresh(rec, watch)
 
     def _activate(self, rec: Record, watch: _Watch, applied: dict[str, int]) -> None:
         saved = watch.restore
@@ -400,21 +405,30 @@ class Supervisor:
             ahead = since is not None and any(applied.get(r, 0) < q for r, q in since.items())
             if ahead and not saved.get("paused"):
                 return  # saved past what this replica applied: the next tick
-            try:
-                watch.monitor.load_state(saved["state"])
-            except (KeyError, TypeError, ValueError):
-                # A document this version cannot read must not stall the writer's ticks
-                # (pulls, counts) for good: watch afresh.
-                log.warning("experiment %s: saved monitor state unusable, new burn-in", rec.name)
-                watch.monitor = self._new_monitor(rec, watch.champion, watch.holdout)
-            else:
-                # A regression found before, still PROMOTED: its reaction (if any) did not
-                # happen yet, so it is due now; its events were already recorded.
+            watch.monitor.load_state(saved["state"])
+            # A regression found before, still PROMOTED: its reaction (if any) did not
+            # happen yet, so it is due now; its events were already recorded.
+            with self._lock:
                 watch.pending = watch.monitor.regression
-                if not saved.get("paused") and not watch.monitor.triggered:
-                    watch.since = since  # caught up from here, page by page
+            if not saved.get("paused") and not watch.monitor.triggered:
+                watch.since = since  # caught up from here, page by page
         if watch.since is not None:
             self._catch_up(rec, watch, applied)
+        watch.restore = None
+        watch.since = None
+        watch.active = True
+
+    def _start_fresh(self, rec: Record, watch: _Watch) -> None:
+        old = watch.monitor
+        watch.monitor = PromotionMonitor(
+            rec.name,
+            watch.champion,
+            holdout_variant=old.holdout_variant,
+            settings=old.settings,
+            emit=functools.partial(self._emit, rec),
+        )
+        with self._lock:
+            watch.pending = None
         watch.restore = None
         watch.since = None
         watch.active = True

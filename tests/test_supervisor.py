@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
@@ -338,7 +338,16 @@ def test_pausing_a_monitor_not_yet_restored_keeps_its_saved_state(tmp_path: Path
         second.stop(1.0)
 
 
-def test_unusable_saved_monitor_state_starts_a_new_burn_in(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        pytest.param(lambda state: state.pop("promoted"), id="missing-field"),
+        pytest.param(lambda state: state.update(look=float("inf")), id="overflow"),
+    ],
+)
+def test_unusable_saved_monitor_state_starts_a_new_burn_in(
+    tmp_path: Path, spoil: Callable[[dict[str, Any]], object]
+) -> None:
     """A saved document this version cannot load must not stall the writer's ticks (its
     pulls and counts) for good: the monitor starts afresh and the writer stays healthy."""
     store_url = f"sqlite:///{tmp_path / 's.sqlite'}"
@@ -347,7 +356,7 @@ def test_unusable_saved_monitor_state_starts_a_new_burn_in(tmp_path: Path) -> No
     try:
         key = f"monitor:{store.list_experiments()[0].id}"
         doc = json.loads(store.get_meta(key) or "{}")
-        del doc["state"]["promoted"]
+        spoil(doc["state"])
         store.set_meta(key, json.dumps(doc))
     finally:
         store.close()
