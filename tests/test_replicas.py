@@ -607,65 +607,6 @@ def _has_experiment(target: str) -> bool:
     return True
 
 
-def test_rows_recovery_left_to_the_writer_are_not_applied_twice(pg_url: str) -> None:
-    """Recovery stops at the first row of an experiment it does not know yet (created by
-    another replica after the listing), so positions of the log it has not passed stay at
-    the smallest snapshot position. The writer resumes there: rows already inside a
-    snapshot must still be skipped, or they count twice.
-
-    Log of replica r1: A, A, A, Z (unknown at recovery), A, A, B. A's snapshot includes
-    all five A rows (positions {r1: 6}); B has none, so replay starts at r1 = 0.
-    (PostgreSQL only: on SQLite one process owns the log and nothing is pulled.)
-    """
-    store = SqlStore.open(pg_url)
-    try:
-        cfgs = {n: ExperimentConfig(name=n, variants=("x", "y"), seed=1) for n in "ABZ"}
-        ids = {n: store.create_experiment(n, "{}", "RUNNING", now=1.0).id for n in "ABZ"}
-        log = ["A", "A", "A", "Z", "A", "A", "B"]
-        store.append_rewards(
-            "r1",
-            [
-                RewardRow(
-                    dedup_key=f"k{i}",
-                    experiment_id=ids[n],
-                    arm=1,
-                    value=1.0,
-                    epoch=0,
-                    received_at=2.0,
-                )
-                for i, n in enumerate(log)
-            ],
-        )
-        before = Engine()
-        before.create(cfgs["A"])
-        before.reward_batch("A", [1] * 5, [1.0] * 5, [0] * 5)
-        payload = before.snapshot(["A"])["A"].to_bytes()
-        store.save_snapshot(ids["A"], {"r1": 6}, payload, now=3.0)
-
-        engine = Engine()
-        known = {"A": ids["A"], "B": ids["B"]}
-        recovery = Recovery(store, engine)
-        positions = recovery.load(known, {"A": cfgs["A"], "B": cfgs["B"]})
-        assert positions == {"r1": 3}  # stopped before Z's row
-        engine.create(cfgs["Z"])  # what _sync_experiments does on the next tick
-        known["Z"] = ids["Z"]
-        writer = RewardWriter(
-            store,
-            engine,
-            "r2",
-            Metrics(CollectorRegistry()),
-            ids=lambda: known,
-            positions=positions,
-            skip_until=recovery.skip_until,
-        )
-        writer.pull()
-        counts = {n: int(engine.view(n).stats[:, 0].sum()) for n in "ABZ"}
-        assert counts == {"A": 5, "B": 1, "Z": 1}
-        assert writer.skip_until == {}  # passed: later pulls skip nothing
-    finally:
-        store.close()
-
-
 def _log_rows(store: SqlStore, replica: str, ids: dict[str, int], names: str) -> None:
     """One reward (variant 1, value 1) per letter of ``names``, in that order."""
     store.append_rewards(
@@ -691,6 +632,47 @@ def _snapshot_of(cfg: ExperimentConfig, n: int) -> bytes:
     if n:
         engine.reward_batch(cfg.name, [1] * n, [1.0] * n, [0] * n)
     return engine.snapshot([cfg.name])[cfg.name].to_bytes()
+
+
+def test_rows_recovery_left_to_the_writer_are_not_applied_twice(pg_url: str) -> None:
+    """Recovery stops at the first row of an experiment it does not know yet (created by
+    another replica after the listing), so positions of the log it has not passed stay at
+    the smallest snapshot position. The writer resumes there: rows already inside a
+    snapshot must still be skipped, or they count twice.
+
+    Log of replica r1: A, A, A, Z (unknown at recovery), A, A, B. A's snapshot includes
+    all five A rows (positions {r1: 6}); B has none, so replay starts at r1 = 0.
+    (PostgreSQL only: on SQLite one process owns the log and nothing is pulled.)
+    """
+    store = SqlStore.open(pg_url)
+    try:
+        cfgs = {n: ExperimentConfig(name=n, variants=("x", "y"), seed=1) for n in "ABZ"}
+        ids = {n: store.create_experiment(n, "{}", "RUNNING", now=1.0).id for n in "ABZ"}
+        _log_rows(store, "r1", ids, "AAAZAAB")
+        store.save_snapshot(ids["A"], {"r1": 6}, _snapshot_of(cfgs["A"], 5), now=3.0)
+
+        engine = Engine()
+        known = {"A": ids["A"], "B": ids["B"]}
+        recovery = Recovery(store, engine)
+        positions = recovery.load(known, {"A": cfgs["A"], "B": cfgs["B"]})
+        assert positions == {"r1": 3}  # stopped before Z's row
+        engine.create(cfgs["Z"])  # what _sync_experiments does on the next tick
+        known["Z"] = ids["Z"]
+        writer = RewardWriter(
+            store,
+            engine,
+            "r2",
+            Metrics(CollectorRegistry()),
+            ids=lambda: known,
+            positions=positions,
+            skip_until=recovery.skip_until,
+        )
+        writer.pull()
+        counts = {n: int(engine.view(n).stats[:, 0].sum()) for n in "ABZ"}
+        assert counts == {"A": 5, "B": 1, "Z": 1}
+        assert writer.skip_until == {}  # passed: later pulls skip nothing
+    finally:
+        store.close()
 
 
 def test_recovery_replays_its_own_rows_even_when_it_stops_early(pg_url: str) -> None:

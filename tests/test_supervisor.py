@@ -144,6 +144,12 @@ def _saved_monitor(running: Running) -> dict[str, Any] | None:
     return None if raw is None else json.loads(raw)
 
 
+def _saved_rewards(running: Running) -> float:
+    """How many of the champion's rewards the saved monitor state of "m" includes."""
+    saved = _saved_monitor(running)
+    return saved["state"]["promoted"]["stats"][0] if saved else 0.0
+
+
 def test_monitor_survives_a_restart(tmp_path: Path) -> None:
     """The champion's monitor learns its reference (burn-in at 50%), the server restarts,
     then the rate drops to 20%: the restarted monitor flags it within the 50 batches that
@@ -161,11 +167,7 @@ def test_monitor_survives_a_restart(tmp_path: Path) -> None:
             _send_rate(c, rng, "before", 0.5, 25)  # 250 batches of 100: past the burn-in (200)
         reference = first.supervisor._watches["m"].monitor.detector.state()
 
-        def saved_rewards() -> float:
-            saved = _saved_monitor(first)
-            return saved["state"]["promoted"]["stats"][0] if saved else 0.0
-
-        _wait(lambda: saved_rewards() == 25_000)
+        _wait(lambda: _saved_rewards(first) == 25_000)
     finally:
         first.stop(1.0)
     second = _start_fast(tmp_path)
@@ -217,11 +219,7 @@ def test_monitor_catches_up_on_rewards_logged_after_its_last_save(tmp_path: Path
             _wait(lambda: _watching(first, "m"))
             _send_rate(c, rng, "saved", 0.5, 10)
 
-            def saved_rewards() -> float:
-                saved = _saved_monitor(first)
-                return saved["state"]["promoted"]["stats"][0] if saved else 0.0
-
-            _wait(lambda: saved_rewards() == 10_000)
+            _wait(lambda: _saved_rewards(first) == 10_000)
             # What a crash does to the monitor: nothing more of it gets saved.
             first.app.tick_hooks.remove(first.supervisor.save_monitors)
             _send_rate(c, rng, "lost", 0.5, 7)
@@ -263,17 +261,13 @@ def test_pausing_a_promotion_keeps_its_saved_monitor_state(fast_server: Running)
         _wait(lambda: _watching(fast_server, "m"))
         _send_rate(c, rng, "before", 0.5, 3)
 
-        def saved_rewards() -> float:
-            saved = _saved_monitor(fast_server)
-            return saved["state"]["promoted"]["stats"][0] if saved else 0.0
-
-        _wait(lambda: saved_rewards() == 3_000)
+        _wait(lambda: _saved_rewards(fast_server) == 3_000)
         c.pause("m", reason="incident")
         _wait(lambda: "m" not in fast_server.supervisor._watches)
         # Two save passes or more (every snapshot_interval_s, 0.5 s in these tests) while
         # paused: the saved state stays.
         time.sleep(1.2)
-        assert saved_rewards() == 3_000
+        assert _saved_rewards(fast_server) == 3_000
         c.resume("m", reason="over")
         _wait(lambda: _watching(fast_server, "m"))
         monitor = fast_server.supervisor._watches["m"].monitor
@@ -297,11 +291,7 @@ def _restarted_with_saved_monitor(tmp_path: Path, rewards: int, **overrides: obj
             _wait(lambda: _watching(first))
             _send_rate(c, np.random.default_rng(12), "saved", 0.5, rewards // 1000)
 
-        def saved_rewards() -> float:
-            saved = _saved_monitor(first)
-            return saved["state"]["promoted"]["stats"][0] if saved else 0.0
-
-        _wait(lambda: saved_rewards() == rewards)
+        _wait(lambda: _saved_rewards(first) == rewards)
     finally:
         first.stop(1.0)
     return create_server(
