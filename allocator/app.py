@@ -30,7 +30,7 @@ from allocator_client.v1 import allocator_pb2 as pb
 from allocator.config import ServerConfig
 from allocator.convert import check_promotion, spec_from_json, spec_to_config, spec_to_json
 from allocator.defaults import DefaultRewards, Pending
-from allocator.drift import ScoreWindows, route, score_spans
+from allocator.drift import ScoreWindows, score_spans
 from allocator.durable import Recovery, RewardWriter, replay_new_experiment
 from allocator.engine import BatchDecision, Decision, Engine, ExperimentConfig
 from allocator.errors import (
@@ -825,8 +825,9 @@ class Allocator:
             raise
 
     def _hold_replica_lock(self) -> None:
-        """Take the lock that tells other replicas this id is alive (before its defaults
-        are loaded: see ``Store.adopt_pending_defaults``); refuse to start without it."""
+        """Take the lock that tells other replicas this id is alive, before recovery and
+        before its defaults are loaded (see ``Store.adopt_pending_defaults``): no other
+        process can then still be writing under this id. Refuse to start without it."""
         deadline = time.monotonic() + _REPLICA_LOCK_WAIT_S
         while not self.store.hold_replica_lock(self.replica_id):
             if time.monotonic() > deadline:
@@ -1186,20 +1187,13 @@ class Allocator:
             values = np.fromiter((r.value for r in items), dtype=np.float64, count=len(items))
             for hook in self.hooks:
                 hook(rec, arms, values)
-            scored = [r for r in items if r.prediction_score is not None]
+            scored = [
+                (r.arm, x, r.received_at) for r in items if (x := r.prediction_score) is not None
+            ]
             if scored:
                 # By when each was received, not when it was pulled: a backlog pulled
-                # after a promotion holds scores from before it (as `_load_scores` does).
-                reference, current = score_spans(rec.lifecycle.audit)
-                into: dict[bool, tuple[list[int], list[float]]] = {True: ([], []), False: ([], [])}
-                for r in scored:
-                    side = route(r.received_at, reference, current)
-                    if side is not None and r.prediction_score is not None:
-                        into[side][0].append(r.arm)
-                        into[side][1].append(r.prediction_score)
-                for side, (arms_in, scores_in) in into.items():
-                    if arms_in:
-                        rec.scores.add(arms_in, scores_in, current=side)
+                # after a promotion holds scores from before it.
+                rec.scores.add_received(scored, rec.lifecycle.audit)
 
     def _tick(self) -> None:
         """Writer-thread housekeeping: pick up experiments other replicas changed."""

@@ -75,15 +75,26 @@ class ScoreWindows:
         self._promoted = False
         self._lock = threading.Lock()
 
-    def add(self, arms: list[int], scores: list[float], current: bool | None = None) -> None:
-        """Record scores of accepted rewards: into the current window while promoted, the
-        reference otherwise, or the one ``current`` says (rewards received earlier, by
-        another replica, routed by :func:`route`)."""
+    def add(self, arms: list[int], scores: list[float]) -> None:
+        """Record scores of accepted rewards (received now)."""
         with self._lock:
-            into_current = self._promoted if current is None else current
-            target = self._after if into_current else self._before
+            target = self._after if self._promoted else self._before
             for arm, score in zip(arms, scores, strict=True):
                 target.setdefault(arm, deque(maxlen=self.size)).append(score)
+
+    def add_received(
+        self, rows: Iterable[tuple[int, float, float]], audit: Sequence[AuditRecord]
+    ) -> None:
+        """Record ``(arm, score, received_at)`` of rewards received earlier (pulled from
+        other replicas) into the window of when each was received, as a rebuild from the
+        log would (:func:`score_spans` of the experiment's audit trail)."""
+        reference, current = score_spans(audit)
+        with self._lock:
+            for arm, score, at in rows:
+                side = route(at, reference, current)
+                if side is not None:
+                    target = self._after if side else self._before
+                    target.setdefault(arm, deque(maxlen=self.size)).append(score)
 
     def restore(
         self,

@@ -89,6 +89,7 @@ def test_route_sends_a_score_to_the_window_of_its_receipt_time() -> None:
     assert route(30.0, reference, current) is True
     windows = ScoreWindows()
     windows.set_promoted(True)
-    windows.add([0], [0.1], current=route(5.0, reference, current))
+    # Received earlier (pulled): by receipt time; a score of 0.0 is a score.
+    windows.add_received([(0, 0.1, 5.0), (0, 0.0, 15.0), (0, 0.0, 31.0)], lc.audit)
     windows.add([0], [0.2])  # live, while promoted: current
-    assert windows.sizes() == {0: (1, 1)}
+    assert windows.sizes() == {0: (1, 2)}
