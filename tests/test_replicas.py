@@ -607,6 +607,13 @@ def _has_experiment(target: str) -> bool:
     return True
 
 
+def _experiments(store: SqlStore, names: str) -> tuple[dict[str, ExperimentConfig], dict[str, int]]:
+    """One two-variant experiment per letter of ``names``: configs and store ids."""
+    cfgs = {n: ExperimentConfig(name=n, variants=("x", "y"), seed=1) for n in names}
+    ids = {n: store.create_experiment(n, "{}", "RUNNING", now=1.0).id for n in names}
+    return cfgs, ids
+
+
 def _log_rows(store: SqlStore, replica: str, ids: dict[str, int], names: str) -> None:
     """One reward (variant 1, value 1) per letter of ``names``, in that order."""
     store.append_rewards(
@@ -646,8 +653,7 @@ def test_rows_recovery_left_to_the_writer_are_not_applied_twice(pg_url: str) -> 
     """
     store = SqlStore.open(pg_url)
     try:
-        cfgs = {n: ExperimentConfig(name=n, variants=("x", "y"), seed=1) for n in "ABZ"}
-        ids = {n: store.create_experiment(n, "{}", "RUNNING", now=1.0).id for n in "ABZ"}
+        cfgs, ids = _experiments(store, "ABZ")
         _log_rows(store, "r1", ids, "AAAZAAB")
         store.save_snapshot(ids["A"], {"r1": 6}, _snapshot_of(cfgs["A"], 5), now=3.0)
 
@@ -681,8 +687,7 @@ def test_recovery_replays_its_own_rows_even_when_it_stops_early(pg_url: str) -> 
     own id, so they would be lost for good (and the next snapshot would claim them)."""
     store = SqlStore.open(pg_url)
     try:
-        cfgs = {n: ExperimentConfig(name=n, variants=("x", "y"), seed=1) for n in "AZ"}
-        ids = {n: store.create_experiment(n, "{}", "RUNNING", now=1.0).id for n in "AZ"}
+        cfgs, ids = _experiments(store, "AZ")
         _log_rows(store, "r1", ids, "Z")
         _log_rows(store, "r2", ids, "AAA")
         store.save_snapshot(ids["A"], {"r2": 1}, _snapshot_of(cfgs["A"], 1), now=3.0)
@@ -702,8 +707,7 @@ def test_rows_of_an_experiment_created_during_recovery_are_not_lost(pg_url: str)
     those (up to the pull's positions), the pull the rest: each once."""
     store = SqlStore.open(pg_url)
     try:
-        cfgs = {n: ExperimentConfig(name=n, variants=("x", "y"), seed=1) for n in "AE"}
-        ids = {n: store.create_experiment(n, "{}", "RUNNING", now=1.0).id for n in "AE"}
+        cfgs, ids = _experiments(store, "AE")
         _log_rows(store, "r1", ids, "EEA")
         store.save_snapshot(ids["A"], {"r1": 3}, _snapshot_of(cfgs["A"], 1), now=3.0)
         engine = Engine()

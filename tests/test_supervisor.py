@@ -218,7 +218,6 @@ def test_monitor_catches_up_on_rewards_logged_after_its_last_save(tmp_path: Path
             c.promote("m", "b", reason="test")
             _wait(lambda: _watching(first, "m"))
             _send_rate(c, rng, "saved", 0.5, 10)
-
             _wait(lambda: _saved_rewards(first) == 10_000)
             # What a crash does to the monitor: nothing more of it gets saved.
             first.app.tick_hooks.remove(first.supervisor.save_monitors)
@@ -260,7 +259,6 @@ def test_pausing_a_promotion_keeps_its_saved_monitor_state(fast_server: Running)
         c.promote("m", "b", reason="test")
         _wait(lambda: _watching(fast_server, "m"))
         _send_rate(c, rng, "before", 0.5, 3)
-
         _wait(lambda: _saved_rewards(fast_server) == 3_000)
         c.pause("m", reason="incident")
         _wait(lambda: "m" not in fast_server.supervisor._watches)
@@ -290,7 +288,6 @@ def _restarted_with_saved_monitor(tmp_path: Path, rewards: int, **overrides: obj
             c.promote("m", "b", reason="test")
             _wait(lambda: _watching(first))
             _send_rate(c, np.random.default_rng(12), "saved", 0.5, rewards // 1000)
-
         _wait(lambda: _saved_rewards(first) == rewards)
     finally:
         first.stop(1.0)
