@@ -284,18 +284,28 @@ class Supervisor:
         self.app.apply_defaults()
         leader = self.app.leader()
         for rec in list(self.app.records.values()):
-            self._sync_watch(rec)
-            if not leader:
-                continue
-            state = rec.lifecycle.state
-            if state.adaptive:
-                self._check_srm(rec)
-                if self.evaluate is not None and self._due(rec):
-                    status = self.evaluate(self.app, rec)
-                    if status is not None:
-                        self.app.last_decisions[rec.name] = status
-            elif state == State.PROMOTED:
-                self._react(rec)
+            try:
+                self._pass(rec, leader)
+            except StoreUnavailable:
+                raise  # every experiment needs the store: the whole pass is retried
+            except Exception:
+                # One experiment's failure (a bug, a conflicting write) must not stop the
+                # promotions and reactions of the others; it is retried next pass.
+                log.exception("supervisor pass failed for experiment %s", rec.name)
+
+    def _pass(self, rec: Record, leader: bool) -> None:
+        self._sync_watch(rec)
+        if not leader:
+            return
+        state = rec.lifecycle.state
+        if state.adaptive:
+            self._check_srm(rec)
+            if self.evaluate is not None and self._due(rec):
+                status = self.evaluate(self.app, rec)
+                if status is not None:
+                    self.app.last_decisions[rec.name] = status
+        elif state == State.PROMOTED:
+            self._react(rec)
 
     def _due(self, rec: Record) -> bool:
         """Evaluate when rewards arrived since the last look, else every 30 s (durations)."""
@@ -541,22 +551,26 @@ class Supervisor:
             self.app.emit(rec, event.type, event.reason, event.variant, dict(event.details))
 
     def _react(self, rec: Record) -> None:
+        """Apply a detected regression's action. It stays pending until the transition is
+        made: one that fails (the store down, another replica's write in between) is tried
+        again next pass, since the triggered monitor will not report it a second time."""
         with self._lock:
             watch = self._watches.get(rec.name)
             reg = watch.pending if watch is not None else None
-            if watch is not None:
-                watch.pending = None
-        if reg is None or reg.action is None:
+        if watch is None or reg is None:
             return
-        reason = f"regression detected ({reg.kind}): {reg.reason}"
-        try:
-            self.app.transition(rec.name, reg.action, actor="monitor", reason=reason)
-        except WrongState:
-            if reg.action == Action.ROLLBACK:
+        if reg.action is not None:
+            reason = f"regression detected ({reg.kind}): {reg.reason}"
+            try:
+                self.app.transition(rec.name, reg.action, actor="monitor", reason=reason)
+            except WrongState:
+                if reg.action != Action.ROLLBACK:
+                    raise
                 # Nothing earlier to roll back to (the control itself was promoted): reopen.
                 self.app.transition(rec.name, Action.REOPEN, actor="monitor", reason=reason)
-            else:
-                raise
+        with self._lock:
+            if watch.pending is reg:
+                watch.pending = None
 
     def _check_srm(self, rec: Record) -> None:
         # The sequential test: checked every tick for the experiment's whole life, its

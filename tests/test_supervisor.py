@@ -16,8 +16,10 @@ from allocator_client import AllocatorClient
 from allocator_client.v1 import allocator_pb2 as pb
 from prometheus_client import CollectorRegistry
 
+from allocator.app import Record
+from allocator.lifecycle import Action, State
 from allocator.server import Running, create_server
-from allocator.store import SqlStore
+from allocator.store import SqlStore, StoreUnavailable
 from tests.conftest import ADMIN_TOKEN, server_config
 
 
@@ -396,6 +398,46 @@ def test_regression_reported_before_a_restart_is_not_reported_again(tmp_path: Pa
         assert second.app.records["m"].lifecycle.state.value == "PROMOTED"
     finally:
         second.stop(1.0)
+
+
+def test_reaction_that_fails_is_retried_and_other_experiments_go_on(
+    fast_server: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rollback a regression calls for fails once (the store is down for it): the
+    triggered monitor will not report the regression again, so the reaction must stay due
+    and be made on a later pass. Meanwhile every pass also fails on another experiment,
+    which must not hold up this one's reaction."""
+    app = fast_server.app
+    real_transition = app.transition
+    refused: list[str] = []
+
+    def flaky_transition(name: str, action: Action, **kwargs: Any) -> Record:
+        if kwargs.get("actor") == "monitor" and not refused:
+            refused.append(name)
+            raise StoreUnavailable("transition", "connection refused")
+        return real_transition(name, action, **kwargs)
+
+    monkeypatch.setattr(app, "transition", flaky_transition)
+    check_srm = fast_server.supervisor._check_srm
+
+    def broken_for_x(rec: Record) -> None:  # runs on every pass for an adaptive experiment
+        if rec.name == "x":
+            raise RuntimeError("a bug checking x")
+        check_srm(rec)
+
+    monkeypatch.setattr(fast_server.supervisor, "_check_srm", broken_for_x)
+    rng = np.random.default_rng(8)
+    with AllocatorClient(f"127.0.0.1:{fast_server.port}", admin_token=ADMIN_TOKEN) as c:
+        c.create_experiment(pb.ExperimentSpec(name="x", variants=["a", "b"]))
+        c.create_experiment(_monitored(pb.REGRESSION_ACTION_ROLLBACK))
+        c.promote("m", "b", reason="test")
+        _wait(lambda: _watching(fast_server, "m"))
+        _send_rate(c, rng, "before", 0.5, 25)
+        _send_rate(c, rng, "drop", 0.2, 5)  # 6 batch-sd below: flagged in ~2 batches
+        _wait(lambda: app.records["m"].lifecycle.state == State.ROLLED_BACK)
+    assert refused == ["m"]
+    rollbacks = [a for a in app.store.list_audit(app.records["m"].id) if a.action == "ROLLBACK"]
+    assert len(rollbacks) == 1 and rollbacks[0].actor == "monitor"
 
 
 def test_stable_champion_is_not_rolled_back(fast_server: Running) -> None:
