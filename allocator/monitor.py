@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import hashlib
 import hmac
 import json
@@ -158,6 +159,7 @@ def cusum_arl(h: float, k: float, shift: float = 0.0, *, two_sided: bool = False
     return 1.0 / (1.0 / arl + 1.0 / other)
 
 
+@functools.lru_cache(maxsize=256)  # a root-find (tens of us), asked for on every supervisor pass
 def cusum_threshold_for_arl(arl0: float, k: float, *, two_sided: bool = False) -> float:
     """Threshold ``h`` (sd units) giving in-control ARL ``arl0`` by Siegmund's approximation.
 

@@ -340,18 +340,20 @@ class Supervisor:
                     del self._paused[rec.name]
                     self._ended.append((rec.id, paused.key))
                 return
-            if watch is not None and watch.champion == lc.champion:
+            settings = monitor_settings(rec.spec)
+            holdout = lc.previous_champion if rec.spec.monitoring.holdout_share > 0 else None
+            if holdout == lc.champion:
+                holdout = None
+            key = None if settings is None else _monitor_key(rec, settings, holdout)
+            # The same promotion still (not merely the same champion: a rollback and a new
+            # promotion of the same variant between two passes is a new watch).
+            if watch is not None and watch.key == key:
                 return
             if watch is not None:
                 self._ended.append((rec.id, watch.key))
                 del self._watches[rec.name]
-            settings = monitor_settings(rec.spec)
-            if settings is None:
+            if settings is None or key is None:
                 return
-            holdout = lc.previous_champion if rec.spec.monitoring.holdout_share > 0 else None
-            if holdout == lc.champion:
-                holdout = None
-            key = _monitor_key(rec, settings, holdout)
             paused = self._paused.pop(rec.name, None)
             if paused is not None and paused.key == key:
                 # RESUME: the rewards received while paused were not its to see.

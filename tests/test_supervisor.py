@@ -207,6 +207,35 @@ def test_saved_monitor_state_is_deleted_when_its_watch_ends(fast_server: Running
         assert second["key"] == fast_server.supervisor._watches["m"].key
 
 
+def test_promoting_the_same_variant_again_between_two_passes_starts_a_new_watch(
+    tmp_path: Path,
+) -> None:
+    """Rollback and a new promotion of the same variant before the supervisor's next pass:
+    the champion is the same, the promotion is not. The old watch (reference and statistic
+    of the rolled-back promotion) must end and a new one start for the new promotion."""
+    running = create_server(
+        server_config(f"sqlite:///{tmp_path / 's.sqlite'}", promotion_interval_s=3600.0),
+        registry=CollectorRegistry(),
+    )
+    try:
+        sup = running.supervisor
+        with AllocatorClient(f"127.0.0.1:{running.port}", admin_token=ADMIN_TOKEN) as c:
+            c.create_experiment(_monitored(pb.REGRESSION_ACTION_NOTIFY_ONLY))
+            c.promote("m", "b", reason="test")
+            sup.tick()
+            first = sup._watches["m"]
+            c.rollback("m", reason="test")
+            c.add_variant("m", "c")  # reopens: no PROMOTE straight from ROLLED_BACK
+            c.promote("m", "b", reason="again")
+            sup.tick()
+        second = sup._watches["m"]
+        assert second is not first
+        assert second.key["promotion"] > first.key["promotion"]
+        assert second.monitor is not first.monitor
+    finally:
+        running.stop(1.0)
+
+
 def test_monitor_catches_up_on_rewards_logged_after_its_last_save(tmp_path: Path) -> None:
     """A crash between two saves: the restarted monitor replays the logged rewards after
     the positions saved with its state, so it ends where the crashed one was (every reward
