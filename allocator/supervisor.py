@@ -224,7 +224,9 @@ class Supervisor:
         self._paused: dict[str, _Watch] = {}
         # Watches that ended (experiment id, monitor key): their saved state is deleted by
         # the next save_monitors pass, on the writer thread that writes it.
-        self._ended: list[tuple[int, dict[str, object]]] = []
+        # A key of None: whatever is saved (the experiment was archived).
+        self._ended: list[tuple[int, dict[str, object] | None]] = []
+        self._states: dict[str, State] = {}  # each experiment's state at the last pass
         self._webhooks: dict[str, WebhookNotifier] = {}
         self._srm_flagged: set[str] = set()
         self._evaluated: dict[str, tuple[int, float]] = {}
@@ -321,7 +323,13 @@ class Supervisor:
         """Start watching a new champion; stop when it is no longer promoted (a PAUSE of
         the promotion only silences the watch: RESUME picks it up as it was)."""
         lc = rec.lifecycle
+        last = self._states.get(rec.name)
+        self._states[rec.name] = lc.state
         with self._lock:
+            if lc.state == State.ARCHIVED and last is not None and last != State.ARCHIVED:
+                # No promotion of it will resume: whatever monitor state is saved goes, also
+                # one this process never watched (it was restarted while PAUSED).
+                self._ended.append((rec.id, None))
             watch = self._watches.get(rec.name)
             if lc.state != State.PROMOTED or lc.champion is None:
                 if watch is not None:
@@ -535,15 +543,16 @@ class Supervisor:
                 self.app.store.set_meta(_MONITOR_META.format(rec.id), json.dumps(doc))
                 watch.saved = text
 
-    def _forget_monitor(self, exp_id: int, key: dict[str, object]) -> None:
+    def _forget_monitor(self, exp_id: int, key: dict[str, object] | None) -> None:
         """Delete the saved state of a watch that ended, unless it is already another
         promotion's (a newer watch, or another replica's): a row per promotion ever made
         would otherwise stay forever. A pass of the ended watch that was saving while it
-        ended wrote under its own key, so it is deleted here too."""
+        ended wrote under its own key, so it is deleted here too. ``key`` None: whatever
+        is saved (an archived experiment's)."""
         name = _MONITOR_META.format(exp_id)
         raw = self.app.store.get_meta(name)
         saved = self._parse_saved(raw)
-        if raw is not None and saved is not None and saved.get("key") == key:
+        if raw is not None and (key is None or (saved is not None and saved.get("key") == key)):
             # Only the value read: one another replica writes meanwhile is kept.
             self.app.store.delete_meta(name, if_value=raw)
 

@@ -309,6 +309,36 @@ def test_pausing_a_promotion_keeps_its_saved_monitor_state(fast_server: Running)
         assert "m" not in fast_server.supervisor._paused
 
 
+def test_archiving_after_a_restart_while_paused_deletes_the_saved_monitor_state(
+    tmp_path: Path,
+) -> None:
+    """Restarted while the promotion is PAUSED, this process never watches it (the saved
+    state waits for a RESUME); archiving it then must still delete that state, or it
+    stays in the store forever."""
+    first = _start_fast(tmp_path)
+    try:
+        with AllocatorClient(f"127.0.0.1:{first.port}", admin_token=ADMIN_TOKEN) as c:
+            c.create_experiment(_monitored(pb.REGRESSION_ACTION_NOTIFY_ONLY))
+            c.promote("m", "b", reason="test")
+            _wait(lambda: _watching(first))
+            _send_rate(c, np.random.default_rng(14), "saved", 0.5, 2)
+            _wait(lambda: _saved_rewards(first) == 2000)
+            c.pause("m", reason="incident")
+            _wait(lambda: (saved := _saved_monitor(first)) is not None and saved["paused"])
+    finally:
+        first.stop(1.0)
+    second = _start_fast(tmp_path)
+    try:
+        time.sleep(0.3)  # supervisor passes over the paused experiment
+        assert "m" not in second.supervisor._watches and "m" not in second.supervisor._paused
+        assert _saved_monitor(second) is not None
+        with AllocatorClient(f"127.0.0.1:{second.port}", admin_token=ADMIN_TOKEN) as c:
+            c.archive_experiment("m")
+        _wait(lambda: _saved_monitor(second) is None)
+    finally:
+        second.stop(1.0)
+
+
 def _restarted_with_saved_monitor(tmp_path: Path, rewards: int, **overrides: object) -> Running:
     """A server whose monitor of "m" (NOTIFY_ONLY, champion b) saved ``rewards`` rewards,
     stopped and started again with ``overrides``."""
