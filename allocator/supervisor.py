@@ -237,6 +237,7 @@ class Supervisor:
         app.tick_hooks.append(self.activate_monitors)
         app.tick_hooks.append(self.save_monitors)
         app.event_listeners.append(self._on_event)
+        app.event_listeners.append(self._on_state_change)
 
     def start(self) -> None:
         """Start the loop."""
@@ -323,9 +324,9 @@ class Supervisor:
         """Start watching a new champion; stop when it is no longer promoted (a PAUSE of
         the promotion only silences the watch: RESUME picks it up as it was)."""
         lc = rec.lifecycle
-        last = self._states.get(rec.name)
-        self._states[rec.name] = lc.state
         with self._lock:
+            last = self._states.get(rec.name)
+            self._states[rec.name] = lc.state
             if lc.state == State.ARCHIVED and last is not None and last != State.ARCHIVED:
                 # No promotion of it will resume: whatever monitor state is saved goes, also
                 # one this process never watched (it was restarted while PAUSED).
@@ -379,8 +380,8 @@ class Supervisor:
             )
             saved = self._saved_monitor(rec)
             restore = saved if saved is not None and saved.get("key") == key else None
-            # A new promotion's monitor starts now (what reached this replica between the
-            # promotion and this pass is not its); a saved one waits for the writer.
+            # A new promotion's monitor starts now (at its commit on the replica that made
+            # it, see _on_state_change); a saved one waits for the writer.
             self._watches[rec.name] = _Watch(
                 lc.champion, monitor, key, restore, active=restore is None
             )
@@ -606,6 +607,13 @@ class Supervisor:
                     "sequential_p_value": p,
                 },
             )
+
+    def _on_state_change(self, rec: Record, event: Event) -> None:
+        """A promotion made here (by an admin RPC or this supervisor) is watched from its
+        commit on, not from the next pass: the rewards in between are the new champion's
+        first, and its monitor's burn-in should see them."""
+        if event.type in (EventType.PROMOTED, EventType.RESUMED):
+            self._sync_watch(rec)
 
     # -- webhooks ----------------------------------------------------------------------------
     def _on_event(self, rec: Record, event: Event) -> None:

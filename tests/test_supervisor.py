@@ -236,6 +236,30 @@ def test_promoting_the_same_variant_again_between_two_passes_starts_a_new_watch(
         running.stop(1.0)
 
 
+def test_a_promotion_is_watched_from_its_commit_not_from_the_next_pass(
+    tmp_path: Path,
+) -> None:
+    """The supervisor passes once an hour here: the rewards that follow a Promote must
+    still all reach the new champion's monitor (they are the start of its burn-in)."""
+    running = create_server(
+        server_config(f"sqlite:///{tmp_path / 's.sqlite'}", promotion_interval_s=3600.0),
+        registry=CollectorRegistry(),
+    )
+    try:
+        with AllocatorClient(f"127.0.0.1:{running.port}", admin_token=ADMIN_TOKEN) as c:
+            c.create_experiment(_monitored(pb.REGRESSION_ACTION_NOTIFY_ONLY))
+            c.promote("m", "b", reason="test")
+            assert _watching(running)
+            _send_rate(c, np.random.default_rng(15), "first", 0.5, 2)
+
+        def seen() -> float:
+            return float(running.supervisor._watches["m"].monitor.state()["promoted"]["stats"][0])
+
+        _wait(lambda: seen() == 2000)
+    finally:
+        running.stop(1.0)
+
+
 def test_monitor_catches_up_on_rewards_logged_after_its_last_save(tmp_path: Path) -> None:
     """A crash between two saves: the restarted monitor replays the logged rewards after
     the positions saved with its state, so it ends where the crashed one was (every reward
