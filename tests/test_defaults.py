@@ -126,8 +126,8 @@ def test_default_reward_is_validated(tmp_path: Path) -> None:
                 c.create_experiment(
                     pb.ExperimentSpec(name="x", variants=["a", "b"], default_reward=2.0)
                 )
-            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
-            assert "spec.default_reward" in err.value.details()  # type: ignore[attr-defined]
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "spec.default_reward" in err.value.details()
     finally:
         running.stop(1.0)
 

@@ -30,9 +30,9 @@ from tests.conftest import ADMIN_TOKEN, server_config
 
 
 def _spec(
-    name: str = "exp", variants: tuple[str, ...] = ("a", "b", "c"), **kw: object
+    name: str = "exp", variants: tuple[str, ...] = ("a", "b", "c"), **kw: Any
 ) -> pb.ExperimentSpec:
-    return pb.ExperimentSpec(name=name, variants=list(variants), seed=11, **kw)  # type: ignore[arg-type]
+    return pb.ExperimentSpec(name=name, variants=list(variants), seed=11, **kw)
 
 
 @pytest.fixture
@@ -44,7 +44,7 @@ def stub(server: Running) -> Iterator[pb_grpc.AllocatorStub]:
 def _code(fn: object, *args: object, **kw: object) -> tuple[grpc.StatusCode, str]:
     with pytest.raises(grpc.RpcError) as err:
         fn(*args, **kw)  # type: ignore[operator]
-    return err.value.code(), err.value.details()  # type: ignore[attr-defined]
+    return err.value.code(), err.value.details()
 
 
 ADMIN = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
@@ -497,8 +497,8 @@ def test_indexed_reward_errors_name_the_field_and_write_nothing(
     b = client.assign_batch("one", 4)
     forged = b.batch_token[:-2] + ("AA" if not b.batch_token.endswith("AA") else "BA")
 
-    def req(**kw: object) -> pb.RewardBatchRequest:
-        base: dict[str, object] = {
+    def req(**kw: Any) -> pb.RewardBatchRequest:
+        base: dict[str, Any] = {
             "experiment": "one",
             "batch_token": b.batch_token,
             "indices": [0, 1],
@@ -720,9 +720,11 @@ def test_a_slow_watcher_is_dropped_without_blocking_the_publisher() -> None:
     hub = EventHub()
     q = hub.subscribe()
     event = StoredEvent(1, Event(EventType.PROMOTED, "exp", 0, 0.0))
-    publisher = threading.Thread(
-        target=lambda: [hub.publish(event) for _ in range(EventHub.QUEUE_SIZE + 5)]
-    )
+    def publish_all() -> None:
+        for _ in range(EventHub.QUEUE_SIZE + 5):
+            hub.publish(event)
+
+    publisher = threading.Thread(target=publish_all)
     publisher.start()
     publisher.join(30)
     assert not publisher.is_alive(), "publish blocked on a full subscriber queue"
@@ -767,10 +769,10 @@ def test_shutdown_delay_reports_not_serving_while_still_serving(
 
 def test_config_rejects_negative_shutdown_times() -> None:
     for name in ("grace_s", "shutdown_delay_s"):
-        with pytest.raises(ValueError, match=name):
-            ServerConfig(**{name: -1.0})
-        with pytest.raises(ValueError, match=name):
-            ServerConfig(**{name: float("nan")})
+        for bad in (-1.0, float("nan")):
+            kwargs: dict[str, Any] = {name: bad}
+            with pytest.raises(ValueError, match=name):
+                ServerConfig(**kwargs)
     env = {"ALLOCATOR_SHUTDOWN_DELAY_S": "2.5"}
     assert ServerConfig.from_args([], env=env).shutdown_delay_s == 2.5
     assert ServerConfig.from_args(["--shutdown-delay-s", "4"], env=env).shutdown_delay_s == 4.0

@@ -123,7 +123,7 @@ def _watching(running: Running, name: str = "m") -> bool:
     return watch is not None and watch.active
 
 
-def _monitored(action: pb.RegressionAction.ValueType) -> pb.ExperimentSpec:
+def _monitored(action: pb.RegressionAction) -> pb.ExperimentSpec:
     return pb.ExperimentSpec(
         name="m",
         variants=["a", "b"],
@@ -230,7 +230,8 @@ def test_promoting_the_same_variant_again_between_two_passes_starts_a_new_watch(
             sup.tick()
         second = sup._watches["m"]
         assert second is not first
-        assert second.key["promotion"] > first.key["promotion"]
+        before, after = first.key["promotion"], second.key["promotion"]
+        assert isinstance(before, int) and isinstance(after, int) and after > before
         assert second.monitor is not first.monitor
     finally:
         running.stop(1.0)

@@ -118,7 +118,7 @@ def test_tls_and_mutual_tls(tmp_path: Path) -> None:
             pytest.raises(grpc.RpcError) as err,
         ):
             c.assign("tls")
-        assert err.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         # Plaintext is refused too.
         with grpc.insecure_channel(target) as ch:
             fut = grpc.channel_ready_future(ch)
