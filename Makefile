@@ -31,6 +31,7 @@ demo: $(STAMP) $(GEN_DIR)/allocator_pb2.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check allocator clients/python benchmarks tests
+	$(BIN)/ruff format --check --exclude '*.md' allocator clients/python benchmarks tests
 	$(BIN)/mypy allocator clients/python/allocator_client benchmarks tests
 
 test: $(STAMP) lint

@@ -119,9 +119,7 @@ class ScoreWindows:
         """Per variant the number of scores in (reference, current) window."""
         with self._lock:
             arms = set(self._before) | set(self._after)
-            return {
-                a: (len(self._before.get(a, ())), len(self._after.get(a, ()))) for a in arms
-            }
+            return {a: (len(self._before.get(a, ())), len(self._after.get(a, ()))) for a in arms}
 
     def compare(self) -> dict[int, tuple[KsDrift, Psi]]:
         """KS and PSI per variant with enough scores in both windows."""

@@ -720,6 +720,7 @@ def test_a_slow_watcher_is_dropped_without_blocking_the_publisher() -> None:
     hub = EventHub()
     q = hub.subscribe()
     event = StoredEvent(1, Event(EventType.PROMOTED, "exp", 0, 0.0))
+
     def publish_all() -> None:
         for _ in range(EventHub.QUEUE_SIZE + 5):
             hub.publish(event)

@@ -781,7 +781,12 @@ def test_pending_defaults_round_trip_per_replica(store: SqlStore) -> None:
 
 def _pending(exp: int, key: str, issued_at: float) -> PendingDefault:
     return PendingDefault(
-        experiment_id=exp, key=key, token=f"t{key}", issued_at=issued_at, epoch=0, batch=False,
+        experiment_id=exp,
+        key=key,
+        token=f"t{key}",
+        issued_at=issued_at,
+        epoch=0,
+        batch=False,
         arms=(1,),
     )
 
