@@ -456,10 +456,17 @@ class Allocator:
         actor: str,
         reason: str,
         variant: str = "",
+        if_version: int | None = None,
     ) -> Record:
-        """Apply a lifecycle action, persist it, and change the allocation to match."""
+        """Apply a lifecycle action, persist it, and change the allocation to match.
+
+        ``if_version``: only if the experiment is still at that version (else
+        :class:`VersionConflict`, nothing changed), for a caller that judged its state.
+        """
         rec = self.get(name)
         with rec.lock:
+            if if_version is not None and rec.version != if_version:
+                raise VersionConflict(name, if_version, rec.version)
             index: int | None = None
             if variant:
                 if variant not in rec.config.variants:

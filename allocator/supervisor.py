@@ -27,8 +27,7 @@ from allocator.app import Allocator, Record
 from allocator.convert import promotion_settings
 from allocator.durable import advance
 from allocator.engine import mc_seed
-from allocator.errors import WrongState
-from allocator.lifecycle import Action, Event, EventType, State
+from allocator.lifecycle import Action, Event, EventType, Lifecycle, State
 from allocator.monitor import (
     CusumSettings,
     MonitorSettings,
@@ -40,7 +39,7 @@ from allocator.monitor import (
     cusum_threshold_for_arl,
 )
 from allocator.promotion import GuardrailCheck, evaluate
-from allocator.store import StoreUnavailable
+from allocator.store import StoreUnavailable, VersionConflict
 
 # Store metadata key of an experiment's saved monitor state (by experiment id).
 _MONITOR_META = "monitor:{}"
@@ -192,13 +191,22 @@ class _Watch:
     saved: str = ""  # the state last written to the store
 
 
-def _monitor_key(rec: Record, settings: MonitorSettings, holdout: int | None) -> dict[str, object]:
+_ANY_PROMOTION = None  # an ended entry's key that matches any saved state
+
+
+def _promotion_seq(lc: Lifecycle) -> int:
+    """Audit seq of the PROMOTE that made the current champion (0: none)."""
+    return max((a.seq for a in lc.audit if a.action == Action.PROMOTE), default=0)
+
+
+def _monitor_key(
+    lc: Lifecycle, settings: MonitorSettings, holdout: int | None
+) -> dict[str, object]:
     """The promotion a monitor watches: its champion, the audit seq of the PROMOTE that made
     it (a later promotion of the same variant is another one), holdout and settings."""
-    promotion = max((a.seq for a in rec.lifecycle.audit if a.action == Action.PROMOTE), default=0)
     return {
-        "champion": rec.lifecycle.champion,
-        "promotion": promotion,
+        "champion": lc.champion,
+        "promotion": _promotion_seq(lc),
         "holdout": holdout,
         "settings": repr(settings),
     }
@@ -224,7 +232,9 @@ class Supervisor:
         self._paused: dict[str, _Watch] = {}
         # Watches that ended (experiment id, monitor key): their saved state is deleted by
         # the next save_monitors pass, on the writer thread that writes it.
-        # A key of None: whatever is saved (the experiment was archived).
+        # Archived experiments' entries say _ANY_PROMOTION: no promotion of theirs will
+        # resume, so whatever is saved goes, also one this process never watched (it was
+        # restarted while the promotion was PAUSED).
         self._ended: list[tuple[int, dict[str, object] | None]] = []
         self._states: dict[str, State] = {}  # each experiment's state at the last pass
         self._webhooks: dict[str, WebhookNotifier] = {}
@@ -323,14 +333,14 @@ class Supervisor:
     def _sync_watch(self, rec: Record) -> None:
         """Start watching a new champion; stop when it is no longer promoted (a PAUSE of
         the promotion only silences the watch: RESUME picks it up as it was)."""
-        lc = rec.lifecycle
         with self._lock:
+            # Read under the lock: a Promote's listener (another thread) syncs after it
+            # installed the new lifecycle, so whichever of the two syncs runs last sees it.
+            lc = rec.lifecycle
             last = self._states.get(rec.name)
             self._states[rec.name] = lc.state
             if lc.state == State.ARCHIVED and last is not None and last != State.ARCHIVED:
-                # No promotion of it will resume: whatever monitor state is saved goes, also
-                # one this process never watched (it was restarted while PAUSED).
-                self._ended.append((rec.id, None))
+                self._ended.append((rec.id, _ANY_PROMOTION))  # archived by another replica
             watch = self._watches.get(rec.name)
             if lc.state != State.PROMOTED or lc.champion is None:
                 if watch is not None:
@@ -353,7 +363,7 @@ class Supervisor:
             holdout = lc.previous_champion if rec.spec.monitoring.holdout_share > 0 else None
             if holdout == lc.champion:
                 holdout = None
-            key = None if settings is None else _monitor_key(rec, settings, holdout)
+            key = None if settings is None else _monitor_key(lc, settings, holdout)
             # The same promotion still (not merely the same champion: a rollback and a new
             # promotion of the same variant between two passes is a new watch).
             if watch is not None and watch.key == key:
@@ -548,12 +558,13 @@ class Supervisor:
         """Delete the saved state of a watch that ended, unless it is already another
         promotion's (a newer watch, or another replica's): a row per promotion ever made
         would otherwise stay forever. A pass of the ended watch that was saving while it
-        ended wrote under its own key, so it is deleted here too. ``key`` None: whatever
-        is saved (an archived experiment's)."""
+        ended wrote under its own key, so it is deleted here too. ``_ANY_PROMOTION``:
+        whatever is saved (an archived experiment's)."""
         name = _MONITOR_META.format(exp_id)
         raw = self.app.store.get_meta(name)
         saved = self._parse_saved(raw)
-        if raw is not None and (key is None or (saved is not None and saved.get("key") == key)):
+        ours = key is _ANY_PROMOTION or (saved is not None and saved.get("key") == key)
+        if raw is not None and ours:
             # Only the value read: one another replica writes meanwhile is kept.
             self.app.store.delete_meta(name, if_value=raw)
 
@@ -565,21 +576,33 @@ class Supervisor:
     def _react(self, rec: Record) -> None:
         """Apply a detected regression's action. It stays pending until the transition is
         made: one that fails (the store down, another replica's write in between) is tried
-        again next pass, since the triggered monitor will not report it a second time."""
+        again next pass, since the triggered monitor will not report it a second time.
+        It is made only onto the promotion it was found in, as judged here: never over an
+        operator's action since (one pending when its promotion is PAUSED is made at the
+        RESUME) or onto a later promotion."""
         with self._lock:
             watch = self._watches.get(rec.name)
             reg = watch.pending if watch is not None else None
         if watch is None or reg is None:
             return
+        with rec.lock:  # the lifecycle and its version, as one
+            lc, version = rec.lifecycle, rec.version
+        if lc.state != State.PROMOTED or _promotion_seq(lc) != watch.key["promotion"]:
+            return  # not the promotion it watched any more: the next pass ends the watch
         if reg.action is not None:
+            action = reg.action
+            if action == Action.ROLLBACK and action not in lc.allowed():
+                action = Action.REOPEN  # nothing earlier to roll back to: the control won
             reason = f"regression detected ({reg.kind}): {reg.reason}"
             try:
-                self.app.transition(rec.name, reg.action, actor="monitor", reason=reason)
-            except WrongState:
-                if reg.action != Action.ROLLBACK:
-                    raise
-                # Nothing earlier to roll back to (the control itself was promoted): reopen.
-                self.app.transition(rec.name, Action.REOPEN, actor="monitor", reason=reason)
+                # Only onto the state judged here: an operator's action or a new promotion
+                # in between makes it a conflict, and the next pass judges again.
+                self.app.transition(
+                    rec.name, action, actor="monitor", reason=reason, if_version=version
+                )
+            except VersionConflict as err:
+                log.info("experiment %s: reaction deferred: %s", rec.name, err)
+                return
         with self._lock:
             if watch.pending is reg:
                 watch.pending = None
@@ -614,6 +637,9 @@ class Supervisor:
         first, and its monitor's burn-in should see them."""
         if event.type in (EventType.PROMOTED, EventType.RESUMED):
             self._sync_watch(rec)
+        elif event.type == EventType.ARCHIVED:  # also before this process's first pass
+            with self._lock:
+                self._ended.append((rec.id, _ANY_PROMOTION))
 
     # -- webhooks ----------------------------------------------------------------------------
     def _on_event(self, rec: Record, event: Event) -> None:

@@ -18,8 +18,9 @@ from prometheus_client import CollectorRegistry
 
 from allocator.app import Record
 from allocator.lifecycle import Action, State
+from allocator.monitor import Reaction, Regression
 from allocator.server import Running, create_server
-from allocator.store import SqlStore, StoreUnavailable
+from allocator.store import SqlStore, StoreUnavailable, VersionConflict
 from tests.conftest import ADMIN_TOKEN, server_config
 
 
@@ -334,12 +335,15 @@ def test_pausing_a_promotion_keeps_its_saved_monitor_state(fast_server: Running)
         assert "m" not in fast_server.supervisor._paused
 
 
+@pytest.mark.parametrize("seen_by", ["event", "pass"])
 def test_archiving_after_a_restart_while_paused_deletes_the_saved_monitor_state(
-    tmp_path: Path,
+    tmp_path: Path, seen_by: str
 ) -> None:
     """Restarted while the promotion is PAUSED, this process never watches it (the saved
     state waits for a RESUME); archiving it then must still delete that state, or it
-    stays in the store forever."""
+    stays in the store forever. ``event``: archived here before any supervisor pass
+    (they are an hour apart); ``pass``: the ARCHIVED event is not seen here (as for an
+    archive made by another replica), so a pass must notice the state change."""
     first = _start_fast(tmp_path)
     try:
         with AllocatorClient(f"127.0.0.1:{first.port}", admin_token=ADMIN_TOKEN) as c:
@@ -352,9 +356,15 @@ def test_archiving_after_a_restart_while_paused_deletes_the_saved_monitor_state(
             _wait(lambda: (saved := _saved_monitor(first)) is not None and saved["paused"])
     finally:
         first.stop(1.0)
-    second = _start_fast(tmp_path)
+    interval = 3600.0 if seen_by == "event" else 0.1
+    second = create_server(
+        server_config(f"sqlite:///{tmp_path / 's.sqlite'}", promotion_interval_s=interval),
+        registry=CollectorRegistry(),
+    )
     try:
-        time.sleep(0.3)  # supervisor passes over the paused experiment
+        if seen_by == "pass":
+            second.app.event_listeners.remove(second.supervisor._on_state_change)
+            _wait(lambda: second.supervisor._states.get("m") == State.PAUSED)  # a pass saw it
         assert "m" not in second.supervisor._watches and "m" not in second.supervisor._paused
         assert _saved_monitor(second) is not None
         with AllocatorClient(f"127.0.0.1:{second.port}", admin_token=ADMIN_TOKEN) as c:
@@ -522,6 +532,81 @@ def test_reaction_that_fails_is_retried_and_other_experiments_go_on(
     assert refused == ["m"]
     rollbacks = [a for a in app.store.list_audit(app.records["m"].id) if a.action == "ROLLBACK"]
     assert len(rollbacks) == 1 and rollbacks[0].actor == "monitor"
+
+
+def _regression(reaction: Reaction) -> Regression:
+    return Regression("m", 1, "drift", 0.0, "test", reaction, 100, 9.0, 5.0, 0.2)
+
+
+@pytest.mark.parametrize(
+    "operator",
+    [
+        pytest.param(lambda c: c.rollback("m", reason="by hand"), id="rolled-back-by-hand"),
+        pytest.param(lambda c: c.pause("m", reason="incident"), id="paused"),
+        pytest.param(
+            lambda c: (
+                c.rollback("m", reason="by hand"),
+                c.add_variant("m", "c"),
+                c.promote("m", "b", reason="again"),
+            ),
+            id="promoted-again",
+        ),
+    ],
+)
+def test_a_reaction_is_not_applied_over_what_happened_since(
+    tmp_path: Path, operator: Callable[[AllocatorClient], object]
+) -> None:
+    """A regression of promotion P is pending when an operator acts before the supervisor
+    reacts: a rollback by hand must not be turned into a REOPEN (the old fallback), a
+    pause must stay paused, and a new promotion (of the same variant, too) must not be
+    rolled back for its predecessor's regression."""
+    running = create_server(
+        server_config(f"sqlite:///{tmp_path / 's.sqlite'}", promotion_interval_s=3600.0),
+        registry=CollectorRegistry(),
+    )
+    try:
+        app, sup = running.app, running.supervisor
+        with AllocatorClient(f"127.0.0.1:{running.port}", admin_token=ADMIN_TOKEN) as c:
+            c.create_experiment(_monitored(pb.REGRESSION_ACTION_ROLLBACK))
+            c.promote("m", "b", reason="test")
+            watch = sup._watches["m"]
+            watch.pending = _regression(Reaction.ROLLBACK)
+            operator(c)
+            # As a pass sees it that read the watch before the operator's change (a new
+            # promotion's own watch replaced it meanwhile).
+            sup._watches["m"] = watch
+            expected = app.records["m"].lifecycle.to_dict()
+            version = app.records["m"].version
+            sup._react(app.records["m"])  # the pass that had judged P still PROMOTED
+        assert app.records["m"].lifecycle.to_dict() == expected
+        assert app.records["m"].version == version
+        audit = app.store.list_audit(app.records["m"].id)
+        assert not any(a.actor == "monitor" for a in audit)
+    finally:
+        running.stop(1.0)
+
+
+def test_a_rollback_with_no_earlier_champion_reopens(tmp_path: Path) -> None:
+    """The control itself was promoted, so there is nothing to roll back to: the
+    regression reopens the experiment instead."""
+    running = create_server(
+        server_config(f"sqlite:///{tmp_path / 's.sqlite'}", promotion_interval_s=3600.0),
+        registry=CollectorRegistry(),
+    )
+    try:
+        app, sup = running.app, running.supervisor
+        with AllocatorClient(f"127.0.0.1:{running.port}", admin_token=ADMIN_TOKEN) as c:
+            c.create_experiment(_monitored(pb.REGRESSION_ACTION_ROLLBACK))
+            c.promote("m", "a", reason="the control won")
+        sup._watches["m"].pending = _regression(Reaction.ROLLBACK)
+        sup._react(app.records["m"])
+        assert app.records["m"].lifecycle.state == State.REOPENED
+        assert sup._watches["m"].pending is None
+        with pytest.raises(VersionConflict):  # judged on a version that is gone
+            app.transition("m", Action.PAUSE, actor="t", reason="t", if_version=1)
+        assert app.records["m"].lifecycle.state == State.REOPENED
+    finally:
+        running.stop(1.0)
 
 
 def test_stable_champion_is_not_rolled_back(fast_server: Running) -> None:
