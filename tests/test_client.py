@@ -45,6 +45,7 @@ class Recorded:
     request: Any
     timeout: float | None
     metadata: Any
+    wait_for_ready: bool | None = None
 
 
 def _default_response(rpc: str, request: Any) -> Any:
@@ -67,8 +68,13 @@ class FakeStub:
         if not rpc[:1].isupper():
             raise AttributeError(rpc)
 
-        def method(request: Any, timeout: float | None = None, metadata: Any = None) -> Any:
-            call = Recorded(rpc, request, timeout, metadata)
+        def method(
+            request: Any,
+            timeout: float | None = None,
+            metadata: Any = None,
+            wait_for_ready: bool | None = None,
+        ) -> Any:
+            call = Recorded(rpc, request, timeout, metadata, wait_for_ready)
             with self.lock:
                 self.calls.append(call)
                 outcomes = self.script.get(rpc)
@@ -84,11 +90,26 @@ class FakeStub:
         return [call.rpc for call in self.calls]
 
 
+class FakeClock:
+    """Monotonic time that moves only when the client sleeps (or a test advances it)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
 def make_client(stub: FakeStub, **kwargs: Any) -> tuple[AllocatorClient, list[float]]:
-    sleeps: list[float] = []
-    defaults: dict[str, Any] = {"sleep": sleeps.append, "rand": lambda: 1.0}
+    clock = FakeClock()
+    defaults: dict[str, Any] = {"sleep": clock.sleep, "rand": lambda: 1.0, "clock": clock}
     client = AllocatorClient("unused", stub=stub, **{**defaults, **kwargs})
-    return client, sleeps
+    return client, clock.sleeps
 
 
 # RetryPolicy ---------------------------------------------------------------------------
@@ -114,16 +135,14 @@ def test_delay_only_for_idempotent_calls_on_retryable_codes_within_budget() -> N
     def delay(code: grpc.StatusCode | None, attempt: int, idempotent: bool = True) -> Any:
         return policy.delay(code, attempt, idempotent=idempotent, rand=lambda: 1.0)
 
-    for code in (
-        UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-    ):
+    for code in (UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED):
         assert delay(code, 1) == pytest.approx(0.1)
         assert delay(code, 2) == pytest.approx(0.2)
         assert delay(code, 3) is None  # third attempt was the last
         assert delay(code, 1, idempotent=False) is None
     for code in (
+        # The attempt had all the call's time left, and the server may have acted on it.
+        grpc.StatusCode.DEADLINE_EXCEEDED,
         grpc.StatusCode.INVALID_ARGUMENT,
         grpc.StatusCode.NOT_FOUND,
         grpc.StatusCode.FAILED_PRECONDITION,
@@ -221,6 +240,66 @@ def test_no_retry_policy_makes_one_attempt() -> None:
     assert len(stub.calls) == 1
 
 
+def test_timeout_bounds_the_whole_call_retries_and_backoff_included() -> None:
+    """Each attempt gets the time left; a retry that could not finish in time is not
+    made; the first attempt fails fast, retries wait for the channel to reconnect."""
+    clock = FakeClock()
+    stub = FakeStub({"Reward": [FakeRpcError(UNAVAILABLE) for _ in range(5)]})
+
+    def slow(call: Recorded) -> None:  # every attempt takes 0.1 s before failing
+        clock.now += 0.1
+
+    stub.on_call = slow
+    client = AllocatorClient(
+        "unused",
+        stub=stub,
+        timeout=0.5,
+        retries=RetryPolicy(max_attempts=10, initial_backoff=0.1, multiplier=2.0),
+        sleep=clock.sleep,
+        rand=lambda: 1.0,
+        clock=clock,
+    )
+    with pytest.raises(FakeRpcError):
+        client.reward("d1", 1.0)
+    # t=0: attempt (0.1 s), wait 0.1; t=0.2: attempt with 0.3 s left (0.1 s); at t=0.3 the
+    # next wait (0.2) would leave no time for an attempt, so it gives up there.
+    assert [c.timeout for c in stub.calls] == pytest.approx([0.5, 0.3])
+    assert [c.wait_for_ready for c in stub.calls] == [False, True]
+    assert clock.sleeps == pytest.approx([0.1])
+    assert clock.now - 1000.0 == pytest.approx(0.3)
+
+
+def test_pushback_longer_than_the_time_left_gives_up_at_once() -> None:
+    pushback = [("grpc-retry-pushback-ms", "600000")]
+    stub = FakeStub({"Reward": [FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, pushback)]})
+    client, sleeps = make_client(stub, timeout=0.1)
+    with pytest.raises(FakeRpcError):
+        client.reward("d1", 1.0)
+    assert sleeps == [] and len(stub.calls) == 1
+
+
+@pytest.mark.parametrize("token", ["s3cret\n", " s3cret", "sé", "a\tb"])
+def test_an_admin_token_that_cannot_be_sent_is_refused_up_front(token: str) -> None:
+    with pytest.raises(ValueError, match="admin_token"):
+        AllocatorClient("unused", stub=FakeStub(), admin_token=token)
+
+
+def test_reward_batch_request_takes_numpy_columns() -> None:
+    np = pytest.importorskip("numpy")
+    request = reward_batch_request(
+        "e",
+        np.array([1.0, 0.0]),
+        event_ids=["x", "y"],
+        variants=["a", "b"],
+        prediction_scores=np.array([0.25, 0.5]),
+    )
+    assert list(request.prediction_scores) == [0.25, 0.5]
+    empty = reward_batch_request(
+        "e", [1.0], event_ids=["x"], variants=["a"], prediction_scores=np.array([])
+    )
+    assert list(empty.prediction_scores) == []
+
+
 def test_every_call_carries_a_deadline_and_only_admin_calls_the_token() -> None:
     stub = FakeStub()
     client, _ = make_client(stub, timeout=0.5, admin_token="s3cret")
@@ -230,6 +309,7 @@ def test_every_call_carries_a_deadline_and_only_admin_calls_the_token() -> None:
     client.rollback("e")
     client.resume("e")
     assert [call.timeout for call in stub.calls] == [0.5, 10.0, 0.5, 0.5, 0.5]
+    assert not any(call.wait_for_ready for call in stub.calls)  # first attempts fail fast
     bearer = (("authorization", "Bearer s3cret"),)
     assert [call.metadata for call in stub.calls] == [None, None, bearer, bearer, bearer]
     assert stub.calls[2].request == pb.PromoteRequest(

@@ -19,12 +19,18 @@ from allocator_client.v1 import allocator_pb2_grpc as pb_grpc
 
 _log = logging.getLogger(__name__)
 
+# Not DEADLINE_EXCEEDED: an attempt gets all of the call's remaining time, so none is left
+# after it, and the server may have acted on it (an Assign whose answer was lost).
 RETRYABLE_CODES: frozenset[grpc.StatusCode] = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-    }
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
+)
+# Channel defaults (``options`` overrides them): gRPC's own reconnect backoff starts at 1 s
+# and grows to 120 s, so a client would notice a restarted server seconds to minutes late,
+# and retries waiting for the channel (below) would wait that long.
+CHANNEL_DEFAULTS: tuple[tuple[str, Any], ...] = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 5000),
 )
 PUSHBACK_KEY = "grpc-retry-pushback-ms"
 # How a WatchEvents stream ends when reconnecting helps (see watch_events).
@@ -128,6 +134,11 @@ def pushback_seconds(error: BaseException) -> float | None:
     return None
 
 
+def _header_safe(token: str) -> bool:
+    """Whether ``token`` can be sent as-is in a metadata value."""
+    return bool(token) and token.isascii() and token.isprintable() and token == token.strip()
+
+
 def batch_decision_id(batch_token: str, index: int) -> str:
     """Decision id of item ``index`` of an AssignBatch response: ``<batch_token>.<index>``."""
     if not isinstance(batch_token, str) or not batch_token:
@@ -215,7 +226,9 @@ def reward_batch_request(
     if len(used) != 1:
         raise ValueError(f"use exactly one of decision_ids, batch_token, event_ids; got {used}")
     n = len(values)
-    columns: dict[str, Sequence[Any] | None] = {"prediction_scores": prediction_scores or None}
+    # len(), not truthiness: a NumPy column has no truth value.
+    scores = None if prediction_scores is None or len(prediction_scores) == 0 else prediction_scores
+    columns: dict[str, Sequence[Any] | None] = {"prediction_scores": scores}
     if decision_ids is not None:
         columns["decision_ids"] = decision_ids
     elif forms["batch_token"]:
@@ -241,9 +254,13 @@ def reward_batch_request(
 class AllocatorClient:
     """Blocking client with deadlines on every call and retries for idempotent calls.
 
-    Assign, AssignBatch, Reward*, Get*/List* and GetReport are retried on UNAVAILABLE,
-    DEADLINE_EXCEEDED and RESOURCE_EXHAUSTED; CreateExperiment, AddVariant, Archive and
-    the admin calls are never retried. ``timeout`` is the deadline of each attempt.
+    Assign, AssignBatch, Reward*, Get*/List* and GetReport are retried on UNAVAILABLE and
+    RESOURCE_EXHAUSTED; CreateExperiment, AddVariant, Archive and the admin calls are never
+    retried. ``timeout`` is the deadline of the whole call, its retries and their backoff
+    included: each attempt gets the time left, and a retry waits for the channel to
+    reconnect (``wait_for_ready``) within it. An Assign whose first attempt reached the
+    server but whose answer was lost is a decision nobody serves; on an experiment with a
+    ``default_reward`` it later receives that default.
 
     >>> with AllocatorClient("localhost:50051", admin_token="s3cret") as client:
     ...     choice = client.assign("ranker", unit_id="user-42")
@@ -262,27 +279,34 @@ class AllocatorClient:
         stub: Any = None,
         sleep: Callable[[float], None] = time.sleep,
         rand: Callable[[], float] = random.random,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         _require_finite("timeout", timeout)
         if timeout <= 0:
             raise ValueError(f"timeout must be > 0, got {timeout}")
-        if admin_token is not None and not admin_token:
-            raise ValueError("admin_token must be non-empty when given")
+        if admin_token is not None and not _header_safe(admin_token):
+            # Checked here: a token read from a file with its newline would otherwise make
+            # every admin call fail later with gRPC's "invalid metadata".
+            raise ValueError(
+                "admin_token must be non-empty printable ASCII without surrounding whitespace"
+            )
         if not isinstance(retries, RetryPolicy):
             raise TypeError(f"retries must be a RetryPolicy, got {type(retries).__name__}")
         self._timeout = float(timeout)
         self._retries = retries
         self._sleep = sleep
         self._rand = rand
+        self._clock = clock
         self._admin_metadata: tuple[tuple[str, str], ...] | None = (
             None if admin_token is None else (("authorization", f"Bearer {admin_token}"),)
         )
         self._channel: grpc.Channel | None = None
         if stub is None:
+            merged = list({**dict(CHANNEL_DEFAULTS), **dict(options)}.items())
             if credentials is None:
-                self._channel = grpc.insecure_channel(target, options=list(options))
+                self._channel = grpc.insecure_channel(target, options=merged)
             else:
-                self._channel = grpc.secure_channel(target, credentials, options=list(options))
+                self._channel = grpc.secure_channel(target, credentials, options=merged)
             stub = pb_grpc.AllocatorStub(self._channel)
         self._stub = stub
 
@@ -318,12 +342,21 @@ class AllocatorClient:
         timeout: float | None = None,
     ) -> Any:
         method = getattr(self._stub, rpc)
-        deadline = self._timeout if timeout is None else timeout
+        budget = self._timeout if timeout is None else timeout
+        _require_finite("timeout", budget)
+        if budget <= 0:
+            raise ValueError(f"timeout must be > 0, got {budget}")
+        end = self._clock() + budget
         metadata = self._admin_metadata if admin else None
         attempt = 1
+        remaining = budget
         while True:
             try:
-                return method(request, timeout=deadline, metadata=metadata)
+                # A retry waits (within the deadline) for the channel to reconnect, instead
+                # of failing at once while it is between connection attempts.
+                return method(
+                    request, timeout=remaining, metadata=metadata, wait_for_ready=attempt > 1
+                )
             except grpc.RpcError as error:
                 wait = self._retries.delay(
                     status_code(error),
@@ -332,10 +365,14 @@ class AllocatorClient:
                     rand=self._rand,
                     pushback=pushback_seconds(error),
                 )
-                if wait is None:
-                    raise
+                remaining = end - self._clock()
+                if wait is None or wait >= remaining:
+                    raise  # no retry, or none that could finish within the deadline
                 _log.debug("%s failed (%s), retry %d in %.3fs", rpc, error, attempt, wait)
                 self._sleep(wait)
+                remaining = end - self._clock()
+                if remaining <= 0:
+                    raise
                 attempt += 1
 
     # Experiments -------------------------------------------------------------------------
@@ -567,7 +604,9 @@ class AllocatorClient:
         unreachable) or RESOURCE_EXHAUSTED (this watcher fell behind and was dropped),
         reconnect after the retry policy's backoff with ``after_sequence`` = the last
         sequence seen, so nothing is missed or repeated; give up (raise) after
-        ``max_attempts`` failures in a row. ``timeout`` applies to each connection. With
+        ``max_attempts`` failures in a row. A reconnect waits for the server to come back
+        (``wait_for_ready``: with no ``timeout``, as long as it takes; a restart counts as
+        one failure). ``timeout`` applies to each connection. With
         ``after_sequence`` 0 and no event seen yet, the reconnect is live-only too, so
         events of the gap are not replayed. Without ``resume``, resume yourself with
         ``after_sequence``. Closing the generator cancels the call.
@@ -579,7 +618,9 @@ class AllocatorClient:
             request = pb.WatchEventsRequest(experiment=experiment, types=types, after_sequence=last)
             call = None
             try:
-                call = self._stub.WatchEvents(request, timeout=timeout)
+                # A reconnect waits for the server to be back (a restart takes seconds,
+                # more than the retry policy's backoff) rather than failing at once.
+                call = self._stub.WatchEvents(request, timeout=timeout, wait_for_ready=failures > 0)
                 for response in call:
                     failures = 0
                     last = max(last, response.event.sequence)

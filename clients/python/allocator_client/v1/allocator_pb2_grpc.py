@@ -39,9 +39,12 @@ class AllocatorStub:
     experiment NOT_FOUND, name taken ALREADY_EXISTS, wrong state FAILED_PRECONDITION,
     overload RESOURCE_EXHAUSTED, store down UNAVAILABLE. A failed call changes nothing.
 
-    Retries: Assign, AssignBatch, Reward, RewardBatch and the read RPCs are safe to retry
-    (rewards are idempotent by decision id / event id). CreateExperiment, AddVariant and the
-    admin RPCs are not.
+    Retries: Reward, RewardBatch and the read RPCs are safe to retry (rewards are
+    idempotent by decision id / event id). Assign and AssignBatch may be retried, but an
+    attempt that reached the server and whose answer was lost leaves a decision nobody
+    serves (with a default_reward, it later gets that default): retry them on UNAVAILABLE
+    and RESOURCE_EXHAUSTED, not DEADLINE_EXCEEDED. CreateExperiment, AddVariant and the
+    admin RPCs are not safe to retry.
     """
 
     def __init__(self, channel):
@@ -151,9 +154,12 @@ class AllocatorServicer:
     experiment NOT_FOUND, name taken ALREADY_EXISTS, wrong state FAILED_PRECONDITION,
     overload RESOURCE_EXHAUSTED, store down UNAVAILABLE. A failed call changes nothing.
 
-    Retries: Assign, AssignBatch, Reward, RewardBatch and the read RPCs are safe to retry
-    (rewards are idempotent by decision id / event id). CreateExperiment, AddVariant and the
-    admin RPCs are not.
+    Retries: Reward, RewardBatch and the read RPCs are safe to retry (rewards are
+    idempotent by decision id / event id). Assign and AssignBatch may be retried, but an
+    attempt that reached the server and whose answer was lost leaves a decision nobody
+    serves (with a default_reward, it later gets that default): retry them on UNAVAILABLE
+    and RESOURCE_EXHAUSTED, not DEADLINE_EXCEEDED. CreateExperiment, AddVariant and the
+    admin RPCs are not safe to retry.
     """
 
     def CreateExperiment(self, request, context):
@@ -391,9 +397,12 @@ class Allocator:
     experiment NOT_FOUND, name taken ALREADY_EXISTS, wrong state FAILED_PRECONDITION,
     overload RESOURCE_EXHAUSTED, store down UNAVAILABLE. A failed call changes nothing.
 
-    Retries: Assign, AssignBatch, Reward, RewardBatch and the read RPCs are safe to retry
-    (rewards are idempotent by decision id / event id). CreateExperiment, AddVariant and the
-    admin RPCs are not.
+    Retries: Reward, RewardBatch and the read RPCs are safe to retry (rewards are
+    idempotent by decision id / event id). Assign and AssignBatch may be retried, but an
+    attempt that reached the server and whose answer was lost leaves a decision nobody
+    serves (with a default_reward, it later gets that default): retry them on UNAVAILABLE
+    and RESOURCE_EXHAUSTED, not DEADLINE_EXCEEDED. CreateExperiment, AddVariant and the
+    admin RPCs are not safe to retry.
     """
 
     @staticmethod
