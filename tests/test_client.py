@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+import textwrap
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -554,7 +558,7 @@ def test_batcher_flushes_by_time_in_the_background() -> None:
 
 
 def test_batcher_hands_failed_batches_to_on_error() -> None:
-    error = FakeRpcError(grpc.StatusCode.INVALID_ARGUMENT)
+    error = FakeRpcError(grpc.StatusCode.FAILED_PRECONDITION)  # e.g. archived: all of it
     stub = FakeStub({"RewardBatch": [error]})
     client, _ = make_client(stub)
     failures: list[tuple[BaseException, pb.RewardBatchRequest]] = []
@@ -573,6 +577,124 @@ def test_batcher_hands_failed_batches_to_on_error() -> None:
     assert failures[0][0] is error
     assert list(failures[0][1].decision_ids) == ["d1", "d2"]
     assert sent_items(stub) == [("d1", "d2"), ("d3", "d4")]
+
+
+def test_batcher_sends_around_a_bad_reward_in_halves() -> None:
+    """The server rejects a whole batch (recording none of it) for one bad decision id:
+    the batcher resends halves, so the 7 good rewards are recorded and only the bad one
+    reaches on_error."""
+    stub = FakeStub()
+    real = stub.__getattr__("RewardBatch")
+
+    def reward_batch(request: pb.RewardBatchRequest, **kwargs: Any) -> Any:
+        if "bad" in request.decision_ids:
+            with stub.lock:
+                stub.calls.append(Recorded("RewardBatch", request, None, None))
+            raise FakeRpcError(grpc.StatusCode.INVALID_ARGUMENT)
+        return real(request, **kwargs)
+
+    stub.RewardBatch = reward_batch  # type: ignore[attr-defined]
+    client, _ = make_client(stub)
+    failures: list[pb.RewardBatchRequest] = []
+    ids = ["d0", "d1", "d2", "bad", "d4", "d5", "d6", "d7"]
+    with RewardBatcher(
+        client, "e", max_items=100, on_error=lambda exc, req: failures.append(req)
+    ) as batcher:
+        for decision_id in ids:
+            batcher.add(decision_id, 1.0)
+    assert [list(req.decision_ids) for req in failures] == [["bad"]]
+    accepted = [
+        d
+        for call in stub.calls
+        if "bad" not in call.request.decision_ids
+        for d in call.request.decision_ids
+    ]
+    assert sorted(accepted) == sorted(d for d in ids if d != "bad")
+    assert len(stub.calls) == 1 + 2 + 2 + 2  # 8, then halves of 4, of 2, of 1 around "bad"
+
+
+def test_a_failing_on_error_does_not_stop_the_batcher() -> None:
+    """on_error raises for the decision-id half of a timed flush: the event half of that
+    flush is still sent, and the timer thread goes on flushing later rewards."""
+    stub = FakeStub({"RewardBatch": [FakeRpcError(grpc.StatusCode.FAILED_PRECONDITION)]})
+    client, _ = make_client(stub)
+
+    def explode(exc: BaseException, req: pb.RewardBatchRequest) -> None:
+        raise RuntimeError("handler bug")
+
+    batcher = RewardBatcher(client, "e", max_items=100, max_delay_ms=20, on_error=explode)
+    try:
+        batcher.add("d1", 1.0)
+        batcher.add_event("a", "e1", 1.0)
+        _wait_for(lambda: len(stub.calls) == 2)
+        batcher.add("d2", 1.0)
+        _wait_for(lambda: len(stub.calls) == 3)  # the timer thread is alive
+    finally:
+        batcher.close()
+    assert sent_items(stub) == [("d1",), ("e1",), ("d2",)]
+
+
+def _wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "condition not met in time"
+        time.sleep(0.005)
+
+
+def test_batcher_logs_rewards_the_server_found_expired(caplog: pytest.LogCaptureFixture) -> None:
+    response = pb.RewardBatchResponse(accepted=1, expired=2)
+    stub = FakeStub({"RewardBatch": [response]})
+    client, _ = make_client(stub)
+    with RewardBatcher(client, "e", max_items=3) as batcher:
+        for decision_id in ("d1", "d2", "d3"):
+            batcher.add(decision_id, 1.0)
+    assert "2 of 3 rewards of 'e' arrived after their decision's TTL" in caplog.text
+
+
+def test_close_waits_for_a_send_in_progress_in_another_thread() -> None:
+    stub = FakeStub()
+    entered, release = threading.Event(), threading.Event()
+
+    def block(call: Recorded) -> None:
+        entered.set()
+        release.wait(10)
+
+    stub.on_call = block
+    client, _ = make_client(stub)
+    batcher = RewardBatcher(client, "e", max_items=1, max_delay_ms=60_000)
+    adder = threading.Thread(target=batcher.add, args=("d1", 1.0))
+    adder.start()  # a count-triggered send, in the adding thread
+    assert entered.wait(10)
+    closer = threading.Thread(target=batcher.close)
+    closer.start()
+    closer.join(0.2)
+    assert closer.is_alive()  # still waiting for the send
+    release.set()
+    closer.join(10)
+    adder.join(10)
+    assert not closer.is_alive()
+
+
+def test_rewards_still_buffered_at_interpreter_exit_are_sent() -> None:
+    """A script that never closes its batcher: the buffered rewards go out at exit."""
+    script = textwrap.dedent(
+        """
+        from allocator_client import AllocatorClient, RewardBatcher, pb
+
+        class Stub:
+            def RewardBatch(self, request, timeout=None, metadata=None, wait_for_ready=None):
+                print("sent", list(request.decision_ids), flush=True)
+                return pb.RewardBatchResponse(accepted=len(request.values))
+
+        batcher = RewardBatcher(AllocatorClient("x", stub=Stub()), "e", max_delay_ms=60_000)
+        batcher.add("d1", 1.0)
+        batcher.add("d2", 0.0)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.strip() == "sent ['d1', 'd2']"
 
 
 def test_batcher_is_thread_safe() -> None:

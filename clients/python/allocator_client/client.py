@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import random
 import threading
 import time
+import weakref
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -671,27 +673,38 @@ class _Pending:
     score: float  # NaN: no prediction score
 
 
-def _requests(experiment: str, items: Sequence[_Pending]) -> list[pb.RewardBatchRequest]:
-    """At most two requests: one addressed by decision ids, one by event ids."""
+def _groups(items: Sequence[_Pending]) -> list[list[_Pending]]:
+    """The items addressed by decision id, then those addressed by event id (non-empty)."""
     by_decision = [item for item in items if item.decision_id]
     by_event = [item for item in items if not item.decision_id]
-    requests = []
-    for group in (by_decision, by_event):
-        if not group:
-            continue
-        scores = [item.score for item in group]
-        request = pb.RewardBatchRequest(
-            experiment=experiment,
-            values=[item.value for item in group],
-            prediction_scores=[] if all(math.isnan(s) for s in scores) else scores,
-        )
-        if group is by_decision:
-            request.decision_ids.extend(item.decision_id for item in group)
-        else:
-            request.event_ids.extend(item.event_id for item in group)
-            request.variants.extend(item.variant for item in group)
-        requests.append(request)
-    return requests
+    return [group for group in (by_decision, by_event) if group]
+
+
+def _request(experiment: str, group: Sequence[_Pending]) -> pb.RewardBatchRequest:
+    """One RewardBatch of ``group`` (all addressed the same way)."""
+    scores = [item.score for item in group]
+    request = pb.RewardBatchRequest(
+        experiment=experiment,
+        values=[item.value for item in group],
+        prediction_scores=[] if all(math.isnan(s) for s in scores) else scores,
+    )
+    if group[0].decision_id:
+        request.decision_ids.extend(item.decision_id for item in group)
+    else:
+        request.event_ids.extend(item.event_id for item in group)
+        request.variants.extend(item.variant for item in group)
+    return request
+
+
+# Batchers still open at interpreter exit are closed (flushed) then, not dropped with their
+# daemon timer thread.
+_open_batchers: weakref.WeakSet[RewardBatcher] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_batchers() -> None:
+    for batcher in list(_open_batchers):
+        batcher.close()
 
 
 class RewardBatcher:
@@ -699,8 +712,11 @@ class RewardBatcher:
 
     Flushes when ``max_items`` are buffered (in the thread that adds the last one), when
     the oldest buffered reward is ``max_delay_ms`` old (in a background thread), and on
-    ``flush()``/``close()``. A batch that still fails after the client's retries goes to
-    ``on_error(error, request)``; the default logs and drops it. Thread-safe.
+    ``flush()``/``close()``; one still open at interpreter exit is closed then. A batch
+    the server rejects as INVALID_ARGUMENT (it then records none of it) is sent again in
+    halves, so a bad reward costs only itself. A batch that still fails after the
+    client's retries goes to ``on_error(error, request)``; the default logs and drops it.
+    Rewards the server reports EXPIRED (past their decision's TTL) are logged. Thread-safe.
 
     >>> with RewardBatcher(client, "ranker", max_items=500, max_delay_ms=50) as batcher:
     ...     batcher.add(choice.decision_id, 1.0)
@@ -733,8 +749,10 @@ class RewardBatcher:
         self._items: list[_Pending] = []
         self._oldest = 0.0  # monotonic time of the first buffered item
         self._closed = False
+        self._sending = 0  # sends in progress, in any thread (close waits for them)
         self._timer = threading.Thread(target=self._run, name="reward-batcher", daemon=True)
         self._timer.start()
+        _open_batchers.add(self)
 
     def add(self, decision_id: str, value: float, *, prediction_score: float | None = None) -> None:
         """Buffer a reward for a decision id (single or ``<batch_token>.<i>``)."""
@@ -781,11 +799,42 @@ class RewardBatcher:
         return items
 
     def _send(self, items: Sequence[_Pending]) -> None:
-        for request in _requests(self._experiment, items):
+        if not items:
+            return
+        with self._cond:
+            self._sending += 1
+        try:
+            for group in _groups(items):
+                self._send_group(group)
+        finally:
+            with self._cond:
+                self._sending -= 1
+                self._cond.notify_all()
+
+    def _send_group(self, group: Sequence[_Pending]) -> None:
+        request = _request(self._experiment, group)
+        try:
+            response = self._client.send_reward_batch(request)
+        except Exception as error:  # the batcher must outlive any failed batch
+            if status_code(error) == grpc.StatusCode.INVALID_ARGUMENT and len(group) > 1:
+                # Rejected whole for its bad items, nothing recorded: halves, until each bad
+                # one fails alone (about log2(n) calls per bad reward).
+                half = len(group) // 2
+                self._send_group(group[:half])
+                self._send_group(group[half:])
+                return
             try:
-                self._client.send_reward_batch(request)
-            except Exception as error:  # the batcher must outlive any failed batch
                 self._on_error(error, request)
+            except Exception:  # a failing handler must not stop the timer or the flush
+                _log.exception("on_error failed; %d rewards dropped", len(group))
+            return
+        if response.expired:
+            _log.warning(
+                "%d of %d rewards of %r arrived after their decision's TTL and were not counted",
+                response.expired,
+                len(group),
+                self._experiment,
+            )
 
     def _run(self) -> None:
         while True:
@@ -810,12 +859,16 @@ class RewardBatcher:
         self._send(batch)
 
     def close(self) -> None:
-        """Stop the timer and flush what is left; idempotent."""
+        """Stop the timer, flush what is left and wait for sends in progress; idempotent."""
         with self._cond:
             self._closed = True
-            self._cond.notify()
+            self._cond.notify_all()
         self._timer.join()
         self.flush()
+        with self._cond:
+            while self._sending:
+                self._cond.wait()
+        _open_batchers.discard(self)
 
     def __enter__(self) -> RewardBatcher:
         return self
