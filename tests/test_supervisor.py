@@ -52,6 +52,14 @@ def _start_fast(tmp_path: Path) -> Running:
     )
 
 
+def _start_still(tmp_path: Path) -> Running:
+    """A server whose supervisor passes once an hour: a test makes the passes it needs."""
+    return create_server(
+        server_config(f"sqlite:///{tmp_path / 's.sqlite'}", promotion_interval_s=3600.0),
+        registry=CollectorRegistry(),
+    )
+
+
 @pytest.fixture
 def fast_server(tmp_path: Path) -> Iterator[Running]:
     running = _start_fast(tmp_path)
@@ -214,10 +222,7 @@ def test_promoting_the_same_variant_again_between_two_passes_starts_a_new_watch(
     """Rollback and a new promotion of the same variant before the supervisor's next pass:
     the champion is the same, the promotion is not. The old watch (reference and statistic
     of the rolled-back promotion) must end and a new one start for the new promotion."""
-    running = create_server(
-        server_config(f"sqlite:///{tmp_path / 's.sqlite'}", promotion_interval_s=3600.0),
-        registry=CollectorRegistry(),
-    )
+    running = _start_still(tmp_path)
     try:
         sup = running.supervisor
         with AllocatorClient(f"127.0.0.1:{running.port}", admin_token=ADMIN_TOKEN) as c:
@@ -243,10 +248,7 @@ def test_a_promotion_is_watched_from_its_commit_not_from_the_next_pass(
 ) -> None:
     """The supervisor passes once an hour here: the rewards that follow a Promote must
     still all reach the new champion's monitor (they are the start of its burn-in)."""
-    running = create_server(
-        server_config(f"sqlite:///{tmp_path / 's.sqlite'}", promotion_interval_s=3600.0),
-        registry=CollectorRegistry(),
-    )
+    running = _start_still(tmp_path)
     try:
         with AllocatorClient(f"127.0.0.1:{running.port}", admin_token=ADMIN_TOKEN) as c:
             c.create_experiment(_monitored(pb.REGRESSION_ACTION_NOTIFY_ONLY))
@@ -344,22 +346,9 @@ def test_archiving_after_a_restart_while_paused_deletes_the_saved_monitor_state(
     stays in the store forever. ``event``: archived here before any supervisor pass
     (they are an hour apart); ``pass``: the ARCHIVED event is not seen here (as for an
     archive made by another replica), so a pass must notice the state change."""
-    first = _start_fast(tmp_path)
-    try:
-        with AllocatorClient(f"127.0.0.1:{first.port}", admin_token=ADMIN_TOKEN) as c:
-            c.create_experiment(_monitored(pb.REGRESSION_ACTION_NOTIFY_ONLY))
-            c.promote("m", "b", reason="test")
-            _wait(lambda: _watching(first))
-            _send_rate(c, np.random.default_rng(14), "saved", 0.5, 2)
-            _wait(lambda: _saved_rewards(first) == 2000)
-            c.pause("m", reason="incident")
-            _wait(lambda: (saved := _saved_monitor(first)) is not None and saved["paused"])
-    finally:
-        first.stop(1.0)
     interval = 3600.0 if seen_by == "event" else 0.1
-    second = create_server(
-        server_config(f"sqlite:///{tmp_path / 's.sqlite'}", promotion_interval_s=interval),
-        registry=CollectorRegistry(),
+    second = _restarted_with_saved_monitor(
+        tmp_path, 2000, paused=True, promotion_interval_s=interval
     )
     try:
         if seen_by == "pass":
@@ -374,9 +363,12 @@ def test_archiving_after_a_restart_while_paused_deletes_the_saved_monitor_state(
         second.stop(1.0)
 
 
-def _restarted_with_saved_monitor(tmp_path: Path, rewards: int, **overrides: object) -> Running:
-    """A server whose monitor of "m" (NOTIFY_ONLY, champion b) saved ``rewards`` rewards,
-    stopped and started again with ``overrides``."""
+def _restarted_with_saved_monitor(
+    tmp_path: Path, rewards: int, *, paused: bool = False, **overrides: object
+) -> Running:
+    """A server whose monitor of "m" (NOTIFY_ONLY, champion b) saved ``rewards`` rewards
+    (and, ``paused``, was then saved paused), stopped and started again with ``overrides``
+    (a supervisor pass every 0.1 s unless they say otherwise)."""
     first = _start_fast(tmp_path)
     try:
         with AllocatorClient(f"127.0.0.1:{first.port}", admin_token=ADMIN_TOKEN) as c:
@@ -384,11 +376,15 @@ def _restarted_with_saved_monitor(tmp_path: Path, rewards: int, **overrides: obj
             c.promote("m", "b", reason="test")
             _wait(lambda: _watching(first))
             _send_rate(c, np.random.default_rng(12), "saved", 0.5, rewards // 1000)
-        _wait(lambda: _saved_rewards(first) == rewards)
+            _wait(lambda: _saved_rewards(first) == rewards)
+            if paused:
+                c.pause("m", reason="incident")
+                _wait(lambda: (saved := _saved_monitor(first)) is not None and saved["paused"])
     finally:
         first.stop(1.0)
+    settings: dict[str, Any] = {"promotion_interval_s": 0.1, **overrides}
     return create_server(
-        server_config(f"sqlite:///{tmp_path / 's.sqlite'}", promotion_interval_s=0.1, **overrides),
+        server_config(f"sqlite:///{tmp_path / 's.sqlite'}", **settings),
         registry=CollectorRegistry(),
     )
 
@@ -560,10 +556,7 @@ def test_a_reaction_is_not_applied_over_what_happened_since(
     reacts: a rollback by hand must not be turned into a REOPEN (the old fallback), a
     pause must stay paused, and a new promotion (of the same variant, too) must not be
     rolled back for its predecessor's regression."""
-    running = create_server(
-        server_config(f"sqlite:///{tmp_path / 's.sqlite'}", promotion_interval_s=3600.0),
-        registry=CollectorRegistry(),
-    )
+    running = _start_still(tmp_path)
     try:
         app, sup = running.app, running.supervisor
         with AllocatorClient(f"127.0.0.1:{running.port}", admin_token=ADMIN_TOKEN) as c:
@@ -589,10 +582,7 @@ def test_a_reaction_is_not_applied_over_what_happened_since(
 def test_a_rollback_with_no_earlier_champion_reopens(tmp_path: Path) -> None:
     """The control itself was promoted, so there is nothing to roll back to: the
     regression reopens the experiment instead."""
-    running = create_server(
-        server_config(f"sqlite:///{tmp_path / 's.sqlite'}", promotion_interval_s=3600.0),
-        registry=CollectorRegistry(),
-    )
+    running = _start_still(tmp_path)
     try:
         app, sup = running.app, running.supervisor
         with AllocatorClient(f"127.0.0.1:{running.port}", admin_token=ADMIN_TOKEN) as c:
