@@ -67,8 +67,11 @@ def _report(ns: argparse.Namespace) -> int:
             f"{v.expected_loss:>10.5f}{v.stratified_mean:>9.4f}"
         )
     for t in rep.tests:
+        # Drift tests compare a variant's prediction scores since its promotion with those
+        # before it, not with control.
+        what = "scores now vs before" if t.name.endswith("_drift") else "vs control"
         print(
-            f"{t.name} {t.variant} vs control: statistic {t.statistic:.3f}, "
+            f"{t.name} {t.variant} {what}: statistic {t.statistic:.3f}, "
             f"p {t.p_value:.4g} (Holm-adjusted {t.p_value_adjusted:.4g})"
         )
     if rep.srm.decisions:

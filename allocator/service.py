@@ -56,6 +56,7 @@ from allocator.errors import (
 from allocator.lifecycle import Action
 from allocator.metrics import Metrics
 from allocator.report import build_report, spec_alpha
+from allocator.stats import holm
 from allocator.store import StoreUnavailable, VersionConflict
 
 log = logging.getLogger("allocator.service")
@@ -458,7 +459,11 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
         status = self.app.promotion_status(rec)
         if status is not None:
             resp.promotion.CopyFrom(status)
-        for arm, (ks, psi) in rec.scores.compare().items():
+        drift = rec.scores.compare()
+        # The KS tests are their own family (one per variant with scores): Holm over them,
+        # not over the comparisons with control. PSI is an index, with no p-value.
+        ks_adjusted = holm([ks.p_value for ks, _ in drift.values()]).tolist()
+        for (arm, (ks, psi)), ks_p in zip(drift.items(), ks_adjusted, strict=True):
             name = rec.config.variants[arm]
             resp.tests.append(
                 pb.TestResult(
@@ -466,6 +471,7 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
                     variant=name,
                     statistic=ks.statistic,
                     p_value=ks.p_value,
+                    p_value_adjusted=ks_p,
                 )
             )
             resp.tests.append(
@@ -474,6 +480,7 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
                     variant=name,
                     statistic=psi.value,
                     p_value=float("nan"),
+                    p_value_adjusted=float("nan"),
                 )
             )
         power = self.app.power(rec)

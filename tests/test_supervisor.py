@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,6 +17,7 @@ from allocator_client import AllocatorClient
 from allocator_client.v1 import allocator_pb2 as pb
 from prometheus_client import CollectorRegistry
 
+from allocator import cli
 from allocator.app import Record
 from allocator.lifecycle import Action, State
 from allocator.monitor import Reaction, Regression
@@ -620,31 +622,45 @@ def test_stable_champion_is_not_rolled_back(fast_server: Running) -> None:
         assert c.get_experiment("s").state == pb.EXPERIMENT_STATE_PROMOTED
 
 
-def test_prediction_score_drift_is_reported(fast_server: Running) -> None:
+def test_prediction_score_drift_is_reported(
+    fast_server: Running, capsys: pytest.CaptureFixture[str]
+) -> None:
     rng = np.random.default_rng(5)
     with AllocatorClient(f"127.0.0.1:{fast_server.port}", admin_token=ADMIN_TOKEN) as c:
         c.create_experiment(pb.ExperimentSpec(name="d", variants=["a", "b"]))
 
-        def send(prefix: str, mean: float) -> None:
+        def send(prefix: str, mean: float, variant: str = "b") -> None:
             scores = rng.normal(mean, 0.1, size=300).tolist()
             c.reward_batch(
                 "d",
                 [1.0] * 300,
-                event_ids=[f"{prefix}{i}" for i in range(300)],
-                variants=["b"] * 300,
+                event_ids=[f"{prefix}{variant}{i}" for i in range(300)],
+                variants=[variant] * 300,
                 prediction_scores=scores,
             )
 
         send("before", 0.5)
+        send("before", 0.5, "a")
         c.promote("d", "b", reason="test")
         send("after", 0.7)
+        send("after", 0.5, "a")  # the held-out control's scores did not move
         tests = {(t.name, t.variant): t for t in c.get_report("d").tests}
+    assert cli.main(["--target", f"127.0.0.1:{fast_server.port}", "report", "d"]) == 0
+    out = capsys.readouterr().out
+    assert "ks_prediction_drift b scores now vs before: statistic" in out
+    assert "drift b vs control" not in out
     ks = tests[("ks_prediction_drift", "b")]
     psi = tests[("psi_prediction_drift", "b")]
     # A 2-sd shift of 300 vs 300 scores: KS p-value is astronomically small, and PSI is
     # far above the 0.25 "significant shift" line.
     assert ks.p_value < 1e-6 and ks.statistic > 0.5
     assert psi.statistic > 0.25
+    # Holm over the two KS tests (their own family): the smaller p doubled, the larger
+    # at least that; PSI has no p-value to adjust.
+    ks_a = tests[("ks_prediction_drift", "a")]
+    assert ks.p_value_adjusted == pytest.approx(2 * ks.p_value)
+    assert ks_a.p_value_adjusted == pytest.approx(min(1.0, max(ks_a.p_value, 2 * ks.p_value)))
+    assert math.isnan(psi.p_value_adjusted)
 
 
 def test_prediction_score_windows_survive_a_restart(tmp_path: Path) -> None:
