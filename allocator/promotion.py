@@ -642,11 +642,19 @@ def evaluate(
     control: int = 0,
     guardrails: Mapping[str, GuardrailCheck] | None = None,
     variants: Sequence[str] | None = None,
+    reward_counts: np.ndarray | None = None,
 ) -> PromotionDecision:
     """Apply the promotion rule to ``stats``; ``rng`` (a state, advanced, or a seed) drives
-    the Monte Carlo. ``variants`` only names arms in the reasons."""
+    the Monte Carlo. ``variants`` only names arms in the reasons.
+
+    ``reward_counts``: rewards received per arm, for ``min_samples`` (default: the counts
+    in ``stats``). With discounting the weight in ``stats`` levels off near 1 / (1 - gamma)
+    however many rewards arrive, so it cannot stand for "enough rewards seen".
+    """
     a = _check_stats(stats)
     k_arms = a.shape[0]
+    if reward_counts is not None and np.shape(reward_counts) != (k_arms,):
+        raise ValueError(f"reward_counts must have {k_arms} entries, got {np.shape(reward_counts)}")
     if not (math.isfinite(age_seconds) and age_seconds >= 0):
         raise ValueError(f"age_seconds must be finite and >= 0, got {age_seconds!r}")
     if isinstance(control, bool) or not 0 <= int(control) < k_arms:
@@ -701,12 +709,13 @@ def evaluate(
         if not ok:
             unmet.append(label)
 
-    fewest = int(np.argmin(n))
-    samples_ok = bool(n[fewest] >= s.min_samples_per_variant)
+    received = n if reward_counts is None else np.asarray(reward_counts, dtype=np.float64)
+    fewest = int(np.argmin(received))
+    samples_ok = bool(received[fewest] >= s.min_samples_per_variant)
     check(
         samples_ok,
         MIN_SAMPLES,
-        f"fewest rewards {n[fewest]:.0f} ({_name(variants, fewest)}) "
+        f"fewest rewards {received[fewest]:.0f} ({_name(variants, fewest)}) "
         f"{'>=' if samples_ok else '<'} {s.min_samples_per_variant}",
     )
     age_ok = age_seconds >= s.min_duration_seconds

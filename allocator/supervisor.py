@@ -129,6 +129,7 @@ def evaluate_promotion(app: Allocator, rec: Record) -> pb.PromotionStatus | None
         seed,
         guardrails=checks,
         variants=rec.config.variants,
+        reward_counts=view.reward_counts,
     )
     reasons = list(decision.reasons) + [
         f"guardrail {m}: no data for every variant yet" for m in missing

@@ -742,6 +742,35 @@ def test_clear_winner_is_promoted_automatically_and_reproducibly(fast_server: Ru
     assert "promotion rule met" in audit[0].reason
 
 
+def test_a_discounted_experiment_reaches_min_samples_by_rewards_received(
+    fast_server: Running,
+) -> None:
+    """With discount 0.999 the posterior weight of all rewards levels off near
+    1 / (1 - 0.999) = 1,000 (about 500 per arm here), below a min_samples of 2,000:
+    counted by that weight, the clear winner (0.5 vs 0.1 over 5,000 rewards each) could
+    never be promoted. (Its always-valid bound, on the discounted weight as it should be,
+    is met: 0.4 apart at ~500 each is ~15 standard errors.)"""
+    spec = pb.ExperimentSpec(
+        name="disc",
+        variants=["a", "b"],
+        policy=pb.POLICY_THOMPSON,
+        discount=0.999,
+        promotion=pb.PromotionSettings(min_samples_per_variant=2000),
+    )
+    rng = np.random.default_rng(9)
+    with AllocatorClient(f"127.0.0.1:{fast_server.port}", admin_token=ADMIN_TOKEN) as c:
+        c.create_experiment(spec)
+        variants = ["a", "b"] * 5000  # interleaved: the discount ages both arms alike
+        rates = np.array([0.1, 0.5] * 5000)
+        values = (rng.uniform(size=rates.size) < rates).astype(float).tolist()
+        ids = [f"e{i}" for i in range(rates.size)]
+        c.reward_batch("disc", values, event_ids=ids, variants=variants)
+        _wait(lambda: c.get_experiment("disc").state == pb.EXPERIMENT_STATE_PROMOTED)
+        assert c.get_experiment("disc").champion == "b"
+        reasons = c.get_report("disc").promotion.reasons
+    assert any(r.startswith("min_samples: fewest rewards 5000 (a) >= 2000") for r in reasons)
+
+
 def test_promotion_evaluation_is_reproducible(fast_server: Running) -> None:
     from allocator.promotion import evaluate
     from allocator.supervisor import promotion_settings
