@@ -159,6 +159,13 @@ def check_promotion(spec: pb.ExperimentSpec) -> None:
     for field in ("alpha", "power"):
         if p.HasField(field) and not 0.0 < getattr(p, field) < 1.0:
             raise InvalidArgument(f"spec.promotion.{field}", "must be in (0, 1)")
+    # A difference of two rates: the power analysis needs room for a control rate p0 with
+    # p0 + min_effect < 1 (past 0.99 no experiment could show it anyway).
+    bernoulli = spec.reward_type in (pb.REWARD_TYPE_UNSPECIFIED, pb.REWARD_TYPE_BERNOULLI)
+    if bernoulli and p.HasField("min_effect") and not p.min_effect < 0.99:
+        raise InvalidArgument(
+            "spec.promotion.min_effect", "is a difference of two rates: must be below 0.99"
+        )
     try:
         promotion_settings(spec)
     except (ValueError, TypeError) as err:

@@ -160,6 +160,8 @@ def power_analysis(engine: Engine, name: str, spec: pb.ExperimentSpec) -> pb.Pow
     n = es[:, :, 0].sum(axis=0)
     k = view.config.n_arms
     if view.config.policy.reward == RewardKind.BERNOULLI:
+        if promo.min_effect >= 0.99:  # refused at creation; one stored before cannot be sized
+            return None
         p0 = float(es[:, 0, 1].sum() / n[0]) if n[0] > 0 else 0.5
         p0 = min(max(p0, 1e-3), 1.0 - promo.min_effect - 1e-3)
         required = stats.sample_size_proportions(

@@ -89,12 +89,27 @@ def test_create_errors_name_the_field(client: AllocatorClient, stub: pb_grpc.All
             _spec("x", promotion=pb.PromotionSettings(futility_probability=0.1)),
             "spec.promotion.futility_probability",
         ),
+        # A 0/1 rate cannot move by 1: the power analysis had no control rate to use.
+        (_spec("x", promotion=pb.PromotionSettings(min_effect=1.0)), "spec.promotion.min_effect"),
     ]
     for spec, field in bad:
         code, details = _code(stub.CreateExperiment, pb.CreateExperimentRequest(spec=spec))
         assert code == grpc.StatusCode.INVALID_ARGUMENT, (spec, details)
         assert field in details, details
     assert [e.spec.name for e in client.list_experiments()] == ["exp"]
+
+
+def test_report_of_a_stored_spec_with_an_impossible_min_effect_still_answers(
+    client: AllocatorClient, server: Running
+) -> None:
+    """Created before min_effect >= 0.99 was refused, a Bernoulli experiment made every
+    GetReport fail INTERNAL (no control rate leaves room for the effect): it now answers,
+    without a power analysis."""
+    client.create_experiment(_spec(promotion=pb.PromotionSettings(min_effect=0.5)))
+    assert client.get_report("exp").HasField("power")
+    server.app.records["exp"].spec.promotion.min_effect = 1.0  # as loaded from an old row
+    report = client.get_report("exp")
+    assert not report.HasField("power") and len(report.variants) == 3
 
 
 def test_unknown_experiment_is_not_found(stub: pb_grpc.AllocatorStub) -> None:
