@@ -10,7 +10,8 @@ Which estimate is which (also sent in ``notes``):
   (pooled means can be flipped by Simpson's paradox when base rates drift while traffic
   shifts); ``ipw_mean``: Hajek inverse-propensity estimate over the same strata.
 * ``lift``: pooled difference to control with a Welch interval.
-* Tests: chi-square (Bernoulli) or Welch t (continuous) vs control, with Holm-adjusted
+* Tests: chi-square (0/1 rewards) or Welch t (others, fractional Bernoulli rewards too) vs
+  control, with Holm-adjusted
   p-values over the comparisons; fixed-horizon
   semantics: under adaptive allocation with continuous looks, their p-values are not
   always-valid; the promotion rule does not use them.
@@ -28,13 +29,18 @@ from allocator.engine import Engine
 from allocator.policies import RewardKind, make_policy
 
 NOTES = (
-    "mean/ci: pooled mean and exact posterior credible interval (interval_level). "
-    "p_best/expected_loss: Monte "
-    "Carlo over the posterior. stratified_mean/se: within-epoch means combined with "
+    "mean/ci: pooled mean and exact posterior credible interval (interval_level); with a "
+    "discount the interval, p_best and expected_loss are of the discounted posterior "
+    "(recent rewards weigh more) and the mean is over all rewards, so it may lie outside. "
+    "p_best/expected_loss: Monte Carlo over the posterior. stratified_mean/se: "
+    "within-epoch means combined with "
     "epoch-traffic weights common to all variants - safe under changing allocation "
     "(Simpson's paradox). ipw_mean: Hajek inverse-propensity-weighted estimate using the "
-    "shares in force per epoch. lift: pooled difference vs control, Welch interval. "
-    "Tests are fixed-horizon tests on pooled data (p_value_adjusted: Holm over the "
+    "shares in force per epoch (NaN when some of a variant's rewards come from an epoch "
+    "whose share for it is 0, as with index policies). lift: pooled difference vs "
+    "control, Welch interval. "
+    "Tests (chi-square for 0/1 rewards, else Welch t) are fixed-horizon tests on pooled "
+    "data (p_value_adjusted: Holm over the "
     "comparisons with control), which adaptive allocation makes "
     "anti-conservative even at a single look (simulated Thompson A/A: chi-square below "
     "0.05 in ~12% of runs, pooled means ~4% low) and which are not always-valid under "
@@ -90,10 +96,14 @@ def build_report(engine: Engine, name: str, alpha: float = 0.05) -> pb.GetReport
             row.lift_ci_low = _f(lift.absolute.lower)
             row.lift_ci_high = _f(lift.absolute.upper)
         resp.variants.append(row)
+    # The chi-square counts successes: right for 0/1 rewards only. A Bernoulli experiment
+    # also takes rewards in [0, 1], and fractional ones summed as counts leave the test
+    # with almost no power; they show as ss < s (r * r < r), and get Welch instead.
+    binary = bool(np.all(ss == s))
     for i in range(1, k):
         if n[i] < 2 or n[0] < 2:
             continue
-        if cfg.policy.reward == RewardKind.BERNOULLI:
+        if cfg.policy.reward == RewardKind.BERNOULLI and binary:
             t = stats.chi_square([s[0], s[i]], [n[0], n[i]])
         else:
             t = stats.welch_t(
@@ -187,9 +197,15 @@ def power_analysis(engine: Engine, name: str, spec: pb.ExperimentSpec) -> pb.Pow
 
 
 def _ipw(shares: np.ndarray, pulls: np.ndarray, es: np.ndarray) -> np.ndarray:
-    """Hajek estimate per arm: sum_e (sum of rewards / share) / sum_e (count / share)."""
+    """Hajek estimate per arm: sum_e (sum of rewards / share) / sum_e (count / share).
+
+    NaN for an arm with rewards in an epoch whose recorded share for it is 0 (an index
+    policy's decisions follow the index, not the split estimated at the refresh): their
+    inverse propensity is undefined, and leaving them out would bias the estimate.
+    """
     with np.errstate(divide="ignore", invalid="ignore"):
         w = np.where(shares > 0, 1.0 / shares, 0.0)
         num = (es[:, :, 1] * w).sum(axis=0)
         den = (es[:, :, 0] * w).sum(axis=0)
-        return np.where(den > 0, num / np.maximum(den, 1e-300), np.nan)
+        unweighted = ((shares <= 0) & (es[:, :, 0] > 0)).any(axis=0)
+        return np.where((den > 0) & ~unweighted, num / np.maximum(den, 1e-300), np.nan)
