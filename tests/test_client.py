@@ -416,6 +416,27 @@ def test_client_owns_and_closes_a_real_channel() -> None:
     tls.close()
 
 
+def test_channels_reconnect_quickly_unless_options_say_otherwise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """gRPC's own reconnect backoff grows to 120 s; the client's channels cap it at 5 s
+    (and start at 0.1 s), and an option the caller passes wins."""
+    seen: list[dict[str, Any]] = []
+    real = grpc.insecure_channel
+
+    def capture(target: str, options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
+        seen.append(dict(options))
+        return real(target, options=options)
+
+    monkeypatch.setattr(grpc, "insecure_channel", capture)
+    AllocatorClient("localhost:1").close()
+    AllocatorClient("localhost:1", options=[("grpc.max_reconnect_backoff_ms", 30_000)]).close()
+    assert seen[0]["grpc.initial_reconnect_backoff_ms"] == 100
+    assert seen[0]["grpc.max_reconnect_backoff_ms"] == 5000
+    assert "grpc.min_reconnect_backoff_ms" not in seen[0]  # the connect timeout: left alone
+    assert seen[1]["grpc.max_reconnect_backoff_ms"] == 30_000
+
+
 # Batch decisions -----------------------------------------------------------------------
 
 

@@ -28,10 +28,11 @@ RETRYABLE_CODES: frozenset[grpc.StatusCode] = frozenset(
 )
 # Channel defaults (``options`` overrides them): gRPC's own reconnect backoff starts at 1 s
 # and grows to 120 s, so a client would notice a restarted server seconds to minutes late,
-# and retries waiting for the channel (below) would wait that long.
+# and retries waiting for the channel (below) would wait that long. Not
+# grpc.min_reconnect_backoff_ms: core uses it as the connect attempt's minimum timeout
+# (20 s), and a short one fails slow TLS handshakes (grpc/grpc#12830, #33593).
 CHANNEL_DEFAULTS: tuple[tuple[str, Any], ...] = (
     ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 5000),
 )
 PUSHBACK_KEY = "grpc-retry-pushback-ms"
