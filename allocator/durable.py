@@ -581,6 +581,11 @@ class RewardWriter:
         except Exception as err:
             self._mark_down(err)
 
+    def replicas(self) -> list[str]:
+        """This replica and every other one whose rows it has pulled; from any thread
+        (``list`` copies the keys in one step under the GIL)."""
+        return [self.replica_id, *(r for r in list(self.positions) if r != self.replica_id)]
+
     def applied_positions(self) -> dict[str, int] | None:
         """The log positions, per replica, of every row applied so far (writer thread only):
         what a snapshot, or a monitor's saved state, includes. None while a failed commit is

@@ -483,6 +483,7 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
                     p_value_adjusted=float("nan"),
                 )
             )
+        resp.tests.extend(self.app.rank_tests(rec))
         power = self.app.power(rec)
         if power is not None:
             resp.power.CopyFrom(power)

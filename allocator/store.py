@@ -540,6 +540,12 @@ class Store(Protocol):
         """Per variant the last `per_arm` prediction scores received in `spans`."""
         ...
 
+    def recent_rewards(
+        self, experiment_id: int, replicas: Sequence[str], per_replica: int
+    ) -> list[tuple[int, float]]:
+        """(arm, value) of the last `per_replica` rewards each of `replicas` logged."""
+        ...
+
     def add_assignment_counts(self, rows: Sequence[AssignmentCount]) -> None:
         """Add the deltas to the stored counts."""
         ...
@@ -1340,6 +1346,28 @@ class SqlStore:
                 )
                 for r in conn.execute(query)
             ]
+
+    @_guard
+    def recent_rewards(
+        self, experiment_id: int, replicas: Sequence[str], per_replica: int
+    ) -> list[tuple[int, float]]:
+        """(arm, value) of the last `per_replica` rewards of `experiment_id` that each of
+        `replicas` logged: one backward range scan of the primary-key-ordered index per
+        replica, each reading at most `per_replica` rows."""
+        if per_replica < 1:
+            raise ValueError(f"per_replica must be >= 1, got {per_replica}")
+        c = rewards.c
+        out: list[tuple[int, float]] = []
+        with self._tx(write=False) as conn:
+            for replica in replicas:
+                query = (
+                    sa.select(c.arm, c.value)
+                    .where(c.experiment_id == experiment_id, c.replica_id == replica)
+                    .order_by(c.replica_seq.desc())
+                    .limit(per_replica)
+                )
+                out.extend((int(arm), float(value)) for arm, value in conn.execute(query))
+        return out
 
     @_guard
     def recent_scores(

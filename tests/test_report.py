@@ -6,10 +6,11 @@ import math
 
 import numpy as np
 import pytest
+from scipy import stats as sps
 
 from allocator.engine import Engine, ExperimentConfig
 from allocator.policies import PolicyConfig, PolicyKind
-from allocator.report import build_report
+from allocator.report import RANK_MIN_PER_VARIANT, build_report, rank_tests
 
 
 def _run(kind: PolicyKind, decisions: int = 3000) -> Engine:
@@ -79,3 +80,31 @@ def test_binary_rewards_of_a_bernoulli_experiment_get_the_chi_square() -> None:
     b = (rng.random(500) < 0.2).astype(float)
     (test,) = build_report(_rewarded(a, b), "x").tests
     assert test.name == "pearson_chi2"
+
+
+def test_rank_tests_match_scipy_and_are_holm_adjusted_among_themselves() -> None:
+    rng = np.random.default_rng(5)
+    control = rng.normal(0.0, 1.0, 300)
+    shifted = rng.normal(0.4, 1.0, 300)  # 0.4 sd: clearly detected at n = 300
+    same = rng.normal(0.0, 1.0, 300)
+    few = rng.normal(5.0, 1.0, RANK_MIN_PER_VARIANT - 1)  # too few to test
+    sample = (
+        [(0, float(v)) for v in control]
+        + [(1, float(v)) for v in shifted]
+        + [(2, float(v)) for v in same]
+        + [(3, float(v)) for v in few]
+    )
+    tests = rank_tests(["a", "b", "c", "d"], sample)
+    assert [(t.name, t.variant) for t in tests] == [
+        ("mann_whitney_u", "b"),
+        ("mann_whitney_u", "c"),
+    ]
+    for t, values in zip(tests, (shifted, same), strict=True):
+        ref = sps.mannwhitneyu(values, control, alternative="two-sided")
+        assert t.statistic == pytest.approx(ref.statistic)
+        assert t.p_value == pytest.approx(ref.pvalue)
+    b, c = tests
+    assert b.p_value < 1e-4
+    assert b.p_value_adjusted == pytest.approx(2 * b.p_value)
+    assert c.p_value_adjusted == pytest.approx(min(1.0, max(c.p_value, 2 * b.p_value)))
+    assert rank_tests(["a", "b"], [(1, 1.0)] * 50) == []  # no control values

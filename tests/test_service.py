@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 from allocator_client import AllocatorClient
 from allocator_client.v1 import allocator_pb2 as pb
@@ -26,6 +27,7 @@ from allocator.config import ServerConfig
 from allocator.lifecycle import Event, EventType
 from allocator.server import STORE_HEALTH, Running, create_server
 from allocator.service import _code_for, _watch_ended
+from allocator.store import StoreUnavailable
 from tests.conftest import ADMIN_TOKEN, server_config
 
 
@@ -893,6 +895,35 @@ def test_cli_report_says_what_the_srm_check_covers(
     out = capsys.readouterr().out
     assert f"over {covered} table decisions" in out
     assert "SRM: sequential p = 1 (one-look chi-square p = " in out
+
+
+def test_report_runs_the_rank_test_on_logged_continuous_rewards(
+    client: AllocatorClient, server: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Mann-Whitney needs the rewards themselves, which the report reads from the log:
+    continuous rewards get it (b shifted by 0.5 sd over 400 rewards each: p ~ 1e-12);
+    0/1 rewards do not (their chi-square is the test). With the store down the rest of
+    the report, served from memory, still answers."""
+    rng = np.random.default_rng(8)
+    client.create_experiment(_spec("cont", ("a", "b"), reward_type=pb.REWARD_TYPE_NORMAL))
+    client.create_experiment(_spec("bin", ("a", "b")))
+    for variant, shift in (("a", 0.0), ("b", 0.5)):
+        values = rng.normal(10.0 + shift, 1.0, 400).tolist()
+        ids = [f"{variant}{i}" for i in range(400)]
+        client.reward_batch("cont", values, event_ids=ids, variants=[variant] * 400)
+        client.reward_batch("bin", [1.0, 0.0] * 200, event_ids=ids, variants=[variant] * 400)
+    rank = [t for t in client.get_report("cont").tests if t.name == "mann_whitney_u"]
+    assert [t.variant for t in rank] == ["b"]
+    assert rank[0].p_value < 1e-6 and rank[0].p_value_adjusted == rank[0].p_value
+    assert not any(t.name == "mann_whitney_u" for t in client.get_report("bin").tests)
+
+    def down(*args: object) -> None:
+        raise StoreUnavailable("read", "connection refused")
+
+    monkeypatch.setattr(server.app.store, "recent_rewards", down)
+    report = client.get_report("cont")
+    assert len(report.variants) == 2
+    assert [t.name for t in report.tests] == ["welch_t"]
 
 
 def test_report_intervals_use_the_spec_alpha(client: AllocatorClient) -> None:
