@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import socket
 import subprocess
 import sys
 import textwrap
@@ -246,7 +247,7 @@ def test_no_retry_policy_makes_one_attempt() -> None:
 
 def test_timeout_bounds_the_whole_call_retries_and_backoff_included() -> None:
     """Each attempt gets the time left; a retry that could not finish in time is not
-    made; the first attempt fails fast, retries wait for the channel to reconnect."""
+    made."""
     clock = FakeClock()
     stub = FakeStub({"Reward": [FakeRpcError(UNAVAILABLE) for _ in range(5)]})
 
@@ -268,7 +269,6 @@ def test_timeout_bounds_the_whole_call_retries_and_backoff_included() -> None:
     # t=0: attempt (0.1 s), wait 0.1; t=0.2: attempt with 0.3 s left (0.1 s); at t=0.3 the
     # next wait (0.2) would leave no time for an attempt, so it gives up there.
     assert [c.timeout for c in stub.calls] == pytest.approx([0.5, 0.3])
-    assert [c.wait_for_ready for c in stub.calls] == [False, True]
     assert clock.sleeps == pytest.approx([0.1])
     assert clock.now - 1000.0 == pytest.approx(0.3)
 
@@ -313,7 +313,6 @@ def test_every_call_carries_a_deadline_and_only_admin_calls_the_token() -> None:
     client.rollback("e")
     client.resume("e")
     assert [call.timeout for call in stub.calls] == [0.5, 10.0, 0.5, 0.5, 0.5]
-    assert not any(call.wait_for_ready for call in stub.calls)  # first attempts fail fast
     bearer = (("authorization", "Bearer s3cret"),)
     assert [call.metadata for call in stub.calls] == [None, None, bearer, bearer, bearer]
     assert stub.calls[2].request == pb.PromoteRequest(
@@ -619,7 +618,11 @@ def test_batcher_sends_around_a_bad_reward_in_halves() -> None:
     failures: list[pb.RewardBatchRequest] = []
     ids = ["d0", "d1", "d2", "bad", "d4", "d5", "d6", "d7"]
     with RewardBatcher(
-        client, "e", max_items=100, on_error=lambda exc, req: failures.append(req)
+        client,
+        "e",
+        max_items=100,
+        max_delay_ms=60_000,
+        on_error=lambda exc, req: failures.append(req),
     ) as batcher:
         for decision_id in ids:
             batcher.add(decision_id, 1.0)
@@ -694,6 +697,89 @@ def test_close_waits_for_a_send_in_progress_in_another_thread() -> None:
     closer.join(10)
     adder.join(10)
     assert not closer.is_alive()
+
+
+def test_a_server_that_stays_down_gives_unavailable_not_deadline_exceeded() -> None:
+    """The retry waits for the channel to reconnect within the deadline; when it never
+    does, the caller learns the server was unreachable (nothing can have been acted on),
+    not DEADLINE_EXCEEDED."""
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with (
+        AllocatorClient(f"127.0.0.1:{port}", timeout=0.5) as client,
+        pytest.raises(grpc.RpcError) as err,
+    ):
+        client.reward("d1", 1.0)
+    assert status_code(err.value) == UNAVAILABLE
+
+
+@pytest.mark.parametrize("where", ["add", "flush", "timer"])
+def test_close_from_on_error_does_not_deadlock(
+    where: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """on_error runs inside a send; closing the batcher from it (to give up on a dead
+    server, say) must not wait for that very send, nor join the timer thread from itself."""
+    stub = FakeStub({"RewardBatch": [FakeRpcError(grpc.StatusCode.FAILED_PRECONDITION)]})
+    client, _ = make_client(stub)
+    batcher: RewardBatcher | None = None
+
+    def give_up(exc: BaseException, req: pb.RewardBatchRequest) -> None:
+        assert batcher is not None
+        batcher.close()
+
+    max_items, delay = (1, 60_000.0) if where == "add" else (100, 60_000.0)
+    if where == "timer":
+        delay = 10.0
+    batcher = RewardBatcher(client, "e", max_items=max_items, max_delay_ms=delay, on_error=give_up)
+
+    def work() -> None:
+        assert batcher is not None
+        batcher.add("d1", 1.0)
+        if where == "flush":
+            batcher.flush()
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    worker.join(10)
+    assert not worker.is_alive()
+    _wait_for(lambda: batcher._closed and not batcher._timer.is_alive())
+    with pytest.raises(RuntimeError, match="closed"):
+        batcher.add("d2", 1.0)
+    assert "on_error failed" not in caplog.text  # close() itself did not raise
+
+
+def test_closing_the_client_flushes_its_batchers_first() -> None:
+    """``with AllocatorClient(...)`` ends before interpreter exit: the batcher's rewards
+    must go out while the channel still works, not fail at exit on a closed one."""
+    stub = FakeStub()
+    client, _ = make_client(stub)
+    with client:
+        batcher = RewardBatcher(client, "e", max_delay_ms=60_000)
+        batcher.add("d1", 1.0)
+    assert sent_items(stub) == [("d1",)]
+    with pytest.raises(RuntimeError, match="closed"):
+        batcher.add("d2", 1.0)
+
+
+def test_a_batch_bad_throughout_is_not_split_down_to_every_item() -> None:
+    """Every one of 1,000 rewards is bad (ids signed with a retired key, say): halving
+    would cost 1,999 calls; the split budget (8 per bit of n: 80) stops it, and what is
+    left goes to on_error whole."""
+    stub = FakeStub({"RewardBatch": [FakeRpcError(grpc.StatusCode.INVALID_ARGUMENT)] * 5000})
+    client, _ = make_client(stub)
+    failed: list[int] = []
+    with RewardBatcher(
+        client,
+        "e",
+        max_items=1000,
+        max_delay_ms=60_000,
+        on_error=lambda exc, req: failed.append(len(req.values)),
+    ) as batcher:
+        for i in range(1000):
+            batcher.add(f"d{i}", 1.0)
+    assert len(stub.calls) <= 1 + 2 * 80
+    assert sum(failed) == 1000  # every reward reached on_error exactly once
 
 
 def test_rewards_still_buffered_at_interpreter_exit_are_sent() -> None:

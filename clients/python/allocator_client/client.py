@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import collections
 import logging
 import math
 import random
@@ -260,8 +261,9 @@ class AllocatorClient:
     Assign, AssignBatch, Reward*, Get*/List* and GetReport are retried on UNAVAILABLE and
     RESOURCE_EXHAUSTED; CreateExperiment, AddVariant, Archive and the admin calls are never
     retried. ``timeout`` is the deadline of the whole call, its retries and their backoff
-    included: each attempt gets the time left, and a retry waits for the channel to
-    reconnect (``wait_for_ready``) within it. An Assign whose first attempt reached the
+    included: each attempt gets the time left, and a retry first waits for the channel to
+    reconnect within it (if it never does, the UNAVAILABLE is raised). An Assign whose
+    first attempt reached the
     server but whose answer was lost is a decision nobody serves; on an experiment with a
     ``default_reward`` it later receives that default.
 
@@ -304,6 +306,7 @@ class AllocatorClient:
             None if admin_token is None else (("authorization", f"Bearer {admin_token}"),)
         )
         self._channel: grpc.Channel | None = None
+        self._batchers: weakref.WeakSet[RewardBatcher] = weakref.WeakSet()
         if stub is None:
             merged = list({**dict(CHANNEL_DEFAULTS), **dict(options)}.items())
             if credentials is None:
@@ -319,7 +322,10 @@ class AllocatorClient:
         return self._stub
 
     def close(self) -> None:
-        """Close the channel this client opened (not one behind an injected stub)."""
+        """Close the RewardBatchers built on this client (flushing them, while the channel
+        still works), then the channel it opened (not one behind an injected stub)."""
+        for batcher in list(self._batchers):
+            batcher.close()
         if self._channel is not None:
             self._channel.close()
             self._channel = None
@@ -334,6 +340,17 @@ class AllocatorClient:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+    def _ready_within(self, seconds: float) -> bool:
+        """Whether the channel this client owns connects within ``seconds`` (True at once
+        for an injected stub: its channel is not ours to watch)."""
+        if self._channel is None:
+            return True
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=seconds)
+        except grpc.FutureTimeoutError:
+            return False
+        return True
 
     def _call(
         self,
@@ -355,11 +372,7 @@ class AllocatorClient:
         remaining = budget
         while True:
             try:
-                # A retry waits (within the deadline) for the channel to reconnect, instead
-                # of failing at once while it is between connection attempts.
-                return method(
-                    request, timeout=remaining, metadata=metadata, wait_for_ready=attempt > 1
-                )
+                return method(request, timeout=remaining, metadata=metadata)
             except grpc.RpcError as error:
                 wait = self._retries.delay(
                     status_code(error),
@@ -374,8 +387,13 @@ class AllocatorClient:
                 _log.debug("%s failed (%s), retry %d in %.3fs", rpc, error, attempt, wait)
                 self._sleep(wait)
                 remaining = end - self._clock()
-                if remaining <= 0:
+                # The retry waits (within the deadline) for the channel to reconnect rather
+                # than failing at once between two connection attempts; if it never does,
+                # the caller gets this UNAVAILABLE, not a DEADLINE_EXCEEDED that would
+                # suggest the server may have acted.
+                if remaining <= 0 or not self._ready_within(remaining):
                     raise
+                remaining = end - self._clock()
                 attempt += 1
 
     # Experiments -------------------------------------------------------------------------
@@ -713,9 +731,12 @@ class RewardBatcher:
 
     Flushes when ``max_items`` are buffered (in the thread that adds the last one), when
     the oldest buffered reward is ``max_delay_ms`` old (in a background thread), and on
-    ``flush()``/``close()``; one still open at interpreter exit is closed then. A batch
-    the server rejects as INVALID_ARGUMENT (it then records none of it) is sent again in
-    halves, so a bad reward costs only itself. A batch that still fails after the
+    ``flush()``/``close()``; closing its client closes it first, and one still open at
+    interpreter exit is closed then. A batch the server rejects as INVALID_ARGUMENT (it
+    then records none of it) is sent again in halves, so a bad reward costs only itself
+    (a split budget of 8 per bit of the batch size stops a batch bad throughout from
+    costing a call per reward; the rest goes to ``on_error`` whole). A batch that still
+    fails after the
     client's retries goes to ``on_error(error, request)``; the default logs and drops it.
     Rewards the server reports EXPIRED (past their decision's TTL) are logged. Thread-safe.
 
@@ -750,10 +771,12 @@ class RewardBatcher:
         self._items: list[_Pending] = []
         self._oldest = 0.0  # monotonic time of the first buffered item
         self._closed = False
-        self._sending = 0  # sends in progress, in any thread (close waits for them)
+        # Threads with a send in progress (close waits for those of other threads).
+        self._senders: collections.Counter[int] = collections.Counter()
         self._timer = threading.Thread(target=self._run, name="reward-batcher", daemon=True)
         self._timer.start()
         _open_batchers.add(self)
+        client._batchers.add(self)
 
     def add(self, decision_id: str, value: float, *, prediction_score: float | None = None) -> None:
         """Buffer a reward for a decision id (single or ``<batch_token>.<i>``)."""
@@ -802,27 +825,34 @@ class RewardBatcher:
     def _send(self, items: Sequence[_Pending]) -> None:
         if not items:
             return
+        me = threading.get_ident()
         with self._cond:
-            self._sending += 1
+            self._senders[me] += 1
         try:
             for group in _groups(items):
-                self._send_group(group)
+                # Splits allowed: enough to find about four bad rewards among n (2 log2 n
+                # calls each), not the 2n - 1 calls of a batch that is bad throughout.
+                self._send_group(group, [8 * max(1, len(group).bit_length())])
         finally:
             with self._cond:
-                self._sending -= 1
+                self._senders[me] -= 1
+                if not self._senders[me]:
+                    del self._senders[me]
                 self._cond.notify_all()
 
-    def _send_group(self, group: Sequence[_Pending]) -> None:
+    def _send_group(self, group: Sequence[_Pending], splits: list[int]) -> None:
         request = _request(self._experiment, group)
         try:
             response = self._client.send_reward_batch(request)
         except Exception as error:  # the batcher must outlive any failed batch
-            if status_code(error) == grpc.StatusCode.INVALID_ARGUMENT and len(group) > 1:
+            code = status_code(error)
+            if code == grpc.StatusCode.INVALID_ARGUMENT and len(group) > 1 and splits[0] > 0:
                 # Rejected whole for its bad items, nothing recorded: halves, until each bad
-                # one fails alone (about log2(n) calls per bad reward).
+                # one fails alone (about 2 log2(n) calls per bad reward).
+                splits[0] -= 1
                 half = len(group) // 2
-                self._send_group(group[:half])
-                self._send_group(group[half:])
+                self._send_group(group[:half], splits)
+                self._send_group(group[half:], splits)
                 return
             try:
                 self._on_error(error, request)
@@ -860,16 +890,20 @@ class RewardBatcher:
         self._send(batch)
 
     def close(self) -> None:
-        """Stop the timer, flush what is left and wait for sends in progress; idempotent."""
+        """Stop the timer, flush what is left and wait for the other threads' sends in
+        progress; idempotent, and safe from ``on_error`` (inside a send of its own)."""
+        me = threading.get_ident()
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        self._timer.join()
+        if self._timer.ident != me:
+            self._timer.join()
         self.flush()
         with self._cond:
-            while self._sending:
+            while sum(self._senders.values()) > self._senders.get(me, 0):
                 self._cond.wait()
         _open_batchers.discard(self)
+        self._client._batchers.discard(self)
 
     def __enter__(self) -> RewardBatcher:
         return self
