@@ -43,7 +43,12 @@ from allocator.errors import (
 from allocator.lifecycle import Action, Event, EventType, IllegalTransition, Lifecycle, State
 from allocator.metrics import Metrics
 from allocator.policies import RewardKind
-from allocator.report import RANK_SAMPLE_PER_REPLICA, power_analysis, rank_tests
+from allocator.report import (
+    RANK_SAMPLE_PER_REPLICA,
+    common_window,
+    power_analysis,
+    rank_tests,
+)
 from allocator.store import (
     AlreadyExists,
     AuditRecord,
@@ -1270,19 +1275,21 @@ class Allocator:
         return power_analysis(self.engine, rec.name, rec.spec)
 
     def rank_tests(self, rec: Record) -> list[pb.TestResult]:
-        """Mann-Whitney vs control for continuous rewards, on the most recent logged ones
-        of every replica this one has applied (the report's other tests use sufficient
-        statistics, which a rank test cannot); none for 0/1 rewards (the chi-square's)."""
+        """Mann-Whitney vs control for continuous rewards, on the logged rewards of the
+        recent span every replica's last RANK_SAMPLE_PER_REPLICA cover (the report's other
+        tests use sufficient statistics, which a rank test cannot); none for 0/1 rewards
+        (the chi-square's)."""
         if rec.config.policy.reward == RewardKind.BERNOULLI:
             return []
         try:
-            sample = self.store.recent_rewards(
+            windows = self.store.recent_rewards(
                 rec.id, self.writer.replicas(), RANK_SAMPLE_PER_REPLICA
             )
         except StoreUnavailable:
             # The rest of the report is served from memory: it stays available without it.
             log.warning("experiment %s: store unavailable, report without rank tests", rec.name)
             return []
+        sample = common_window(windows, RANK_SAMPLE_PER_REPLICA)
         return rank_tests(rec.config.variants, sample)
 
     def leader(self) -> bool:

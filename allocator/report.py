@@ -21,7 +21,7 @@ Which estimate is which (also sent in ``notes``):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from allocator_client.v1 import allocator_pb2 as pb
@@ -42,7 +42,8 @@ NOTES = (
     "whose share for it is 0, as with index policies). lift: pooled difference vs "
     "control, Welch interval. "
     "Tests (chi-square for 0/1 rewards, else Welch t; mann_whitney_u for continuous "
-    "rewards, on the last 5,000 logged rewards of each replica) are fixed-horizon tests "
+    "rewards, on the logged rewards of the recent span each replica's last 5,000 cover) "
+    "are fixed-horizon tests "
     "on pooled data (p_value_adjusted: Holm over the "
     "comparisons with control), which adaptive allocation makes "
     "anti-conservative even at a single look (simulated Thompson A/A: chi-square below "
@@ -218,6 +219,24 @@ def _ipw(shares: np.ndarray, pulls: np.ndarray, es: np.ndarray) -> np.ndarray:
 # rewards per replica, and each side needs this many of them.
 RANK_SAMPLE_PER_REPLICA = 5_000
 RANK_MIN_PER_VARIANT = 20
+
+
+def common_window(
+    windows: Mapping[str, Sequence[tuple[int, float, float]]], per_replica: int
+) -> list[tuple[int, float]]:
+    """(arm, value) of the rewards every replica's window covers completely.
+
+    Each replica's window is its last ``per_replica`` rewards (arm, value, received_at).
+    A full one starts wherever that many rewards ago was, so windows of replicas with
+    different traffic, or of one that stopped long ago, span different times; mixing them
+    as they are would weigh old rewards by how quiet their replica was. The sample keeps
+    the rewards received at or after the latest start of a full window: in that span every
+    replica's rewards are all there (a window that is not full holds its replica's whole
+    history).
+    """
+    starts = [min(t for _, _, t in rows) for rows in windows.values() if len(rows) >= per_replica]
+    cutoff = max(starts, default=-math.inf)
+    return [(arm, value) for rows in windows.values() for arm, value, t in rows if t >= cutoff]
 
 
 def rank_tests(variants: Sequence[str], sample: Sequence[tuple[int, float]]) -> list[pb.TestResult]:

@@ -542,8 +542,8 @@ class Store(Protocol):
 
     def recent_rewards(
         self, experiment_id: int, replicas: Sequence[str], per_replica: int
-    ) -> list[tuple[int, float]]:
-        """(arm, value) of the last `per_replica` rewards each of `replicas` logged."""
+    ) -> dict[str, list[tuple[int, float, float]]]:
+        """Per replica (arm, value, received_at) of the last `per_replica` rewards it logged."""
         ...
 
     def add_assignment_counts(self, rows: Sequence[AssignmentCount]) -> None:
@@ -1350,23 +1350,26 @@ class SqlStore:
     @_guard
     def recent_rewards(
         self, experiment_id: int, replicas: Sequence[str], per_replica: int
-    ) -> list[tuple[int, float]]:
-        """(arm, value) of the last `per_replica` rewards of `experiment_id` that each of
-        `replicas` logged: one backward range scan of the primary-key-ordered index per
-        replica, each reading at most `per_replica` rows."""
+    ) -> dict[str, list[tuple[int, float, float]]]:
+        """Per replica, (arm, value, received_at) of the last `per_replica` rewards of
+        `experiment_id` it logged, newest first (replicas with none are left out): one
+        backward range scan of the (experiment, replica, seq) index per replica, each
+        reading at most `per_replica` rows."""
         if per_replica < 1:
             raise ValueError(f"per_replica must be >= 1, got {per_replica}")
         c = rewards.c
-        out: list[tuple[int, float]] = []
+        out: dict[str, list[tuple[int, float, float]]] = {}
         with self._tx(write=False) as conn:
             for replica in replicas:
                 query = (
-                    sa.select(c.arm, c.value)
+                    sa.select(c.arm, c.value, c.received_at)
                     .where(c.experiment_id == experiment_id, c.replica_id == replica)
                     .order_by(c.replica_seq.desc())
                     .limit(per_replica)
                 )
-                out.extend((int(arm), float(value)) for arm, value in conn.execute(query))
+                rows = [(int(a), float(v), float(t)) for a, v, t in conn.execute(query)]
+                if rows:
+                    out[replica] = rows
         return out
 
     @_guard

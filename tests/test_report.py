@@ -10,7 +10,7 @@ from scipy import stats as sps
 
 from allocator.engine import Engine, ExperimentConfig
 from allocator.policies import PolicyConfig, PolicyKind
-from allocator.report import RANK_MIN_PER_VARIANT, build_report, rank_tests
+from allocator.report import RANK_MIN_PER_VARIANT, build_report, common_window, rank_tests
 
 
 def _run(kind: PolicyKind, decisions: int = 3000) -> Engine:
@@ -108,3 +108,20 @@ def test_rank_tests_match_scipy_and_are_holm_adjusted_among_themselves() -> None
     assert b.p_value_adjusted == pytest.approx(2 * b.p_value)
     assert c.p_value_adjusted == pytest.approx(min(1.0, max(c.p_value, 2 * b.p_value)))
     assert rank_tests(["a", "b"], [(1, 1.0)] * 50) == []  # no control values
+
+
+def test_the_rank_sample_is_the_span_every_replica_covers() -> None:
+    """A busy replica's last 4 rewards span t = 7..10, a quiet one's t = 1..9, and one that
+    stopped long ago has 4 rewards around t = -100; a replica with 2 rewards in all has
+    its whole history. The sample is what was received from t = 7 on (the latest start of
+    a full window), where every replica's rewards are complete."""
+    windows = {
+        "busy": [(0, 10.0, 10.0), (1, 9.0, 9.0), (0, 8.0, 8.0), (1, 7.0, 7.0)],
+        "quiet": [(0, 9.5, 9.0), (1, 6.0, 6.0), (0, 3.0, 3.0), (1, 1.0, 1.0)],
+        "gone": [(0, -1.0, -100.0), (0, -2.0, -101.0), (1, -3.0, -102.0), (1, -4.0, -103.0)],
+        "new": [(0, 20.0, 8.5), (1, 21.0, 2.0)],
+    }
+    sample = common_window(windows, per_replica=4)
+    assert sorted(sample) == sorted([(0, 10.0), (1, 9.0), (0, 8.0), (1, 7.0), (0, 9.5), (0, 20.0)])
+    assert common_window({"only": [(0, 1.0, 5.0)]}, per_replica=4) == [(0, 1.0)]
+    assert common_window({}, per_replica=4) == []

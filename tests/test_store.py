@@ -590,9 +590,13 @@ def test_recent_rewards_are_each_replicas_latest_of_the_experiment(store: SqlSto
     store.append_rewards("r2", [_reward(f"b{i}", exp, value=100.0 + i) for i in range(3)])
     store.append_rewards("r1", [_reward("o", other, value=-1.0)])  # another experiment's
     got = store.recent_rewards(exp, ["r1", "r2", "r3"], per_replica=4)
-    # r1's last four of this experiment (newest first), then r2's three; r3 has none.
-    assert got == [(1, 5.0), (0, 4.0), (1, 3.0), (0, 2.0), (0, 102.0), (0, 101.0), (0, 100.0)]
-    assert store.recent_rewards(exp, [], per_replica=4) == []
+    # r1's last four of this experiment (newest first), r2's three; r3 has none.
+    at = 5.0  # _reward's received_at
+    assert got == {
+        "r1": [(1, 5.0, at), (0, 4.0, at), (1, 3.0, at), (0, 2.0, at)],
+        "r2": [(0, 102.0, at), (0, 101.0, at), (0, 100.0, at)],
+    }
+    assert store.recent_rewards(exp, [], per_replica=4) == {}
     with pytest.raises(ValueError, match="per_replica"):
         store.recent_rewards(exp, ["r1"], per_replica=0)
 
