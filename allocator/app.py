@@ -1031,10 +1031,16 @@ class Allocator:
             raise InvalidArgument(field, "decision ids or event ids are required")
         if rec.lifecycle.state == State.ARCHIVED:
             raise WrongState(rec.name, "ARCHIVED", "record rewards")
+        # Every value is checked, at its position in the request (an expired item's too:
+        # it is bad input all the same), so an error names the item the caller sent.
+        self.engine.validate_rewards(
+            rec.name,
+            np.array([0 if r is None else r[0] for r in resolved], dtype=np.int64),
+            np.asarray(values, dtype=np.float64),
+        )
         live = [i for i, r in enumerate(resolved) if r is not None]
         arms_arr = np.array([resolved[i][0] for i in live], dtype=np.int64)  # type: ignore[index]
         vals = np.asarray([values[i] for i in live], dtype=np.float64)
-        self.engine.validate_rewards(rec.name, arms_arr, vals)
         m = len(live)
         score_arr = (
             np.array([scores[i] for i in live], dtype=np.float64) if scores else np.full(m, np.nan)

@@ -774,7 +774,9 @@ class Engine:
             raise InvalidArgument("values", f"{v.size} values for {a.size} variants")
         if v.size and not np.isfinite(v).all():
             bad = int(np.flatnonzero(~np.isfinite(v))[0])
-            raise InvalidArgument("values", f"reward {bad} is not a finite number: {v[bad]!r}")
+            raise InvalidArgument(
+                "values", f"reward {bad} is not a finite number: {float(v[bad])!r}"
+            )
         if (
             exp.config.policy.reward == RewardKind.BERNOULLI
             and v.size
@@ -782,7 +784,7 @@ class Engine:
         ):
             bad = int(np.flatnonzero((v < 0.0) | (v > 1.0))[0])
             raise InvalidArgument(
-                "values", f"bernoulli rewards must be in [0, 1], reward {bad} is {v[bad]!r}"
+                "values", f"bernoulli rewards must be in [0, 1], reward {bad} is {float(v[bad])!r}"
             )
         e: np.ndarray | None = None
         if epochs is not None:

@@ -14,6 +14,7 @@ import grpc
 import numpy as np
 import pytest
 from allocator_client import AllocatorClient
+from allocator_client.client import status_code
 from allocator_client.v1 import allocator_pb2 as pb
 from allocator_client.v1 import allocator_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -212,6 +213,13 @@ def test_expired_decision_is_reported_expired(tmp_path: Path, registry: Collecto
             d = c.assign("exp")
             time.sleep(1.3)
             assert c.reward(d.decision_id, 1.0) == pb.REWARD_STATUS_EXPIRED
+            assert sum(running.app.engine.counts("exp").values()) == 0
+            # A bad value after an expired item is named at its place in the request.
+            fresh = c.assign("exp")
+            with pytest.raises(grpc.RpcError) as err:
+                c.reward_batch("exp", [1.0, 2.0], decision_ids=[d.decision_id, fresh.decision_id])
+            assert status_code(err.value) == grpc.StatusCode.INVALID_ARGUMENT
+            assert "reward 1 is 2.0" in err.value.details()
             assert sum(running.app.engine.counts("exp").values()) == 0
     finally:
         running.stop(1.0)
