@@ -549,7 +549,9 @@ def decide_kernel(
     Codes: 0 continue, 1 promote, 2 futility stop. ``tolerance`` or ``margin`` < 0 mean the
     defaults; ``futility_prob`` <= 0 disables futility. The cheap conditions are checked
     first and the Monte Carlo only runs when they pass, so it consumes ``rng`` only then;
-    from the same state it decides exactly as :func:`evaluate` does.
+    from the same state it decides exactly as :func:`evaluate` does without
+    ``reward_counts`` (``min_samples`` against the counts in ``stats``: for a discounted
+    experiment pass the rewards received, as the server does).
     """
     k_arms = stats.shape[0]
     pmean = np.empty(k_arms)
