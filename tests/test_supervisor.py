@@ -142,6 +142,13 @@ def _monitored(action: pb.RegressionAction) -> pb.ExperimentSpec:
     )
 
 
+def _watched(c: AllocatorClient, running: Running, action: pb.RegressionAction) -> None:
+    """Experiment "m" (CUSUM, ``action``) created and b promoted, its monitor fed."""
+    c.create_experiment(_monitored(action))
+    c.promote("m", "b", reason="test")
+    _wait(lambda: _watching(running))
+
+
 def _send_rate(
     c: AllocatorClient, rng: np.random.Generator, tag: str, rate: float, rounds: int
 ) -> None:
@@ -168,15 +175,12 @@ def test_monitor_survives_a_restart(tmp_path: Path) -> None:
     then the rate drops to 20%: the restarted monitor flags it within the 50 batches that
     follow. Started from nothing it would be burning in on the dropped rate (200 batches)
     and take it for normal."""
-    spec = _monitored(pb.REGRESSION_ACTION_ROLLBACK)
     rng = np.random.default_rng(3)
 
     first = _start_fast(tmp_path)
     try:
         with AllocatorClient(f"127.0.0.1:{first.port}", admin_token=ADMIN_TOKEN) as c:
-            c.create_experiment(spec)
-            c.promote("m", "b", reason="test")
-            _wait(lambda: _watching(first, "m"))
+            _watched(c, first, pb.REGRESSION_ACTION_ROLLBACK)
             _send_rate(c, rng, "before", 0.5, 25)  # 250 batches of 100: past the burn-in (200)
         reference = first.supervisor._watches["m"].monitor.detector.state()
 
@@ -200,9 +204,7 @@ def test_saved_monitor_state_is_deleted_when_its_watch_ends(fast_server: Running
     made, forever); promoting again saves the new watch's state under its own key."""
     rng = np.random.default_rng(6)
     with AllocatorClient(f"127.0.0.1:{fast_server.port}", admin_token=ADMIN_TOKEN) as c:
-        c.create_experiment(_monitored(pb.REGRESSION_ACTION_NOTIFY_ONLY))
-        c.promote("m", "b", reason="test")
-        _wait(lambda: _watching(fast_server, "m"))
+        _watched(c, fast_server, pb.REGRESSION_ACTION_NOTIFY_ONLY)
         _send_rate(c, rng, "first", 0.5, 1)
         _wait(lambda: _saved_monitor(fast_server) is not None)
         first = _saved_monitor(fast_server)
@@ -270,14 +272,11 @@ def test_monitor_catches_up_on_rewards_logged_after_its_last_save(tmp_path: Path
     """A crash between two saves: the restarted monitor replays the logged rewards after
     the positions saved with its state, so it ends where the crashed one was (every reward
     counted once), not one save interval behind."""
-    spec = _monitored(pb.REGRESSION_ACTION_NOTIFY_ONLY)
     rng = np.random.default_rng(9)
     first = _start_fast(tmp_path)
     try:
         with AllocatorClient(f"127.0.0.1:{first.port}", admin_token=ADMIN_TOKEN) as c:
-            c.create_experiment(spec)
-            c.promote("m", "b", reason="test")
-            _wait(lambda: _watching(first, "m"))
+            _watched(c, first, pb.REGRESSION_ACTION_NOTIFY_ONLY)
             _send_rate(c, rng, "saved", 0.5, 10)
             _wait(lambda: _saved_rewards(first) == 10_000)
             # What a crash does to the monitor: nothing more of it gets saved.
@@ -316,9 +315,7 @@ def test_pausing_a_promotion_keeps_its_saved_monitor_state(fast_server: Running)
     burn-in that would take whatever the rewards did meanwhile for normal."""
     rng = np.random.default_rng(10)
     with AllocatorClient(f"127.0.0.1:{fast_server.port}", admin_token=ADMIN_TOKEN) as c:
-        c.create_experiment(_monitored(pb.REGRESSION_ACTION_NOTIFY_ONLY))
-        c.promote("m", "b", reason="test")
-        _wait(lambda: _watching(fast_server, "m"))
+        _watched(c, fast_server, pb.REGRESSION_ACTION_NOTIFY_ONLY)
         _send_rate(c, rng, "before", 0.5, 3)
         _wait(lambda: _saved_rewards(fast_server) == 3_000)
         c.pause("m", reason="incident")
@@ -374,9 +371,7 @@ def _restarted_with_saved_monitor(
     first = _start_fast(tmp_path)
     try:
         with AllocatorClient(f"127.0.0.1:{first.port}", admin_token=ADMIN_TOKEN) as c:
-            c.create_experiment(_monitored(pb.REGRESSION_ACTION_NOTIFY_ONLY))
-            c.promote("m", "b", reason="test")
-            _wait(lambda: _watching(first))
+            _watched(c, first, pb.REGRESSION_ACTION_NOTIFY_ONLY)
             _send_rate(c, np.random.default_rng(12), "saved", 0.5, rewards // 1000)
             _wait(lambda: _saved_rewards(first) == rewards)
             if paused:
@@ -465,9 +460,7 @@ def test_regression_reported_before_a_restart_is_not_reported_again(tmp_path: Pa
     first = _start_fast(tmp_path)
     try:
         with AllocatorClient(f"127.0.0.1:{first.port}", admin_token=ADMIN_TOKEN) as c:
-            c.create_experiment(_monitored(pb.REGRESSION_ACTION_NOTIFY_ONLY))
-            c.promote("m", "b", reason="test")
-            _wait(lambda: _watching(first, "m"))
+            _watched(c, first, pb.REGRESSION_ACTION_NOTIFY_ONLY)
             _send_rate(c, rng, "before", 0.5, 25)
             _send_rate(c, rng, "drop", 0.2, 5)  # 6 batch-sd below: flagged in ~2 batches
             _wait(lambda: drifts(first) == 1)
@@ -521,9 +514,7 @@ def test_reaction_that_fails_is_retried_and_other_experiments_go_on(
     rng = np.random.default_rng(8)
     with AllocatorClient(f"127.0.0.1:{fast_server.port}", admin_token=ADMIN_TOKEN) as c:
         c.create_experiment(pb.ExperimentSpec(name="x", variants=["a", "b"]))
-        c.create_experiment(_monitored(pb.REGRESSION_ACTION_ROLLBACK))
-        c.promote("m", "b", reason="test")
-        _wait(lambda: _watching(fast_server, "m"))
+        _watched(c, fast_server, pb.REGRESSION_ACTION_ROLLBACK)
         _send_rate(c, rng, "before", 0.5, 25)
         _send_rate(c, rng, "drop", 0.2, 5)  # 6 batch-sd below: flagged in ~2 batches
         _wait(lambda: app.records["m"].lifecycle.state == State.ROLLED_BACK)
