@@ -1033,15 +1033,15 @@ class Allocator:
             raise WrongState(rec.name, "ARCHIVED", "record rewards")
         # Every value is checked, at its position in the request (an expired item's too:
         # it is bad input all the same), so an error names the item the caller sent.
-        self.engine.validate_rewards(
-            rec.name,
-            np.array([0 if r is None else r[0] for r in resolved], dtype=np.int64),
-            np.asarray(values, dtype=np.float64),
-        )
+        all_arms = np.array([0 if r is None else r[0] for r in resolved], dtype=np.int64)
+        all_vals = np.asarray(values, dtype=np.float64)
+        self.engine.validate_rewards(rec.name, all_arms, all_vals)
         live = [i for i, r in enumerate(resolved) if r is not None]
-        arms_arr = np.array([resolved[i][0] for i in live], dtype=np.int64)  # type: ignore[index]
-        vals = np.asarray([values[i] for i in live], dtype=np.float64)
         m = len(live)
+        if m == n:  # nothing expired: the common case, no copies
+            arms_arr, vals = all_arms, all_vals
+        else:
+            arms_arr, vals = all_arms[live], all_vals[live]
         score_arr = (
             np.array([scores[i] for i in live], dtype=np.float64) if scores else np.full(m, np.nan)
         )
