@@ -313,6 +313,14 @@ def test_leader_takes_over_the_pending_defaults_of_a_replica_that_is_gone(pg_url
             lambda: len(r1.app.store.pending_defaults("r1")) == 2, 5, "r1 to save its decisions"
         )
         r1.stop(grace=1.0)
+        # r1's database sessions end a moment after it stops: until then it still holds
+        # the leader lock (r1 started first) and its replica lock, and a pass of r2's,
+        # not yet leader, would look at nothing.
+        wait_until(
+            lambda: r2.app.leader() and "r1" in r2.app.store.gone_replicas("r2"),
+            10,
+            "r1's locks to be released",
+        )
         _adoption_pass(r2)  # r1 looks gone once: not yet taken
         assert r2.app._gone_before == {"r1"}
         assert len(r2.app.store.pending_defaults("r1")) == 2
