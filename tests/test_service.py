@@ -848,7 +848,11 @@ def test_a_resuming_watcher_survives_a_server_restart(
 
         reader = threading.Thread(target=read)
         reader.start()
-        time.sleep(0.3)  # subscribed (live only)
+        # Subscribed (live only) before the pause, or its event is not this watcher's.
+        for _ in range(200):
+            if running.app.events._subs:
+                break
+            time.sleep(0.05)
         c.pause("exp")
         for _ in range(100):
             if got:
