@@ -749,6 +749,105 @@ def test_close_from_on_error_does_not_deadlock(
     assert "on_error failed" not in caplog.text  # close() itself did not raise
 
 
+def test_failing_sends_in_two_threads_that_both_close_do_not_deadlock() -> None:
+    """Two sends fail at once (the timer's and a count-triggered one) and each on_error
+    closes the batcher: each close must not wait for the other thread's send, which is
+    itself waiting in its close."""
+    gate = threading.Barrier(2, timeout=10)
+    stub = FakeStub({"RewardBatch": [FakeRpcError(grpc.StatusCode.FAILED_PRECONDITION)] * 2})
+    client, _ = make_client(stub)
+    batcher: RewardBatcher | None = None
+
+    def give_up(exc: BaseException, req: pb.RewardBatchRequest) -> None:
+        assert batcher is not None
+        gate.wait()  # both sends are in on_error now
+        batcher.close()
+
+    batcher = RewardBatcher(client, "e", max_items=2, max_delay_ms=20, on_error=give_up)
+    batcher.add("d1", 1.0)  # flushed by the timer in 20 ms
+    _wait_for(lambda: len(stub.calls) == 1)
+
+    def add_two() -> None:  # the second add sends d2, d3 and fails too
+        assert batcher is not None
+        batcher.add("d2", 1.0)
+        batcher.add("d3", 1.0)
+
+    adder = threading.Thread(target=add_two)
+    adder.start()
+    adder.join(10)
+    assert not adder.is_alive()
+    _wait_for(lambda: not batcher._timer.is_alive())
+
+
+def test_on_error_closing_the_client_of_two_batchers_does_not_deadlock() -> None:
+    """Both timers fail at once and close the client, which closes both batchers: each
+    timer would join the other, itself joining the first."""
+    gate = threading.Barrier(2, timeout=10)
+    stub = FakeStub({"RewardBatch": [FakeRpcError(grpc.StatusCode.FAILED_PRECONDITION)] * 2})
+    client, _ = make_client(stub)
+
+    def shut_down(exc: BaseException, req: pb.RewardBatchRequest) -> None:
+        gate.wait()
+        client.close()
+
+    one = RewardBatcher(client, "e", max_delay_ms=10, on_error=shut_down)
+    two = RewardBatcher(client, "e", max_delay_ms=10, on_error=shut_down)
+    one.add("d1", 1.0)
+    two.add("d2", 1.0)
+    _wait_for(lambda: not one._timer.is_alive() and not two._timer.is_alive())
+    assert not client._batchers
+
+
+def test_a_close_between_taking_a_batch_and_sending_it_waits_for_the_send() -> None:
+    """A batch taken from the buffer counts as being sent from that moment: a close()
+    (the client's, say) in the gap before its RPC must wait for it, not close the channel
+    under it."""
+    stub = FakeStub()
+    client, _ = make_client(stub)
+    batcher = RewardBatcher(client, "e", max_delay_ms=60_000)
+    batcher.add("d1", 1.0)
+    with batcher._cond:
+        taken = batcher._take()  # as add/flush/the timer do, before sending outside the lock
+    closer = threading.Thread(target=client.close)
+    closer.start()
+    closer.join(0.2)
+    assert closer.is_alive()  # waiting for the taken batch
+    batcher._send(taken)
+    closer.join(10)
+    assert not closer.is_alive()
+    assert sent_items(stub) == [("d1",)]
+
+
+def test_a_timed_out_wait_for_the_channel_is_cancelled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A readiness future left running stays subscribed to the channel (and keeps asking
+    it to connect) for as long as the server is down: one per failed call."""
+    futures: list[Any] = []
+
+    class NeverReady:
+        cancelled = False
+
+        def result(self, timeout: float | None = None) -> None:
+            raise grpc.FutureTimeoutError()
+
+        def cancel(self) -> bool:
+            self.cancelled = True
+            return True
+
+    def ready_future(channel: grpc.Channel) -> NeverReady:
+        futures.append(NeverReady())
+        return futures[-1]
+
+    monkeypatch.setattr(grpc, "channel_ready_future", ready_future)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with AllocatorClient(f"127.0.0.1:{port}", timeout=0.5) as client:
+        for _ in range(3):
+            with pytest.raises(grpc.RpcError):
+                client.reward("d1", 1.0)
+    assert len(futures) == 3 and all(f.cancelled for f in futures)
+
+
 def test_closing_the_client_flushes_its_batchers_first() -> None:
     """``with AllocatorClient(...)`` ends before interpreter exit: the batcher's rewards
     must go out while the channel still works, not fail at exit on a closed one."""

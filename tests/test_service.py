@@ -853,6 +853,7 @@ def test_a_resuming_watcher_survives_a_server_restart(
             if running.app.events._subs:
                 break
             time.sleep(0.05)
+        assert running.app.events._subs, "the watcher never subscribed"
         c.pause("exp")
         for _ in range(100):
             if got:

@@ -326,9 +326,9 @@ class AllocatorClient:
         still works), then the channel it opened (not one behind an injected stub)."""
         for batcher in list(self._batchers):
             batcher.close()
-        if self._channel is not None:
-            self._channel.close()
-            self._channel = None
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            channel.close()
 
     def __enter__(self) -> AllocatorClient:
         return self
@@ -346,10 +346,13 @@ class AllocatorClient:
         for an injected stub: its channel is not ours to watch)."""
         if self._channel is None:
             return True
+        ready = grpc.channel_ready_future(self._channel)
         try:
-            grpc.channel_ready_future(self._channel).result(timeout=seconds)
+            ready.result(timeout=seconds)
         except grpc.FutureTimeoutError:
             return False
+        finally:
+            ready.cancel()  # else it stays subscribed to the channel's state
         return True
 
     def _call(
@@ -718,6 +721,9 @@ def _request(experiment: str, group: Sequence[_Pending]) -> pb.RewardBatchReques
 # Batchers still open at interpreter exit are closed (flushed) then, not dropped with their
 # daemon timer thread.
 _open_batchers: weakref.WeakSet[RewardBatcher] = weakref.WeakSet()
+# Set while this thread runs a batcher's send (and so its on_error): a close() from there
+# must not wait for sends, its own or another thread's that may be waiting for it.
+_in_send = threading.local()
 
 
 @atexit.register
@@ -819,21 +825,27 @@ class RewardBatcher:
         self._send(batch)
 
     def _take(self) -> list[_Pending]:
+        """The buffered items, this thread counted as sending them (caller holds _cond):
+        taken and counted in one step, so a close() never sees them in neither place."""
         items, self._items = self._items, []
+        if items:
+            self._senders[threading.get_ident()] += 1
         return items
 
     def _send(self, items: Sequence[_Pending]) -> None:
+        """Send what ``_take`` handed this thread, then stop counting it as a sender."""
         if not items:
             return
         me = threading.get_ident()
-        with self._cond:
-            self._senders[me] += 1
+        outer = getattr(_in_send, "active", False)
+        _in_send.active = True
         try:
             for group in _groups(items):
-                # Splits allowed: enough to find about four bad rewards among n (2 log2 n
-                # calls each), not the 2n - 1 calls of a batch that is bad throughout.
+                # Splits allowed: enough to find a handful of bad rewards among n (at most
+                # 2 log2 n calls each), not the 2n - 1 of a batch that is bad throughout.
                 self._send_group(group, [8 * max(1, len(group).bit_length())])
         finally:
+            _in_send.active = outer
             with self._cond:
                 self._senders[me] -= 1
                 if not self._senders[me]:
@@ -890,20 +902,23 @@ class RewardBatcher:
         self._send(batch)
 
     def close(self) -> None:
-        """Stop the timer, flush what is left and wait for the other threads' sends in
-        progress; idempotent, and safe from ``on_error`` (inside a send of its own)."""
-        me = threading.get_ident()
+        """Stop the timer, flush what is left and wait for sends in progress in other
+        threads; idempotent. Called from ``on_error`` (inside a send, of this batcher or
+        another) it only stops the batcher and flushes: waiting there could wait for a
+        thread that is waiting for this one."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        if self._timer.ident != me:
-            self._timer.join()
-        self.flush()
-        with self._cond:
-            while sum(self._senders.values()) > self._senders.get(me, 0):
-                self._cond.wait()
         _open_batchers.discard(self)
         self._client._batchers.discard(self)
+        if getattr(_in_send, "active", False):
+            self.flush()
+            return
+        self._timer.join()
+        self.flush()
+        with self._cond:
+            while self._senders:
+                self._cond.wait()
 
     def __enter__(self) -> RewardBatcher:
         return self
