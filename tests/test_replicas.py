@@ -622,6 +622,25 @@ def _experiments(store: SqlStore, names: str) -> tuple[dict[str, ExperimentConfi
     return cfgs, ids
 
 
+def _recovered_writer(
+    store: SqlStore,
+    engine: Engine,
+    known: dict[str, int],
+    positions: dict[str, int],
+    recovery: Recovery,
+) -> RewardWriter:
+    """Replica r2's writer, started where ``recovery`` left it (``known``: live ids)."""
+    return RewardWriter(
+        store,
+        engine,
+        "r2",
+        Metrics(CollectorRegistry()),
+        ids=lambda: known,
+        positions=positions,
+        skip_until=recovery.skip_until,
+    )
+
+
 def _log_rows(store: SqlStore, replica: str, ids: dict[str, int], names: str) -> None:
     """One reward (variant 1, value 1) per letter of ``names``, in that order."""
     store.append_rewards(
@@ -672,15 +691,7 @@ def test_rows_recovery_left_to_the_writer_are_not_applied_twice(pg_url: str) -> 
         assert positions == {"r1": 3}  # stopped before Z's row
         engine.create(cfgs["Z"])  # what _sync_experiments does on the next tick
         known["Z"] = ids["Z"]
-        writer = RewardWriter(
-            store,
-            engine,
-            "r2",
-            Metrics(CollectorRegistry()),
-            ids=lambda: known,
-            positions=positions,
-            skip_until=recovery.skip_until,
-        )
+        writer = _recovered_writer(store, engine, known, positions, recovery)
         writer.pull()
         counts = {n: int(engine.view(n).stats[:, 0].sum()) for n in "ABZ"}
         assert counts == {"A": 5, "B": 1, "Z": 1}
@@ -724,15 +735,7 @@ def test_rows_of_an_experiment_created_during_recovery_are_not_lost(pg_url: str)
         assert positions == {"r1": 3}
         _log_rows(store, "r1", ids, "E")  # logged after: the pull's
         known = {"A": ids["A"]}
-        writer = RewardWriter(
-            store,
-            engine,
-            "r2",
-            Metrics(CollectorRegistry()),
-            ids=lambda: known,
-            positions=positions,
-            skip_until=recovery.skip_until,
-        )
+        writer = _recovered_writer(store, engine, known, positions, recovery)
         engine.create(cfgs["E"])  # _sync_experiments learns of E
         known["E"] = ids["E"]
         behind = replay_new_experiment(store, engine, ids["E"], "E", writer.positions)
