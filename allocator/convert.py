@@ -18,6 +18,7 @@ from allocator.errors import InvalidArgument
 from allocator.lifecycle import EventType, State
 from allocator.policies import PolicyConfig, PolicyKind, RewardKind
 from allocator.promotion import PromotionSettings
+from allocator.report import MAX_BERNOULLI_MIN_EFFECT
 
 _POLICY = {
     pb.POLICY_UNSPECIFIED: PolicyKind.THOMPSON,
@@ -159,12 +160,11 @@ def check_promotion(spec: pb.ExperimentSpec) -> None:
     for field in ("alpha", "power"):
         if p.HasField(field) and not 0.0 < getattr(p, field) < 1.0:
             raise InvalidArgument(f"spec.promotion.{field}", "must be in (0, 1)")
-    # A difference of two rates: the power analysis needs room for a control rate p0 with
-    # p0 + min_effect < 1 (past 0.99 no experiment could show it anyway).
     bernoulli = spec.reward_type in (pb.REWARD_TYPE_UNSPECIFIED, pb.REWARD_TYPE_BERNOULLI)
-    if bernoulli and p.HasField("min_effect") and not p.min_effect < 0.99:
+    if bernoulli and p.HasField("min_effect") and not p.min_effect < MAX_BERNOULLI_MIN_EFFECT:
         raise InvalidArgument(
-            "spec.promotion.min_effect", "is a difference of two rates: must be below 0.99"
+            "spec.promotion.min_effect",
+            f"is a difference of two rates: must be below {MAX_BERNOULLI_MIN_EFFECT}",
         )
     try:
         promotion_settings(spec)

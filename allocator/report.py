@@ -157,6 +157,11 @@ def spec_alpha(spec: pb.ExperimentSpec) -> float:
     return promo.alpha if promo.HasField("alpha") else 0.05
 
 
+# Largest min_effect a Bernoulli experiment takes (a difference of two rates): the power
+# analysis needs room for a control rate p0 with p0 + min_effect < 1.
+MAX_BERNOULLI_MIN_EFFECT = 0.99
+
+
 def power_analysis(engine: Engine, name: str, spec: pb.ExperimentSpec) -> pb.PowerAnalysis | None:
     """Fixed-horizon sample size for the spec's minimum effect, and what is still missing.
 
@@ -174,7 +179,7 @@ def power_analysis(engine: Engine, name: str, spec: pb.ExperimentSpec) -> pb.Pow
     n = es[:, :, 0].sum(axis=0)
     k = view.config.n_arms
     if view.config.policy.reward == RewardKind.BERNOULLI:
-        if promo.min_effect >= 0.99:  # refused at creation; one stored before cannot be sized
+        if promo.min_effect >= MAX_BERNOULLI_MIN_EFFECT:  # refused at creation since; unsized
             return None
         p0 = float(es[:, 0, 1].sum() / n[0]) if n[0] > 0 else 0.5
         p0 = min(max(p0, 1e-3), 1.0 - promo.min_effect - 1e-3)
