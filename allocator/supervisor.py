@@ -641,6 +641,7 @@ class Supervisor:
         elif event.type == EventType.ARCHIVED:  # also before this process's first pass
             with self._lock:
                 self._ended.append((rec.id, _ANY_PROMOTION))
+                self._states[rec.name] = State.ARCHIVED  # the next pass need not again
 
     # -- webhooks ----------------------------------------------------------------------------
     def _on_event(self, rec: Record, event: Event) -> None:
