@@ -889,10 +889,15 @@ class Allocator:
                 log.info("replica lock of %r is ours again", self.replica_id)
             else:
                 log.warning("replica lock of %r is held elsewhere", self.replica_id)
-        now = time.monotonic()
-        if now < self._next_adoption:
+        if time.monotonic() < self._next_adoption:
             return
-        self._next_adoption = now + _ADOPT_INTERVAL_S
+        try:
+            self._adoption_pass()
+        finally:  # from the pass's end, so a reader of it sees the whole pass done
+            self._next_adoption = time.monotonic() + _ADOPT_INTERVAL_S
+
+    def _adoption_pass(self) -> None:
+        """Take over the pending defaults of replicas gone on this pass and the last."""
         if not self.leader():
             self._gone_before = set()
             return

@@ -338,7 +338,8 @@ def test_leader_takes_over_the_pending_defaults_of_a_replica_that_is_gone(pg_url
 
 
 def _adoption_pass(r: Running) -> None:
-    """Run the leader's adoption pass on the next writer tick, not in 30 s; wait for it."""
+    """Run the leader's adoption pass on the next writer tick, not in 30 s; wait for it to
+    end (the next one is scheduled once a pass has finished)."""
     r.app._next_adoption = 0.0
     wait_until(lambda: r.app._next_adoption > 0.0, 5, "an adoption pass")
 
