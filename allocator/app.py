@@ -32,7 +32,7 @@ from allocator.convert import check_promotion, spec_from_json, spec_to_config, s
 from allocator.defaults import DefaultRewards, Pending
 from allocator.drift import ScoreWindows, score_spans
 from allocator.durable import Recovery, RewardWriter, replay_new_experiment
-from allocator.engine import BatchDecision, Decision, Engine, ExperimentConfig
+from allocator.engine import BatchDecision, Decision, Engine, ExperimentConfig, finite_rewards
 from allocator.errors import (
     ExperimentExists,
     InvalidArgument,
@@ -90,11 +90,17 @@ _ADOPT_INTERVAL_S = 30.0
 
 
 def _check_extras(
-    n: int, scores: Sequence[float] | np.ndarray | None, guardrails: Sequence[dict[str, float]]
+    values: Sequence[float] | np.ndarray,
+    scores: Sequence[float] | np.ndarray | None,
+    guardrails: Sequence[dict[str, float]],
 ) -> None:
-    """Checks shared by every reward form: item count, scores and guardrails."""
+    """Checks shared by every reward form, before any decision id is looked at (so an
+    all-expired request is refused all the same): item count, finite values, scores and
+    guardrails. What depends on the experiment (Bernoulli range) is checked later."""
+    n = len(values)
     if n == 0:
         raise InvalidArgument("values", "at least one reward is required")
+    finite_rewards(values)
     if scores is not None and len(scores):
         if len(scores) != n:
             raise InvalidArgument("prediction_scores", f"{len(scores)} scores for {n} values")
@@ -1009,7 +1015,7 @@ class Allocator:
         written. Returns only after the accepted rewards are committed.
         """
         n = len(values)
-        _check_extras(n, scores, guardrails)
+        _check_extras(values, scores, guardrails)
         if decision_ids and event_ids:
             raise InvalidArgument(field, "send decision ids or event ids, not both")
         resolved: list[tuple[int, int, str] | None]
@@ -1104,7 +1110,7 @@ class Allocator:
             raise InvalidArgument("values", f"{n} values for {indices.shape[0]} indices")
         if scores is not None and scores.shape != (n,):
             raise InvalidArgument("prediction_scores", f"{scores.shape[0]} scores for {n} values")
-        _check_extras(n, scores, guardrails)
+        _check_extras(values, scores, guardrails)
         expired = np.full(n, STATUSES.index(EXPIRED), dtype=np.int8)
         now = self.clock()
         rec: Record | None = self.get(experiment) if experiment else None

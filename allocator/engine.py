@@ -602,6 +602,15 @@ def _unit_uniform(experiment: str, unit_id: str, epoch: int) -> float:
     return (int.from_bytes(h.digest(), "little") >> 11) * (1.0 / 9007199254740992.0)
 
 
+def finite_rewards(values: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Reward values as contiguous float64, refusing NaN and infinities (any reward kind)."""
+    v = np.ascontiguousarray(np.asarray(values, dtype=np.float64))
+    if v.size and not np.isfinite(v).all():
+        bad = int(np.flatnonzero(~np.isfinite(v))[0])
+        raise InvalidArgument("values", f"reward {bad} is not a finite number: {float(v[bad])!r}")
+    return v
+
+
 def _as_arms(arms: Sequence[int] | np.ndarray, k: int, what: str = "variant_indices") -> np.ndarray:
     a = np.asarray(arms)
     if a.ndim != 1:
@@ -769,14 +778,9 @@ class Engine:
         exp = self._get(name)
         k = exp.config.n_arms
         a = _as_arms(arms, k)
-        v = np.ascontiguousarray(np.asarray(values, dtype=np.float64))
+        v = finite_rewards(values)
         if v.shape != a.shape:
             raise InvalidArgument("values", f"{v.size} values for {a.size} variants")
-        if v.size and not np.isfinite(v).all():
-            bad = int(np.flatnonzero(~np.isfinite(v))[0])
-            raise InvalidArgument(
-                "values", f"reward {bad} is not a finite number: {float(v[bad])!r}"
-            )
         if (
             exp.config.policy.reward == RewardKind.BERNOULLI
             and v.size

@@ -214,6 +214,12 @@ def test_expired_decision_is_reported_expired(tmp_path: Path, registry: Collecto
             time.sleep(1.3)
             assert c.reward(d.decision_id, 1.0) == pb.REWARD_STATUS_EXPIRED
             assert sum(running.app.engine.counts("exp").values()) == 0
+            # A value that is bad for any experiment is refused even when every id expired
+            # and no experiment is named (nothing to look the reward kind up in).
+            with pytest.raises(grpc.RpcError) as err:
+                c.reward(d.decision_id, float("nan"))
+            assert status_code(err.value) == grpc.StatusCode.INVALID_ARGUMENT
+            assert "reward 0 is not a finite number" in err.value.details()
             # A bad value after an expired item is named at its place in the request.
             fresh = c.assign("exp")
             with pytest.raises(grpc.RpcError) as err:
@@ -564,10 +570,18 @@ def test_indexed_rewards_of_an_expired_batch_are_expired(
                     experiment="exp", batch_token=b.batch_token, indices=[0, 2], values=[1, 1]
                 )
             )
+            # A value bad for any experiment is refused though the batch expired.
+            code, details = _code(
+                stub.RewardBatch,
+                pb.RewardBatchRequest(
+                    batch_token=b.batch_token, indices=[0, 2], values=[1, np.inf]
+                ),
+            )
         finally:
             server.app.clock = clock
         assert (resp.accepted, resp.expired) == (0, 2)
         assert list(resp.statuses) == [pb.REWARD_STATUS_EXPIRED] * 2
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "reward 1 is not a finite" in details
     assert sum(server.app.engine.counts("exp").values()) == 0
 
 
