@@ -177,6 +177,10 @@ def test_delay_honours_server_pushback() -> None:
         ({"multiplier": 0.5}, ValueError),
         ({"multiplier": "2"}, TypeError),
         ({"codes": frozenset({14})}, TypeError),
+        ({"throttle_max_tokens": -1}, ValueError),
+        ({"throttle_max_tokens": 1001}, ValueError),
+        ({"throttle_token_ratio": 0}, ValueError),
+        ({"throttle_token_ratio": math.inf}, ValueError),
     ],
 )
 def test_retry_policy_validates_itself(kwargs: dict[str, Any], error: type[Exception]) -> None:
@@ -235,6 +239,53 @@ def test_non_idempotent_and_non_retryable_calls_fail_at_once() -> None:
         client.assign("e")
     assert stub.rpcs() == ["CreateExperiment", "Pause", "Assign"]
     assert sleeps == []
+
+
+def test_retries_are_throttled_while_most_attempts_fail_and_return_with_successes() -> None:
+    """A6 throttling with max_tokens 10, ratio 0.1: four failed attempts of the first call
+    leave 6 tokens; the second call's failure leaves 5, not more than half, so it is not
+    retried. A failure counts before the check, so a retry needs more than 6 tokens
+    before it: 11 successes (6.1, then 5.1 after the failure)."""
+    stub = FakeStub({"Assign": [FakeRpcError(UNAVAILABLE) for _ in range(5)]})
+    client, sleeps = make_client(stub, retries=RetryPolicy(max_attempts=4))
+    for _ in range(2):
+        with pytest.raises(FakeRpcError):
+            client.assign("e")
+    assert len(stub.calls) == 4 + 1 and len(sleeps) == 3
+    assert client._throttle.tokens == 5.0
+    for _ in range(10):
+        client.assign("e")  # succeeds
+    assert client._throttle.tokens == pytest.approx(6.0)
+    stub.script["Assign"] = [FakeRpcError(UNAVAILABLE)]
+    with pytest.raises(FakeRpcError):
+        client.assign("e")  # 5.0 after its failure: still throttled
+    client.assign("e")
+    client.assign("e")  # 5.2
+    assert client._throttle.tokens == pytest.approx(5.2)
+    for _ in range(9):
+        client.assign("e")  # 6.1
+    stub.script["Assign"] = [FakeRpcError(UNAVAILABLE), pb.AssignResponse(variant="a")]
+    calls = len(stub.calls)
+    assert client.assign("e").variant == "a"  # 5.1 after the failure: retried
+    assert len(stub.calls) == calls + 2
+
+
+def test_errors_that_are_not_retryable_do_not_throttle() -> None:
+    stub = FakeStub({"Assign": [FakeRpcError(grpc.StatusCode.NOT_FOUND) for _ in range(20)]})
+    client, _ = make_client(stub)
+    for _ in range(20):
+        with pytest.raises(FakeRpcError):
+            client.assign("e")
+    assert client._throttle.tokens == 10.0
+
+
+def test_a_throttle_of_zero_tokens_never_stops_retries() -> None:
+    stub = FakeStub({"Reward": [FakeRpcError(UNAVAILABLE) for _ in range(40)]})
+    client, _ = make_client(stub, retries=RetryPolicy(max_attempts=4, throttle_max_tokens=0))
+    for _ in range(10):
+        with pytest.raises(FakeRpcError):
+            client.reward("d", 1.0)
+    assert len(stub.calls) == 40
 
 
 def test_no_retry_policy_makes_one_attempt() -> None:

@@ -65,6 +65,9 @@ class RetryPolicy:
     max_backoff: float = 2.0
     multiplier: float = 2.0
     codes: frozenset[grpc.StatusCode] = RETRYABLE_CODES
+    # Retry throttling (gRPC design A6), per client: see RetryThrottle. 0 turns it off.
+    throttle_max_tokens: float = 10.0
+    throttle_token_ratio: float = 0.1
 
     def __post_init__(self) -> None:
         if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int):
@@ -81,6 +84,16 @@ class RetryPolicy:
             raise ValueError(f"multiplier must be >= 1, got {self.multiplier}")
         if not all(isinstance(code, grpc.StatusCode) for code in self.codes):
             raise TypeError("codes must hold grpc.StatusCode values")
+        for name in ("throttle_max_tokens", "throttle_token_ratio"):
+            _require_finite(name, getattr(self, name))
+        if not 0 <= self.throttle_max_tokens <= 1000:  # A6's bounds
+            raise ValueError(
+                f"throttle_max_tokens must be in [0, 1000], got {self.throttle_max_tokens}"
+            )
+        if not 0 < self.throttle_token_ratio <= 1:
+            raise ValueError(
+                f"throttle_token_ratio must be in (0, 1], got {self.throttle_token_ratio}"
+            )
 
     def backoff(self, retry: int, rand: Callable[[], float]) -> float:
         """Jittered wait in seconds before retry number ``retry`` (1 = first retry)."""
@@ -110,6 +123,43 @@ class RetryPolicy:
         if pushback is not None:
             return None if pushback < 0 else pushback
         return self.backoff(attempt, rand)
+
+
+class RetryThrottle:
+    """Retry throttling of gRPC's retry design (A6), one per client.
+
+    A bucket of ``max_tokens`` tokens loses 1 for every attempt that fails with a
+    retryable code and gains ``token_ratio`` for every one that succeeds (kept within
+    [0, max_tokens]; other errors change nothing). A retry is made only while more than
+    half of the tokens are left. When the server fails most calls (an outage, an overload),
+    every call then makes one attempt instead of ``max_attempts``, so a fleet's retries
+    don't multiply the load that is failing it; as calls succeed again, retries return.
+    Thread-safe; ``max_tokens=0`` never throttles.
+    """
+
+    def __init__(self, max_tokens: float, token_ratio: float) -> None:
+        self.max_tokens = float(max_tokens)
+        self.token_ratio = float(token_ratio)
+        self._tokens = self.max_tokens
+        self._lock = threading.Lock()
+
+    @property
+    def tokens(self) -> float:
+        """Tokens left now."""
+        return self._tokens
+
+    def record(self, *, failed: bool) -> None:
+        """Count one attempt's outcome (``failed``: with a retryable code)."""
+        if self.max_tokens == 0:
+            return
+        with self._lock:
+            if failed:
+                self._tokens = max(0.0, self._tokens - 1.0)
+            else:
+                self._tokens = min(self.max_tokens, self._tokens + self.token_ratio)
+
+    def allows_retry(self) -> bool:
+        return self.max_tokens == 0 or self._tokens > self.max_tokens / 2
 
 
 DEFAULT_RETRY = RetryPolicy()
@@ -299,6 +349,7 @@ class AllocatorClient:
             raise TypeError(f"retries must be a RetryPolicy, got {type(retries).__name__}")
         self._timeout = float(timeout)
         self._retries = retries
+        self._throttle = RetryThrottle(retries.throttle_max_tokens, retries.throttle_token_ratio)
         self._sleep = sleep
         self._rand = rand
         self._clock = clock
@@ -375,18 +426,21 @@ class AllocatorClient:
         remaining = budget
         while True:
             try:
-                return method(request, timeout=remaining, metadata=metadata)
+                response = method(request, timeout=remaining, metadata=metadata)
             except grpc.RpcError as error:
+                code = status_code(error)
+                if code in self._retries.codes:  # other errors say nothing of the server's health
+                    self._throttle.record(failed=True)
                 wait = self._retries.delay(
-                    status_code(error),
+                    code,
                     attempt,
                     idempotent=idempotent,
                     rand=self._rand,
                     pushback=pushback_seconds(error),
                 )
                 remaining = end - self._clock()
-                if wait is None or wait >= remaining:
-                    raise  # no retry, or none that could finish within the deadline
+                if wait is None or wait >= remaining or not self._throttle.allows_retry():
+                    raise  # no retry, none that could finish in the deadline, or throttled
                 _log.debug("%s failed (%s), retry %d in %.3fs", rpc, error, attempt, wait)
                 self._sleep(wait)
                 remaining = end - self._clock()
@@ -398,6 +452,9 @@ class AllocatorClient:
                     raise
                 remaining = end - self._clock()
                 attempt += 1
+            else:
+                self._throttle.record(failed=False)
+                return response
 
     # Experiments -------------------------------------------------------------------------
 
