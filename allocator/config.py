@@ -11,6 +11,7 @@ given on the command line wins over the environment, which wins over the default
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import math
 import os
 import socket
@@ -79,6 +80,20 @@ class ServerConfig:
     def effective_replica_id(self) -> str:
         """The replica id, or host:pid when none was configured."""
         return self.replica_id or f"{socket.gethostname()}:{os.getpid()}"
+
+    @property
+    def exposed_plaintext_admin(self) -> bool:
+        """An admin token that would cross the network in clear: set, no TLS, and a listen
+        address that is not loopback (``0.0.0.0``, ``[::]``, a host name or address)."""
+        if not self.admin_token or self.tls_cert:
+            return False
+        host = self.listen.rpartition(":")[0].strip("[]")
+        if host == "localhost":
+            return False
+        try:
+            return not ipaddress.ip_address(host).is_loopback
+        except ValueError:  # a host name: may resolve to anything
+            return True
 
     @classmethod
     def parser(cls) -> argparse.ArgumentParser:

@@ -236,6 +236,12 @@ def create_server(
                 err.errno, f"--http-port {config.http_port} on {config.http_host}: {err.strerror}"
             ) from err
     http_port = http.server_address[1] if http is not None else 0
+    if config.exposed_plaintext_admin:
+        log.warning(
+            "the admin token travels in clear: --listen %s is not loopback and TLS is off "
+            "(set --tls-cert/--tls-key, or listen on 127.0.0.1 behind a TLS proxy)",
+            config.listen,
+        )
     return Running(
         server,
         port,

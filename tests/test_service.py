@@ -818,6 +818,42 @@ def test_config_rejects_negative_shutdown_times() -> None:
     assert ServerConfig.from_args(["--shutdown-delay-s", "4"], env=env).shutdown_delay_s == 4.0
 
 
+@pytest.mark.parametrize(
+    ("listen", "tls", "exposed"),
+    [
+        ("127.0.0.1:0", False, False),
+        ("[::1]:0", False, False),
+        ("localhost:0", False, False),
+        ("0.0.0.0:0", False, True),
+        ("[::]:0", False, True),
+        ("10.1.2.3:0", False, True),
+        ("allocator.internal:0", False, True),
+        ("0.0.0.0:0", True, False),
+    ],
+)
+def test_an_admin_token_sent_in_clear_over_the_network_is_flagged(
+    listen: str, tls: bool, exposed: bool
+) -> None:
+    cert, key = ("c.pem", "k.pem") if tls else ("", "")
+    config = ServerConfig(listen=listen, admin_token="t", tls_cert=cert, tls_key=key)
+    assert config.exposed_plaintext_admin is exposed
+    assert not ServerConfig(listen=listen).exposed_plaintext_admin  # no token: nothing to leak
+
+
+def test_a_server_with_a_plaintext_admin_token_off_loopback_warns(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = f"sqlite:///{tmp_path / 'w.sqlite'}"
+    for listen in ("127.0.0.1:0", "0.0.0.0:0"):
+        caplog.clear()
+        running = create_server(
+            server_config(url, listen=listen, http_port=-1), registry=CollectorRegistry()
+        )
+        running.stop(1.0)
+        warned = [r for r in caplog.records if "admin token travels in clear" in r.getMessage()]
+        assert len(warned) == (listen == "0.0.0.0:0"), listen
+
+
 def test_a_cancelled_watcher_is_unsubscribed(server: Running, stub: pb_grpc.AllocatorStub) -> None:
     """Idle watchers wait for the hub's wake-up (no polling); a client that goes away must
     still end its subscription at once, not at the next event."""
