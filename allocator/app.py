@@ -1142,6 +1142,8 @@ class Allocator:
         if rec.lifecycle.state == State.ARCHIVED:
             raise WrongState(rec.name, "ARCHIVED", "record rewards")
         if batch is None:
+            # Bad values are bad input all the same (as in `reward`): checked, arms aside.
+            self.engine.validate_rewards(rec.name, np.zeros(n, dtype=np.int64), values)
             self.metrics.rewards.labels(status=EXPIRED).inc(n)
             return expired
         arms = batch.variants[indices].astype(np.int64)

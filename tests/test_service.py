@@ -570,11 +570,18 @@ def test_indexed_rewards_of_an_expired_batch_are_expired(
                     experiment="exp", batch_token=b.batch_token, indices=[0, 2], values=[1, 1]
                 )
             )
-            # A value bad for any experiment is refused though the batch expired.
+            # Values bad for any experiment, or for this (Bernoulli) one, are refused
+            # though the batch expired.
             code, details = _code(
                 stub.RewardBatch,
                 pb.RewardBatchRequest(
                     batch_token=b.batch_token, indices=[0, 2], values=[1, np.inf]
+                ),
+            )
+            named = _code(
+                stub.RewardBatch,
+                pb.RewardBatchRequest(
+                    experiment="exp", batch_token=b.batch_token, indices=[0, 2], values=[1, 2]
                 ),
             )
         finally:
@@ -582,6 +589,7 @@ def test_indexed_rewards_of_an_expired_batch_are_expired(
         assert (resp.accepted, resp.expired) == (0, 2)
         assert list(resp.statuses) == [pb.REWARD_STATUS_EXPIRED] * 2
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "reward 1 is not a finite" in details
+        assert named[0] == grpc.StatusCode.INVALID_ARGUMENT and "reward 1 is 2.0" in named[1]
     assert sum(server.app.engine.counts("exp").values()) == 0
 
 
