@@ -19,6 +19,7 @@ from allocator_client import (
     AllocatorClient,
     BatchAssignment,
     RetryPolicy,
+    RetryThrottle,
     RewardBatcher,
     batch_decision_id,
     pb,
@@ -179,7 +180,7 @@ def test_delay_honours_server_pushback() -> None:
         ({"codes": frozenset({14})}, TypeError),
         ({"throttle_max_tokens": -1}, ValueError),
         ({"throttle_max_tokens": 1001}, ValueError),
-        ({"throttle_token_ratio": 0}, ValueError),
+        ({"throttle_token_ratio": 0.0001}, ValueError),
         ({"throttle_token_ratio": math.inf}, ValueError),
     ],
 )
@@ -270,13 +271,35 @@ def test_retries_are_throttled_while_most_attempts_fail_and_return_with_successe
     assert len(stub.calls) == calls + 2
 
 
-def test_errors_that_are_not_retryable_do_not_throttle() -> None:
-    stub = FakeStub({"Assign": [FakeRpcError(grpc.StatusCode.NOT_FOUND) for _ in range(20)]})
-    client, _ = make_client(stub)
+def test_only_retryable_failures_of_retryable_calls_count() -> None:
+    """From a bucket half drained (8 tokens, below its cap so a success would show): a
+    NOT_FOUND, or an UNAVAILABLE of a call that is never retried, changes nothing."""
+    stub = FakeStub(
+        {
+            "Assign": [FakeRpcError(UNAVAILABLE), FakeRpcError(UNAVAILABLE)]
+            + [FakeRpcError(grpc.StatusCode.NOT_FOUND) for _ in range(20)],
+            "CreateExperiment": [FakeRpcError(UNAVAILABLE) for _ in range(20)],
+        }
+    )
+    client, _ = make_client(stub, retries=RetryPolicy(max_attempts=2))
+    with pytest.raises(FakeRpcError):
+        client.assign("e")
+    assert client._throttle.tokens == 8.0
     for _ in range(20):
         with pytest.raises(FakeRpcError):
             client.assign("e")
-    assert client._throttle.tokens == 10.0
+        with pytest.raises(FakeRpcError):
+            client.create_experiment(pb.ExperimentSpec(name="e", variants=["a", "b"]))
+    assert client._throttle.tokens == 8.0
+
+
+def test_throttle_counts_exactly() -> None:
+    """Ratio 0.2: 5 failures (5 tokens), 5 successes (6), 1 failure: exactly 5, not more
+    than half, so throttled. Adding 0.2 in floats five times gives 6.000000000000001."""
+    throttle = RetryThrottle(10, 0.2)
+    for failed in [True] * 5 + [False] * 5 + [True]:
+        throttle.record(failed=failed)
+    assert throttle.tokens == 5.0 and not throttle.allows_retry()
 
 
 def test_a_throttle_of_zero_tokens_never_stops_retries() -> None:

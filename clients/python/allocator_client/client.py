@@ -90,9 +90,9 @@ class RetryPolicy:
             raise ValueError(
                 f"throttle_max_tokens must be in [0, 1000], got {self.throttle_max_tokens}"
             )
-        if not 0 < self.throttle_token_ratio <= 1:
+        if not 0.001 <= self.throttle_token_ratio <= 1:  # A6: 3 decimal places
             raise ValueError(
-                f"throttle_token_ratio must be in (0, 1], got {self.throttle_token_ratio}"
+                f"throttle_token_ratio must be in [0.001, 1], got {self.throttle_token_ratio}"
             )
 
     def backoff(self, retry: int, rand: Callable[[], float]) -> float:
@@ -128,38 +128,41 @@ class RetryPolicy:
 class RetryThrottle:
     """Retry throttling of gRPC's retry design (A6), one per client.
 
-    A bucket of ``max_tokens`` tokens loses 1 for every attempt that fails with a
-    retryable code and gains ``token_ratio`` for every one that succeeds (kept within
-    [0, max_tokens]; other errors change nothing). A retry is made only while more than
-    half of the tokens are left. When the server fails most calls (an outage, an overload),
-    every call then makes one attempt instead of ``max_attempts``, so a fleet's retries
-    don't multiply the load that is failing it; as calls succeed again, retries return.
-    Thread-safe; ``max_tokens=0`` never throttles.
+    A bucket of ``max_tokens`` tokens loses 1 for every attempt of a retryable call that
+    fails with a retryable code and gains ``token_ratio`` for every one that succeeds
+    (kept within [0, max_tokens]; other outcomes change nothing). A retry is made only
+    while more than half of the tokens are left. When the server fails most calls (an
+    outage, an overload), every call then makes one attempt instead of ``max_attempts``,
+    so a fleet's retries don't multiply the load that is failing it; as calls succeed
+    again, retries return. Counted in thousandths of a token, as A6 allows three decimals
+    (and grpc-java counts), so repeated ratios add up exactly. Thread-safe;
+    ``max_tokens=0`` never throttles.
     """
 
     def __init__(self, max_tokens: float, token_ratio: float) -> None:
-        self.max_tokens = float(max_tokens)
-        self.token_ratio = float(token_ratio)
-        self._tokens = self.max_tokens
+        self._max = round(max_tokens * 1000)
+        self._ratio = round(token_ratio * 1000)
+        self._milli = self._max
         self._lock = threading.Lock()
 
     @property
     def tokens(self) -> float:
         """Tokens left now."""
-        return self._tokens
+        return self._milli / 1000
 
     def record(self, *, failed: bool) -> None:
         """Count one attempt's outcome (``failed``: with a retryable code)."""
-        if self.max_tokens == 0:
+        if self._max == 0:
             return
         with self._lock:
             if failed:
-                self._tokens = max(0.0, self._tokens - 1.0)
+                self._milli = max(0, self._milli - 1000)
             else:
-                self._tokens = min(self.max_tokens, self._tokens + self.token_ratio)
+                self._milli = min(self._max, self._milli + self._ratio)
 
     def allows_retry(self) -> bool:
-        return self.max_tokens == 0 or self._tokens > self.max_tokens / 2
+        """Whether more than half the tokens are left (always, when off)."""
+        return self._max == 0 or 2 * self._milli > self._max
 
 
 DEFAULT_RETRY = RetryPolicy()
@@ -429,7 +432,9 @@ class AllocatorClient:
                 response = method(request, timeout=remaining, metadata=metadata)
             except grpc.RpcError as error:
                 code = status_code(error)
-                if code in self._retries.codes:  # other errors say nothing of the server's health
+                # As in gRPC, only calls that may be retried count, and only failures that
+                # say the server is unwell (not, say, INVALID_ARGUMENT).
+                if idempotent and code in self._retries.codes:
                     self._throttle.record(failed=True)
                 wait = self._retries.delay(
                     code,
@@ -453,7 +458,8 @@ class AllocatorClient:
                 remaining = end - self._clock()
                 attempt += 1
             else:
-                self._throttle.record(failed=False)
+                if idempotent:
+                    self._throttle.record(failed=False)
                 return response
 
     # Experiments -------------------------------------------------------------------------
