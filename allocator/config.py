@@ -87,13 +87,16 @@ class ServerConfig:
         address that is not loopback (``0.0.0.0``, ``[::]``, a host name or address)."""
         if not self.admin_token or self.tls_cert:
             return False
-        host = self.listen.rpartition(":")[0].strip("[]")
-        if host == "localhost":
+        host = self.listen.rpartition(":")[0].strip("[]").lower().rstrip(".")
+        if host == "localhost" or host.endswith(".localhost"):  # loopback by RFC 6761
             return False
         try:
-            return not ipaddress.ip_address(host).is_loopback
+            addr = ipaddress.ip_address(host)
         except ValueError:  # a host name: may resolve to anything
             return True
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            return not addr.ipv4_mapped.is_loopback  # ::ffff:127.0.0.1
+        return not addr.is_loopback
 
     @classmethod
     def parser(cls) -> argparse.ArgumentParser:
