@@ -642,6 +642,7 @@ class Supervisor:
             with self._lock:
                 self._ended.append((rec.id, _ANY_PROMOTION))
                 self._states[rec.name] = State.ARCHIVED  # the next pass need not again
+                self._paused.pop(rec.name, None)  # its promotion is over: no RESUME to keep
 
     # -- webhooks ----------------------------------------------------------------------------
     def _on_event(self, rec: Record, event: Event) -> None:
