@@ -283,6 +283,7 @@ class RewardWriter:
         self.max_queue = max_queue
         self.sync_interval = sync_interval_s
         self.snapshot_interval = snapshot_interval_s
+        self.housekeeping_passes = 0  # finished (sync, pull, tick hooks) passes, for waiters
         self.on_pulled = on_pulled
         self.on_applied = on_applied
         self.on_tick = on_tick
@@ -495,6 +496,8 @@ class RewardWriter:
             self._mark_up()
         except Exception as err:
             self._mark_down(err)
+        finally:
+            self.housekeeping_passes += 1  # after the pass: a reader sees it all done
 
     def pull(self) -> int:
         """Apply other replicas' rewards committed since we last looked."""

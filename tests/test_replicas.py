@@ -38,7 +38,7 @@ from allocator.store import (
     SqlStore,
     StoreUnavailable,
 )
-from tests.conftest import ADMIN_TOKEN, server_config
+from tests.conftest import ADMIN_TOKEN, server_config, wait_until
 from tests.test_durability import (
     EXPERIMENT,
     LostCommitAnswer,
@@ -55,7 +55,6 @@ from tests.test_durability import (
     reported_counts,
     server_processes,
     start_all,
-    wait_until,
 )
 
 pytestmark = pytest.mark.postgres
@@ -190,8 +189,10 @@ def test_guardrail_metrics_and_scores_reach_the_other_replica(
         r1.app.engine.guardrail_stats(EXPERIMENT)["latency_ms"], r2_latency()
     )
     # Three scores (the NaN is "no score"): arm 0 one, arm 1 two, all in the reference.
-    assert r2.app.records[EXPERIMENT].scores.sizes() == {0: (1, 0), 1: (2, 0)}
-    assert r1.app.records[EXPERIMENT].scores.sizes() == {0: (1, 0), 1: (2, 0)}
+    # A pull applies the rows, guardrails included, before it hands their scores on.
+    scores = {0: (1, 0), 1: (2, 0)}
+    wait_until(lambda: r2.app.records[EXPERIMENT].scores.sizes() == scores, 10, "r2's scores")
+    assert r1.app.records[EXPERIMENT].scores.sizes() == scores
 
 
 def test_commit_that_landed_but_failed_is_counted_by_both_replicas(
@@ -337,6 +338,12 @@ def test_leader_takes_over_the_pending_defaults_of_a_replica_that_is_gone(pg_url
         r1.stop(grace=1.0)
 
 
+def _first_sync_done(r: Running) -> None:
+    """Wait for the writer's start-up sync of experiments and rewards to have finished
+    (with an hour's sync interval, the replica is stale from then on)."""
+    wait_until(lambda: r.app.writer.housekeeping_passes >= 1, 10, "the start-up sync")
+
+
 def _adoption_pass(r: Running) -> None:
     """Run the leader's adoption pass on the next writer tick, not in 30 s; wait for it to
     end (the next one is scheduled once a pass has finished)."""
@@ -432,7 +439,7 @@ def test_scores_pulled_after_a_promotion_go_to_the_window_of_their_receipt(
     received before the promotion: they belong to the reference window, as a restart's
     rebuild from the log would put them, not to the current one r2 is filling now."""
     r2 = _replica(pg_url, "r2", sync_interval_s=3600.0)
-    time.sleep(0.5)  # its one start-up sync is over
+    _first_sync_done(r2)
     r1 = _replica(pg_url, "r1")
     try:
         rng = np.random.default_rng(11)
@@ -465,7 +472,7 @@ def test_monitor_restored_from_another_replicas_save_sees_each_reward_once(
     passed the saved positions, then catch up on the rest. Fed the pulled rows on top of
     the restored state, it would count the first 3,000 twice."""
     r2 = _replica(pg_url, "r2", sync_interval_s=3600.0)
-    time.sleep(0.5)  # its one start-up sync is over
+    _first_sync_done(r2)
     r1 = _replica(pg_url, "r1", promotion_interval_s=0.1)
     spec = pb.ExperimentSpec(
         name="m",
@@ -522,6 +529,7 @@ def test_stale_replica_promotion_is_aborted_and_refreshed(pg_url: str) -> None:
         create_experiment(_target(r1))
         r2 = _replica(pg_url, "r2", sync_interval_s=3600.0)
         try:
+            _first_sync_done(r2)  # else it may still learn of r1's promotion below
             assert r2.app.get(EXPERIMENT).lifecycle.state == State.RUNNING
             r1.app.transition(EXPERIMENT, Action.PROMOTE, actor="t", reason="r1 first", variant="b")
             with grpc.insecure_channel(_target(r2)) as ch:
