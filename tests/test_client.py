@@ -781,7 +781,8 @@ def test_a_server_that_stays_down_gives_unavailable_not_deadline_exceeded() -> N
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with (
-        AllocatorClient(f"127.0.0.1:{port}", timeout=0.5) as client,
+        # 2 s: time for a refused first attempt even on a starved machine, then the wait.
+        AllocatorClient(f"127.0.0.1:{port}", timeout=2.0) as client,
         pytest.raises(grpc.RpcError) as err,
     ):
         client.reward("d1", 1.0)
@@ -915,7 +916,8 @@ def test_a_timed_out_wait_for_the_channel_is_cancelled(monkeypatch: pytest.Monke
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    with AllocatorClient(f"127.0.0.1:{port}", timeout=0.5) as client:
+    # The wait ends at once (NeverReady); the deadline only has to leave room for a retry.
+    with AllocatorClient(f"127.0.0.1:{port}", timeout=5.0) as client:
         for _ in range(3):
             with pytest.raises(grpc.RpcError):
                 client.reward("d1", 1.0)

@@ -15,8 +15,8 @@ from prometheus_client import CollectorRegistry
 
 from allocator.defaults import _DUE_CHUNK, DefaultRewards, Pending
 from allocator.server import create_server
-from tests.conftest import server_config
-from tests.test_durability import ServerProcess, server_processes, wait_until
+from tests.conftest import server_config, wait_until
+from tests.test_durability import ServerProcess, server_processes
 
 
 def _counts(report: pb.GetReportResponse) -> list[tuple[int, float]]:
@@ -37,16 +37,17 @@ def test_unrewarded_decisions_get_the_default_once(tmp_path: Path) -> None:
                     variants=["a", "b"],
                     seed=3,
                     default_reward=0.0,
-                    attribution_window_seconds=1,
+                    attribution_window_seconds=2,
                 )
             )
             c.create_experiment(pb.ExperimentSpec(name="off", variants=["a", "b"]))
-            b = c.assign_batch("dr", 10)
-            single = c.assign("dr")
             c.assign_batch("off", 10)
+            # Rewarded at once: within the 2 s window even on a starved machine.
+            b = c.assign_batch("dr", 10)
             answered = c.reward_batch("dr", [1.0] * 3, batch_token=b.batch_token, indices=[0, 1, 2])
             assert answered.accepted == 3
-            # Window 1 s + grace 0.1 s + a supervisor pass.
+            single = c.assign("dr")
+            # Window 2 s + grace 0.1 s + a supervisor pass.
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:
                 if sum(v.rewards for v in c.get_report("dr").variants) == 11:

@@ -24,7 +24,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,7 +46,7 @@ from allocator.metrics import Metrics
 from allocator.server import STORE_HEALTH, Running, create_server
 from allocator.store import SqlStore, StoreLocked, StoreUnavailable
 from allocator.tokens import event_key
-from tests.conftest import ADMIN_TOKEN, server_config
+from tests.conftest import ADMIN_TOKEN, server_config, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = "crash"
@@ -545,18 +545,6 @@ def assert_report_exact(target: str, ledger: Ledger) -> None:
     assert s == [int(x) for x in want[:, 1]]
 
 
-def wait_until(
-    predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.05
-) -> None:
-    """Poll ``predicate`` until true; fail naming ``what``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
 # ---------------------------------------------------------------- kill -9 under load
 
 
@@ -881,6 +869,13 @@ def test_database_outage_under_load(pg_url: str) -> None:
                     assert resp.variant in VARIANTS and resp.decision_id
             # The overall health stays SERVING: Assign works, only the store is degraded.
             assert health_status(target) == health_pb2.HealthCheckResponse.SERVING
+            # The senders' calls fail as ours did, but a starved sender thread may not
+            # have recorded its UNAVAILABLE yet: wait for it, while the outage lasts.
+            wait_until(
+                lambda: merged(senders).errors.get("UNAVAILABLE", 0) > 0,
+                15,
+                "a sender to see the outage",
+            )
             errors_during = merged(senders).errors
             time.sleep(0.5)
         finally:

@@ -29,7 +29,7 @@ from allocator.lifecycle import Event, EventType
 from allocator.server import STORE_HEALTH, Running, create_server
 from allocator.service import _code_for, _watch_ended
 from allocator.store import StoreUnavailable
-from tests.conftest import ADMIN_TOKEN, server_config
+from tests.conftest import ADMIN_TOKEN, server_config, wait_until
 
 
 def _spec(
@@ -378,21 +378,22 @@ def test_watch_events_live_and_replay(server: Running, stub: pb_grpc.AllocatorSt
 
     t = threading.Thread(target=read)
     t.start()
-    time.sleep(0.5)
+    # A live-only watch sees what is published after it subscribed: wait for that.
+    wait_until(lambda: len(server.app.events._subs) == 1, 10, "the watcher's subscription")
     stub.Promote(pb.PromoteRequest(experiment="exp", variant="c"), metadata=ADMIN)
     stub.Rollback(pb.RollbackRequest(experiment="exp"), metadata=ADMIN)
     t.join(10)
     call.cancel()
     assert [e.type for e in got] == [pb.EVENT_TYPE_PROMOTED, pb.EVENT_TYPE_ROLLED_BACK]
     assert got[0].variant == "c" and got[0].sequence < got[1].sequence
-    replay = stub.WatchEvents(
-        pb.WatchEventsRequest(after_sequence=got[0].sequence - 1), timeout=1.5
-    )
+    replay = stub.WatchEvents(pb.WatchEventsRequest(after_sequence=got[0].sequence - 1))
     seen = []
-    with pytest.raises(grpc.RpcError):
-        for resp in replay:
-            seen.append(resp.event.type)
-    assert seen[:2] == [pb.EVENT_TYPE_PROMOTED, pb.EVENT_TYPE_ROLLED_BACK]
+    for resp in replay:
+        seen.append(resp.event.type)
+        if len(seen) == 2:
+            break
+    replay.cancel()
+    assert seen == [pb.EVENT_TYPE_PROMOTED, pb.EVENT_TYPE_ROLLED_BACK]
     code, _ = _code(lambda: list(stub.WatchEvents(pb.WatchEventsRequest(experiment="nope"))))
     assert code == grpc.StatusCode.NOT_FOUND
 
@@ -749,9 +750,9 @@ def test_watchers_end_with_unavailable_when_the_server_stops(
 
         reader = threading.Thread(target=read)
         reader.start()
-        time.sleep(0.3)  # subscribed by now
+        wait_until(lambda: bool(running.app.events._subs), 10, "the watcher's subscription")
         stub.Resume(pb.ResumeRequest(experiment="exp"), metadata=ADMIN, timeout=10)
-        time.sleep(0.3)
+        wait_until(lambda: bool(first), 10, "the RESUMED event at the watcher")
         # A grace far longer than the test: before, the watcher held the stop for all of it.
         stopper = threading.Thread(target=running.stop, args=(120.0,))
         stopper.start()
@@ -911,16 +912,9 @@ def test_a_resuming_watcher_survives_a_server_restart(
         reader = threading.Thread(target=read)
         reader.start()
         # Subscribed (live only) before the pause, or its event is not this watcher's.
-        for _ in range(200):
-            if running.app.events._subs:
-                break
-            time.sleep(0.05)
-        assert running.app.events._subs, "the watcher never subscribed"
+        wait_until(lambda: bool(running.app.events._subs), 10, "the watcher's subscription")
         c.pause("exp")
-        for _ in range(100):
-            if got:
-                break
-            time.sleep(0.05)
+        wait_until(lambda: bool(got), 10, "the PAUSED event at the watcher")
         running.stop(1.0)
         running = create_server(config, registry=CollectorRegistry())
         try:
