@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any
 
 import numpy as np
@@ -477,8 +478,14 @@ class Supervisor:
                 watch.since, experiment_id=rec.id, upto=upto, limit=50_000
             )
             if rows:
-                arms = np.fromiter((r.arm for r in rows), dtype=np.int64, count=len(rows))
-                values = np.fromiter((r.value for r in rows), dtype=np.float64, count=len(rows))
+                # Fed in the order received, not the log's (replica, seq) order: that would
+                # feed each replica's stretch in turn, and a detector would see a
+                # regression that began mid-way come and go once per replica. (Within a
+                # page; a catch-up longer than one is ordered page by page.)
+                ordered = sorted(rows, key=attrgetter("received_at"))
+                n = len(ordered)
+                arms = np.fromiter((r.arm for r in ordered), dtype=np.int64, count=n)
+                values = np.fromiter((r.value for r in ordered), dtype=np.float64, count=n)
                 self._observe(watch, arms, values)
                 fed += len(rows)
                 advance(watch.since, rows)

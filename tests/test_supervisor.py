@@ -22,7 +22,7 @@ from allocator.app import Record
 from allocator.lifecycle import Action, State
 from allocator.monitor import Reaction, Regression
 from allocator.server import Running, create_server
-from allocator.store import SqlStore, StoreUnavailable, VersionConflict
+from allocator.store import RewardRow, SqlStore, StoreUnavailable, VersionConflict
 from tests.conftest import ADMIN_TOKEN, server_config
 
 
@@ -308,6 +308,38 @@ def test_monitor_catches_up_on_rewards_logged_after_its_last_save(tmp_path: Path
         _wait(lambda: monitor.state()["promoted"]["stats"][0] == 18_000)
     finally:
         second.stop(1.0)
+
+
+def test_catch_up_feeds_logged_rewards_in_the_order_they_were_received(
+    fast_server: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two replicas' rows, received alternately, reach the monitor in that order, not
+    one replica's stretch after the other's (the log's order)."""
+    with AllocatorClient(f"127.0.0.1:{fast_server.port}", admin_token=ADMIN_TOKEN) as c:
+        _watched(c, fast_server, pb.REGRESSION_ACTION_NOTIFY_ONLY)
+    rec = fast_server.app.records["m"]
+    store = fast_server.app.store
+    for replica, times in (("ra", [1.0, 3.0, 5.0]), ("rb", [2.0, 4.0, 6.0])):
+        rows = [
+            RewardRow(
+                dedup_key=f"{replica}{t}",
+                experiment_id=rec.id,
+                arm=1,
+                value=t / 10,  # says when it was received
+                epoch=0,
+                received_at=t,
+            )
+            for t in times
+        ]
+        store.append_rewards(replica, rows)
+    fed: list[float] = []
+    sup = fast_server.supervisor
+    monkeypatch.setattr(sup, "_observe", lambda watch, arms, values: fed.extend(values))
+    watch = sup._watches["m"]
+    monkeypatch.setattr(watch, "since", {"ra": 0, "rb": 0})
+    sup._catch_up(rec, watch, {"ra": 3, "rb": 3})
+    assert fed == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+    assert watch.since == {"ra": 3, "rb": 3}
 
 
 def test_pausing_a_promotion_keeps_its_saved_monitor_state(fast_server: Running) -> None:
