@@ -122,7 +122,8 @@ def build_report(engine: Engine, name: str, alpha: float = 0.05) -> pb.GetReport
             pb.TestResult(
                 name=t.name,
                 variant=cfg.variants[i],
-                statistic=_f(t.statistic),
+                # +-inf stays (two constant arms that differ: p = 0), NaN stays NaN.
+                statistic=float(t.statistic),
                 p_value=_f(t.p_value),
             )
         )
@@ -166,7 +167,8 @@ def power_analysis(engine: Engine, name: str, spec: pb.ExperimentSpec) -> pb.Pow
     """Fixed-horizon sample size for the spec's minimum effect, and what is still missing.
 
     Bernoulli: two-proportion test around the control's observed rate (0.5, the most
-    conservative, before any data); normal: two-sample test with the control's observed sd.
+    conservative, before any data), for a change of min_effect in the harder direction;
+    normal: two-sample test with the control's observed sd.
     Bonferroni over the k - 1 comparisons with control.
     """
     promo = spec.promotion
@@ -182,9 +184,16 @@ def power_analysis(engine: Engine, name: str, spec: pb.ExperimentSpec) -> pb.Pow
         if promo.min_effect >= MAX_BERNOULLI_MIN_EFFECT:  # refused at creation since; unsized
             return None
         p0 = float(es[:, 0, 1].sum() / n[0]) if n[0] > 0 else 0.5
-        p0 = min(max(p0, 1e-3), 1.0 - promo.min_effect - 1e-3)
-        required = stats.sample_size_proportions(
-            p0, promo.min_effect, alpha=alpha, power=power, k_arms=k
+        p0 = min(max(p0, 1e-3), 1.0 - 1e-3)
+        # The test is two-sided: size for the harder of the changes by min_effect that
+        # can happen (the one nearer 0.5; near 1 only the fall is possible). When neither
+        # fits in (0, 1), for a rise from a control rate moved down to make room.
+        effect = promo.min_effect
+        steps = [d for d in (effect, -effect) if 0.0 < p0 + d < 1.0]
+        if not steps:
+            p0, steps = min(p0, 1.0 - effect - 1e-3), [effect]
+        required = max(
+            stats.sample_size_proportions(p0, d, alpha=alpha, power=power, k_arms=k) for d in steps
         )
     else:
         if n[0] < 2:

@@ -6,11 +6,19 @@ import math
 
 import numpy as np
 import pytest
+from allocator_client.v1 import allocator_pb2 as pb
 from scipy import stats as sps
 
 from allocator.engine import Engine, ExperimentConfig
 from allocator.policies import PolicyConfig, PolicyKind
-from allocator.report import RANK_MIN_PER_VARIANT, build_report, common_window, rank_tests
+from allocator.report import (
+    RANK_MIN_PER_VARIANT,
+    build_report,
+    common_window,
+    power_analysis,
+    rank_tests,
+)
+from allocator.stats import sample_size_proportions
 
 
 def _run(kind: PolicyKind, decisions: int = 3000) -> Engine:
@@ -74,6 +82,15 @@ def test_fractional_rewards_of_a_bernoulli_experiment_get_welch_not_chi_square()
     assert test.p_value < 1e-5
 
 
+def test_two_constant_arms_that_differ_get_an_infinite_statistic_not_nan() -> None:
+    """Zero variance on both sides and different means: t = +inf with p = 0, not a
+    "statistic nan, p 0" that reads as a failed test."""
+    # Binary fractions, so the sums of squares cancel exactly (see stats.moments).
+    (test,) = build_report(_rewarded(np.full(50, 0.25), np.full(50, 0.5)), "x").tests
+    assert test.name == "welch_t"
+    assert test.statistic == math.inf and test.p_value == 0.0
+
+
 def test_binary_rewards_of_a_bernoulli_experiment_get_the_chi_square() -> None:
     rng = np.random.default_rng(4)
     a = (rng.random(500) < 0.1).astype(float)
@@ -125,3 +142,26 @@ def test_the_rank_sample_is_the_span_every_replica_covers() -> None:
     assert sorted(sample) == sorted([(0, 10.0), (1, 9.0), (0, 8.0), (1, 7.0), (0, 9.5), (0, 20.0)])
     assert common_window({"only": [(0, 1.0, 5.0)]}, per_replica=4) == [(0, 1.0)]
     assert common_window({}, per_replica=4) == []
+
+
+@pytest.mark.parametrize(
+    ("rate", "effect", "p1", "p2"),
+    [
+        (0.97, 0.05, 0.97, 0.92),  # near 1 only a fall fits
+        (0.60, 0.10, 0.60, 0.50),  # the fall, nearer 0.5, is the harder one
+        (0.30, 0.10, 0.30, 0.40),  # the rise, nearer 0.5
+    ],
+)
+def test_power_analysis_sizes_the_harder_change_that_can_happen(
+    rate: float, effect: float, p1: float, p2: float
+) -> None:
+    """The two-sided test must see a change of min_effect either way; the sample size is
+    that of the pair with the larger variance (the formula is symmetric in the pair)."""
+    n = 1000
+    a = np.zeros(n)
+    a[: round(rate * n)] = 1.0
+    engine = _rewarded(a, a.copy())
+    spec = pb.ExperimentSpec(name="x", promotion=pb.PromotionSettings(min_effect=effect))
+    got = power_analysis(engine, "x", spec)
+    assert got is not None
+    assert got.sample_size_per_variant == sample_size_proportions(p1, p2 - p1)
