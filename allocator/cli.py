@@ -56,8 +56,9 @@ def _report(ns: argparse.Namespace) -> int:
         _print(rep)
         return 0
     print(f"{ns.name}: {pb.ExperimentState.Name(rep.experiment.state)}")
+    level = f"{100 * rep.interval_level:.3g}% CI"  # 1 - the spec's alpha
     print(
-        f"{'variant':<16}{'assigned':>10}{'rewards':>10}{'mean':>9}{'95% CI':>18}"
+        f"{'variant':<16}{'assigned':>10}{'rewards':>10}{'mean':>9}{level:>18}"
         f"{'P(best)':>9}{'E[loss]':>10}{'strat.':>9}"
     )
     for v in rep.variants:
@@ -73,6 +74,11 @@ def _report(ns: argparse.Namespace) -> int:
         print(
             f"{t.name} {t.variant} {what}: statistic {t.statistic:.3f}, "
             f"p {t.p_value:.4g} (Holm-adjusted {t.p_value_adjusted:.4g})"
+        )
+    if rep.tests:
+        print(
+            "  (fixed-horizon tests on pooled data: descriptive under adaptive allocation "
+            "and repeated looks, not a decision rule; see the report's notes)"
         )
     if rep.srm.decisions:
         flag = "  MISMATCH" if rep.srm.flagged else ""

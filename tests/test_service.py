@@ -995,8 +995,20 @@ def test_report_runs_the_rank_test_on_logged_continuous_rewards(
     assert [t.name for t in report.tests] == ["welch_t"]
 
 
-def test_report_intervals_use_the_spec_alpha(client: AllocatorClient) -> None:
+def test_report_intervals_use_the_spec_alpha(
+    client: AllocatorClient, server: Running, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from allocator import cli
+
     client.create_experiment(_spec(promotion=pb.PromotionSettings(alpha=0.1)))
     client.create_experiment(_spec("default"))
     assert client.get_report("exp").interval_level == pytest.approx(0.9)
     assert client.get_report("default").interval_level == pytest.approx(0.95)
+    # The CLI's table says which level it shows, and that the tests are descriptive.
+    client.reward_batch(
+        "exp", [1.0, 0.0] * 10, event_ids=[f"e{i}" for i in range(20)], variants=["a", "b"] * 10
+    )
+    assert cli.main(["--target", f"127.0.0.1:{server.port}", "report", "exp"]) == 0
+    out = capsys.readouterr().out
+    assert "90% CI" in out and "95% CI" not in out
+    assert "descriptive under adaptive allocation" in out
