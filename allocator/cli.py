@@ -77,8 +77,9 @@ def _report(ns: argparse.Namespace) -> int:
         )
     if rep.tests:
         print(
-            "  (fixed-horizon tests on pooled data: descriptive under adaptive allocation "
-            "and repeated looks, not a decision rule; see the report's notes)"
+            "  (fixed-horizon tests, not a decision rule under repeated looks; the pooled "
+            "ones are descriptive under adaptive allocation, stratified_z compares within "
+            "epochs; see the report's notes)"
         )
     if rep.srm.decisions:
         flag = "  MISMATCH" if rep.srm.flagged else ""

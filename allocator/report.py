@@ -9,7 +9,9 @@ Which estimate is which (also sent in ``notes``):
 * ``stratified_mean``: epoch-stratified, the estimate to trust when the allocation moved
   (pooled means can be flipped by Simpson's paradox when base rates drift while traffic
   shifts); ``ipw_mean``: Hajek inverse-propensity estimate over the same strata.
-* ``lift``: pooled difference to control with a Welch interval.
+* ``lift``: pooled difference to control with a Welch interval; ``stratified_lift``
+  and the ``stratified_z`` test: the difference within the epochs where both have data,
+  combined on common epoch weights (:func:`stats.stratified_difference`).
 * Tests: chi-square (0/1 rewards) or Welch t (others, fractional Bernoulli rewards too) vs
   control; for continuous rewards also Mann-Whitney (:func:`rank_tests`, on the latest
   logged rewards: a rank test needs the values, not sufficient statistics). Holm-adjusted
@@ -35,23 +37,26 @@ NOTES = (
     "discount the interval, p_best and expected_loss are of the discounted posterior "
     "(recent rewards weigh more) and the mean is over all rewards, so it may lie outside. "
     "p_best/expected_loss: Monte Carlo over the posterior. stratified_mean/se: "
-    "within-epoch means combined with "
-    "epoch-traffic weights common to all variants - safe under changing allocation "
-    "(Simpson's paradox). ipw_mean: Hajek inverse-propensity-weighted estimate using the "
+    "within-epoch means combined with epoch-traffic weights, over the epochs where the "
+    "variant has data - safe under changing allocation (Simpson's paradox), but after a "
+    "promotion or a variant added later, variants cover different epochs. "
+    "stratified_lift/ci and the stratified_z test: each challenger minus control over the "
+    "epochs where both have data, on the same weights - the comparison to read when the "
+    "allocation moved (still fixed-horizon, and inexact where the allocation also adapts "
+    "within an epoch). ipw_mean: Hajek inverse-propensity-weighted estimate using the "
     "shares in force per epoch (NaN when some of a variant's rewards come from an epoch "
     "whose share for it is 0, as with index policies). lift: pooled difference vs "
     "control, Welch interval. "
-    "Tests (chi-square for 0/1 rewards, else Welch t; mann_whitney_u for continuous "
-    "rewards, on the logged rewards of the recent span each replica's last 5,000 cover) "
-    "are fixed-horizon tests "
-    "on pooled data (p_value_adjusted: Holm over the "
-    "comparisons with control), which adaptive allocation makes "
-    "anti-conservative even at a single look (simulated Thompson A/A: chi-square below "
-    "0.05 in ~12% of runs, pooled means ~4% low) and which are not always-valid under "
-    "continuous monitoring: read them as descriptive; promotion uses the calibrated "
-    "posterior rule. SRM: chi-square of "
-    "the decisions drawn from the allocation table (srm.decisions of them) against the "
-    "shares they were drawn from; exact-mode decisions are not covered."
+    "Pooled tests (chi-square for 0/1 rewards, else Welch t; mann_whitney_u for "
+    "continuous rewards, on the logged rewards of the recent span each replica's last "
+    "5,000 cover) are fixed-horizon tests on pooled data (p_value_adjusted: Holm over the "
+    "comparisons with control, each test a family of its own), which adaptive allocation "
+    "makes anti-conservative even at a single look (simulated Thompson A/A: chi-square "
+    "below 0.05 in ~12% of runs, pooled means ~4% low) and which are not always-valid "
+    "under continuous monitoring: read them as descriptive; promotion uses the calibrated "
+    "posterior rule. SRM: chi-square of the decisions drawn from the allocation table "
+    "(srm.decisions of them) against the shares they were drawn from; exact-mode "
+    "decisions are not covered."
 )
 
 
@@ -75,6 +80,11 @@ def build_report(engine: Engine, name: str, alpha: float = 0.05) -> pb.GetReport
         for i in range(k)
     ]
     strat = stats.stratified_means(es[:, :, 1], es[:, :, 0], es[:, :, 2])
+    # Each challenger vs control on the epochs where both have data, on common weights.
+    strata = [
+        stats.stratified_difference(es[:, :, 1], es[:, :, 0], es[:, :, 2], i, 0, alpha)
+        for i in range(1, k)
+    ]
     resp = pb.GetReportResponse(interval_level=1 - alpha, notes=NOTES)
     # Hajek IPW over strata: each epoch's arm mean weighted by epoch traffic / share.
     ipw = _ipw(view.epoch_shares, view.epoch_pulls, es)
@@ -99,6 +109,11 @@ def build_report(engine: Engine, name: str, alpha: float = 0.05) -> pb.GetReport
             row.lift = _f(lift.absolute.estimate)
             row.lift_ci_low = _f(lift.absolute.lower)
             row.lift_ci_high = _f(lift.absolute.upper)
+        if i > 0:
+            d = strata[i - 1].difference
+            row.stratified_lift = _f(d.estimate)
+            row.stratified_lift_ci_low = _f(d.lower)
+            row.stratified_lift_ci_high = _f(d.upper)
         resp.variants.append(row)
     # The chi-square counts successes: right for 0/1 rewards only. A Bernoulli experiment
     # also takes rewards in [0, 1], and fractional ones summed as counts leave the test
@@ -132,6 +147,21 @@ def build_report(engine: Engine, name: str, alpha: float = 0.05) -> pb.GetReport
     adjusted = stats.holm([test.p_value for test in resp.tests])
     for test, p in zip(resp.tests, adjusted.tolist(), strict=True):
         test.p_value_adjusted = p
+    # The same comparisons, stratified by epoch: a family of their own.
+    stratified = [
+        pb.TestResult(
+            name=d.test.name,
+            variant=cfg.variants[i],
+            statistic=float(d.test.statistic),
+            p_value=_f(d.test.p_value),
+        )
+        for i, d in enumerate(strata, start=1)
+        if not math.isnan(d.test.statistic)
+    ]
+    adjusted = stats.holm([test.p_value for test in stratified])
+    for test, p in zip(stratified, adjusted.tolist(), strict=True):
+        test.p_value_adjusted = p
+    resp.tests.extend(stratified)
     # SRM covers the decisions drawn from the allocation table, whose split is known: the
     # expected counts sum, over refreshes, those decisions x the shares they were drawn
     # from. Exact-mode decisions follow the live posterior or index instead, and a check

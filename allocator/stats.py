@@ -628,21 +628,14 @@ def normal_gamma_interval(
 # ----------------------------------------------------------------------------------------
 
 
-def stratified_means(
-    sums: ArrayLike, counts: ArrayLike, sums_sq: ArrayLike | None = None
-) -> ArmEstimates:
-    """Per-arm mean standardized over allocation epochs (E x K inputs), with standard error.
+def _strata(
+    sums: ArrayLike, counts: ArrayLike, sums_sq: ArrayLike | None
+) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
+    """Checked E x K (counts, cell means, cell variances) of epoch-stratified data.
 
-    Within epoch e the arm mean is sum/count; epochs are combined with weights n_e (epoch
-    traffic over all arms), renormalized over the epochs where the arm has data. Because
-    the weights do not depend on how traffic was split between arms, an allocation that
-    moves while the base rate drifts cannot reverse a comparison (Simpson's paradox); this
-    is the idea of Optimizely's epoch stats engine. The estimand is the arm's mean over the
-    traffic the experiment saw. Arm-specific weights (pooling, inverse variance) would
-    reintroduce the bias; equal epoch weights would over-count quiet epochs. Two arms are
-    compared on exactly the same weights only over epochs where both have data.
-
-    ``sums_sq`` defaults to ``sums``, which is exact for 0/1 rewards (x**2 == x).
+    Cells without data have mean 0 and variance NaN. A single-observation cell has no
+    variance of its own: it borrows the arm's overall sample variance, which also counts
+    between-epoch spread, so standard errors err wide.
     """
     s = _matrix(sums, "sums")
     n = _matrix(counts, "counts", nonneg=True)
@@ -660,20 +653,114 @@ def stratified_means(
         raise ValueError("cells with zero counts must have zero sums")
     has = n > 0
     with np.errstate(invalid="ignore", divide="ignore"):
-        w = np.where(has, n.sum(axis=1, keepdims=True), 0.0)
-        w = w / w.sum(axis=0)  # NaN for an arm with no data at all
         cell_mean = np.where(has, s / n, 0.0)
         cell_var = np.where(n > 1, (ss - s * cell_mean) / (n - 1), _NAN)
-        # A single-observation cell has no variance of its own: borrow the arm's overall
-        # sample variance, which also counts between-epoch spread, so the SE errs wide.
         n_k, s_k = n.sum(axis=0), s.sum(axis=0)
         arm_var = np.where(n_k > 1, (ss.sum(axis=0) - s_k * s_k / n_k) / (n_k - 1), _NAN)
         cell_var = np.where(n == 1, arm_var, cell_var)
         cell_var = np.maximum(cell_var, 0.0)  # sum-of-squares cancellation, see moments()
+    return n, cell_mean, cell_var
+
+
+def stratified_means(
+    sums: ArrayLike, counts: ArrayLike, sums_sq: ArrayLike | None = None
+) -> ArmEstimates:
+    """Per-arm mean standardized over allocation epochs (E x K inputs), with standard error.
+
+    Within epoch e the arm mean is sum/count; epochs are combined with weights n_e (epoch
+    traffic over all arms), renormalized over the epochs where the arm has data. Because
+    the weights do not depend on how traffic was split between arms, an allocation that
+    moves while the base rate drifts cannot reverse a comparison (Simpson's paradox); this
+    is the idea of Optimizely's epoch stats engine. The estimand is the arm's mean over the
+    traffic the experiment saw. Arm-specific weights (pooling, inverse variance) would
+    reintroduce the bias; equal epoch weights would over-count quiet epochs. Two arms are
+    compared on exactly the same weights only over epochs where both have data: after a
+    promotion (the champion alone) or a variant added later, their stratified means cover
+    different epochs; :func:`stratified_difference` compares two arms on common ones.
+
+    ``sums_sq`` defaults to ``sums``, which is exact for 0/1 rewards (x**2 == x).
+    """
+    n, cell_mean, cell_var = _strata(sums, counts, sums_sq)
+    has = n > 0
+    n_k = n.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        w = np.where(has, n.sum(axis=1, keepdims=True), 0.0)
+        w = w / w.sum(axis=0)  # NaN for an arm with no data at all
         mean = np.where(n_k > 0, (w * cell_mean).sum(axis=0), _NAN)
         se = np.sqrt(np.where(has, w**2 * cell_var / np.where(has, n, 1.0), 0.0).sum(axis=0))
         se = np.where(n_k > 0, se, _NAN)
     return ArmEstimates(mean=_tuple(mean), se=_tuple(se), method="epoch_stratified")
+
+
+@dataclass(frozen=True, slots=True)
+class StratifiedDifference:
+    """Arm minus control over the epochs where both have data (:func:`stratified_difference`).
+
+    ``difference``: estimate and interval; ``test``: its z test (``stratified_z``);
+    ``epochs``: how many epochs it covers (NaN estimates when none).
+    """
+
+    difference: Interval
+    test: TestResult
+    epochs: int
+
+
+def stratified_difference(
+    sums: ArrayLike,
+    counts: ArrayLike,
+    sums_sq: ArrayLike | None,
+    arm: int,
+    control: int,
+    alpha: float = 0.05,
+) -> StratifiedDifference:
+    """Epoch-stratified ``arm`` - ``control`` with a normal interval and z test.
+
+    Within each epoch where both arms have data the two means are compared; the
+    differences are combined with the epoch's traffic over all arms as weight (as
+    :func:`stratified_means`), renormalized over those common epochs, so both sides of the
+    comparison stand on the same weights. Epochs where either arm had no data are left
+    out: their difference is not estimable (a positivity gap, as after a promotion or
+    before a variant was added). Variance: sum_e w_e^2 (v_arm/n_arm + v_control/n_control).
+    Under an allocation that moves between epochs the pooled tests compare arms over
+    different mixes of epochs; this one does not (a within-epoch allocation that still
+    adapts to the data keeps it from being exact).
+
+    >>> d = stratified_difference([[12.0, 10.0]], [[100, 100]], None, 0, 1)
+    >>> round(d.difference.estimate, 3), d.epochs, d.test.name
+    (0.02, 1, 'stratified_z')
+    """
+    n, cell_mean, cell_var = _strata(sums, counts, sums_sq)
+    k = n.shape[1]
+    if not (0 <= arm < k and 0 <= control < k) or arm == control:
+        raise ValueError(f"arm and control must be two different columns of {k}")
+    level = _level(1.0 - alpha)
+    both = (n[:, arm] > 0) & (n[:, control] > 0)
+    epochs = int(both.sum())
+    nan = StratifiedDifference(
+        Interval(_NAN, _NAN, _NAN, level), TestResult(_NAN, _NAN, None, "stratified_z"), epochs
+    )
+    if epochs == 0:
+        return nan
+    w = n[both].sum(axis=1)
+    w = w / w.sum()
+    diff = float((w * (cell_mean[both, arm] - cell_mean[both, control])).sum())
+    var = float(
+        (
+            w**2 * (cell_var[both, arm] / n[both, arm] + cell_var[both, control] / n[both, control])
+        ).sum()
+    )
+    if not math.isfinite(var):
+        return nan
+    se = math.sqrt(var)
+    # No spread at all (constant rewards): no interval to give; a difference is certain.
+    half = float(_st.norm.isf(alpha / 2)) * se if se > 0 else _NAN
+    z = diff / se if se > 0 else (math.copysign(math.inf, diff) if diff else _NAN)
+    p = float(2 * _st.norm.sf(abs(z))) if not math.isnan(z) else _NAN
+    return StratifiedDifference(
+        Interval(diff, diff - half, diff + half, level),
+        TestResult(float(z), p, None, "stratified_z"),
+        epochs,
+    )
 
 
 def ipw_means(arms: ArrayLike, rewards: ArrayLike, propensities: ArrayLike, k: int) -> IPWEstimates:

@@ -292,12 +292,22 @@ def test_report_has_both_statistics(client: AllocatorClient, server: Running) ->
     assert sum(v.rewards for v in rep.variants) == 2000
     assert abs(sum(v.p_best for v in rep.variants) - 1.0) < 1e-9
     assert rep.variants[1].p_best > 0.9
-    assert {t.variant for t in rep.tests} == {"b", "c"}
+    assert [(t.name, t.variant) for t in rep.tests] == [
+        ("pearson_chi2", "b"),
+        ("pearson_chi2", "c"),
+        ("stratified_z", "b"),
+        ("stratified_z", "c"),
+    ]
     assert all(0 <= t.p_value <= 1 for t in rep.tests)
-    # Two challengers against one control: Holm-adjusted, never below the raw p-value.
-    holm = stats.holm([t.p_value for t in rep.tests])
-    assert [t.p_value_adjusted for t in rep.tests] == pytest.approx(holm.tolist(), rel=1e-12)
-    assert all(t.p_value <= t.p_value_adjusted <= 1 for t in rep.tests)
+    # Two challengers against one control: Holm-adjusted within each family, never below
+    # the raw p-value.
+    for family in ("pearson_chi2", "stratified_z"):
+        tests = [t for t in rep.tests if t.name == family]
+        holm = stats.holm([t.p_value for t in tests])
+        assert [t.p_value_adjusted for t in tests] == pytest.approx(holm.tolist(), rel=1e-12)
+        assert all(t.p_value <= t.p_value_adjusted <= 1 for t in tests)
+    for v in rep.variants[1:]:
+        assert v.stratified_lift_ci_low < v.stratified_lift < v.stratified_lift_ci_high
     # Adaptive allocation, honestly logged: no sample-ratio mismatch.
     assert not rep.srm.flagged
     assert rep.allocation_history and "stratified" in rep.notes

@@ -505,7 +505,7 @@ class GetReportRequest(_message.Message):
     def __init__(self, experiment: _Optional[str] = ...) -> None: ...
 
 class VariantReport(_message.Message):
-    __slots__ = ("name", "assignments", "rewards", "mean", "ci_low", "ci_high", "p_best", "expected_loss", "lift", "lift_ci_low", "lift_ci_high", "stratified_mean", "stratified_se", "ipw_mean")
+    __slots__ = ("name", "assignments", "rewards", "mean", "ci_low", "ci_high", "p_best", "expected_loss", "lift", "lift_ci_low", "lift_ci_high", "stratified_mean", "stratified_se", "ipw_mean", "stratified_lift", "stratified_lift_ci_low", "stratified_lift_ci_high")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ASSIGNMENTS_FIELD_NUMBER: _ClassVar[int]
     REWARDS_FIELD_NUMBER: _ClassVar[int]
@@ -520,6 +520,9 @@ class VariantReport(_message.Message):
     STRATIFIED_MEAN_FIELD_NUMBER: _ClassVar[int]
     STRATIFIED_SE_FIELD_NUMBER: _ClassVar[int]
     IPW_MEAN_FIELD_NUMBER: _ClassVar[int]
+    STRATIFIED_LIFT_FIELD_NUMBER: _ClassVar[int]
+    STRATIFIED_LIFT_CI_LOW_FIELD_NUMBER: _ClassVar[int]
+    STRATIFIED_LIFT_CI_HIGH_FIELD_NUMBER: _ClassVar[int]
     name: str
     assignments: int
     rewards: int
@@ -534,7 +537,10 @@ class VariantReport(_message.Message):
     stratified_mean: float
     stratified_se: float
     ipw_mean: float
-    def __init__(self, name: _Optional[str] = ..., assignments: _Optional[int] = ..., rewards: _Optional[int] = ..., mean: _Optional[float] = ..., ci_low: _Optional[float] = ..., ci_high: _Optional[float] = ..., p_best: _Optional[float] = ..., expected_loss: _Optional[float] = ..., lift: _Optional[float] = ..., lift_ci_low: _Optional[float] = ..., lift_ci_high: _Optional[float] = ..., stratified_mean: _Optional[float] = ..., stratified_se: _Optional[float] = ..., ipw_mean: _Optional[float] = ...) -> None: ...
+    stratified_lift: float
+    stratified_lift_ci_low: float
+    stratified_lift_ci_high: float
+    def __init__(self, name: _Optional[str] = ..., assignments: _Optional[int] = ..., rewards: _Optional[int] = ..., mean: _Optional[float] = ..., ci_low: _Optional[float] = ..., ci_high: _Optional[float] = ..., p_best: _Optional[float] = ..., expected_loss: _Optional[float] = ..., lift: _Optional[float] = ..., lift_ci_low: _Optional[float] = ..., lift_ci_high: _Optional[float] = ..., stratified_mean: _Optional[float] = ..., stratified_se: _Optional[float] = ..., ipw_mean: _Optional[float] = ..., stratified_lift: _Optional[float] = ..., stratified_lift_ci_low: _Optional[float] = ..., stratified_lift_ci_high: _Optional[float] = ...) -> None: ...
 
 class TestResult(_message.Message):
     __slots__ = ("name", "variant", "statistic", "p_value", "p_value_adjusted")
