@@ -9,7 +9,8 @@ Which estimate is which (also sent in ``notes``):
 * ``stratified_mean``: epoch-stratified, the estimate to trust when the allocation moved
   (pooled means can be flipped by Simpson's paradox when base rates drift while traffic
   shifts); ``ipw_mean``: Hajek inverse-propensity estimate over the same strata.
-* ``lift``: pooled difference to control with a Welch interval; ``stratified_lift``
+* ``lift``: pooled difference to control with an Agresti-Caffo interval (0/1 rewards)
+  or a Welch one (others); ``stratified_lift``
   and the ``stratified_z`` test: the difference within the epochs where both have data,
   combined on common epoch weights (:func:`stats.stratified_difference`).
 * Tests: chi-square (0/1 rewards) or Welch t (others, fractional Bernoulli rewards too) vs
@@ -46,7 +47,7 @@ NOTES = (
     "within an epoch). ipw_mean: Hajek inverse-propensity-weighted estimate using the "
     "shares in force per epoch (NaN when some of a variant's rewards come from an epoch "
     "whose share for it is 0, as with index policies). lift: pooled difference vs "
-    "control, Welch interval. "
+    "control, Agresti-Caffo interval for 0/1 rewards, else Welch. "
     "Pooled tests (chi-square for 0/1 rewards, else Welch t; mann_whitney_u for "
     "continuous rewards, on the logged rewards of the recent span each replica's last "
     "5,000 cover) are fixed-horizon tests on pooled data (p_value_adjusted: Holm over the "
@@ -89,6 +90,10 @@ def build_report(engine: Engine, name: str, alpha: float = 0.05) -> pb.GetReport
     # Hajek IPW over strata: each epoch's arm mean weighted by epoch traffic / share.
     ipw = _ipw(view.epoch_shares, view.epoch_pulls, es)
     control = moments[0]
+    # The chi-square counts successes: right for 0/1 rewards only. A Bernoulli experiment
+    # also takes rewards in [0, 1], and fractional ones summed as counts leave the test
+    # with almost no power; they show as ss < s (r * r < r), and get Welch instead.
+    binary = cfg.policy.reward == RewardKind.BERNOULLI and bool(np.all(ss == s))
     for i, variant in enumerate(cfg.variants):
         m = moments[i]
         row = pb.VariantReport(
@@ -105,24 +110,25 @@ def build_report(engine: Engine, name: str, alpha: float = 0.05) -> pb.GetReport
             ipw_mean=_f(ipw[i]),
         )
         if i > 0 and m.n >= 2 and control.n >= 2:
-            lift = stats.lift(m.mean, m.var, m.n, control.mean, control.var, control.n, alpha)
-            row.lift = _f(lift.absolute.estimate)
-            row.lift_ci_low = _f(lift.absolute.lower)
-            row.lift_ci_high = _f(lift.absolute.upper)
+            if binary:  # Agresti-Caffo: Wald's collapses near 0 and 1 and at small n
+                diff = stats.proportion_difference(s[i], n[i], s[0], n[0], alpha)
+            else:
+                diff = stats.lift(
+                    m.mean, m.var, m.n, control.mean, control.var, control.n, alpha
+                ).absolute
+            row.lift = _f(diff.estimate)
+            row.lift_ci_low = _f(diff.lower)
+            row.lift_ci_high = _f(diff.upper)
         if i > 0:
             d = strata[i - 1].difference
             row.stratified_lift = _f(d.estimate)
             row.stratified_lift_ci_low = _f(d.lower)
             row.stratified_lift_ci_high = _f(d.upper)
         resp.variants.append(row)
-    # The chi-square counts successes: right for 0/1 rewards only. A Bernoulli experiment
-    # also takes rewards in [0, 1], and fractional ones summed as counts leave the test
-    # with almost no power; they show as ss < s (r * r < r), and get Welch instead.
-    binary = bool(np.all(ss == s))
     for i in range(1, k):
         if n[i] < 2 or n[0] < 2:
             continue
-        if cfg.policy.reward == RewardKind.BERNOULLI and binary:
+        if binary:
             t = stats.chi_square([s[0], s[i]], [n[0], n[i]])
         else:
             t = stats.welch_t(

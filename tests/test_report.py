@@ -96,6 +96,14 @@ def test_two_constant_arms_that_differ_get_an_infinite_statistic_not_nan() -> No
     assert test.statistic == math.inf and test.p_value == 0.0
 
 
+def test_lift_of_binary_rewards_has_an_interval_without_successes() -> None:
+    """0/200 vs 0/200: Wald's interval was [0, 0]; Agresti-Caffo's is +-0.0137."""
+    row = build_report(_rewarded(np.zeros(200), np.zeros(200)), "x").variants[1]
+    assert row.lift == 0.0
+    assert row.lift_ci_low == pytest.approx(-0.013688, abs=1e-6)
+    assert row.lift_ci_high == pytest.approx(0.013688, abs=1e-6)
+
+
 def test_binary_rewards_of_a_bernoulli_experiment_get_the_chi_square() -> None:
     rng = np.random.default_rng(4)
     a = (rng.random(500) < 0.1).astype(float)
