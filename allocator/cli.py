@@ -56,7 +56,7 @@ def _report(ns: argparse.Namespace) -> int:
         _print(rep)
         return 0
     print(f"{ns.name}: {pb.ExperimentState.Name(rep.experiment.state)}")
-    level = f"{100 * rep.interval_level:.3g}% CI"  # 1 - the spec's alpha
+    level = f"{100 * rep.interval_level:.4g}% CI"  # 1 - the spec's alpha
     print(
         f"{'variant':<16}{'assigned':>10}{'rewards':>10}{'mean':>9}{level:>18}"
         f"{'P(best)':>9}{'E[loss]':>10}{'strat.':>9}"

@@ -36,28 +36,28 @@ from allocator.policies import RewardKind, make_policy
 NOTES = (
     "mean/ci: pooled mean and exact posterior credible interval (interval_level); with a "
     "discount the interval, p_best and expected_loss are of the discounted posterior "
-    "(recent rewards weigh more) and the mean is over all rewards, so it may lie outside. "
-    "p_best/expected_loss: Monte Carlo over the posterior. stratified_mean/se: "
+    "(recent rewards weigh more) and the mean is over all rewards, so it may lie outside."
+    " p_best/expected_loss: Monte Carlo over the posterior. stratified_mean/se: "
     "within-epoch means combined with epoch-traffic weights, over the epochs where the "
     "variant has data - safe under changing allocation (Simpson's paradox), but after a "
     "promotion or a variant added later, variants cover different epochs. "
-    "stratified_lift/ci and the stratified_z test: each challenger minus control over the "
-    "epochs where both have data, on the same weights - the comparison to read when the "
+    "stratified_lift/ci and the stratified_z test: each challenger minus control over the"
+    " epochs where both have data, on the same weights - the comparison to read when the "
     "allocation moved (still fixed-horizon, and inexact where the allocation also adapts "
     "within an epoch). ipw_mean: Hajek inverse-propensity-weighted estimate using the "
     "shares in force per epoch (NaN when some of a variant's rewards come from an epoch "
     "whose share for it is 0, as with index policies). lift: pooled difference vs "
-    "control, Agresti-Caffo interval for 0/1 rewards, else Welch. "
-    "Pooled tests (chi-square for 0/1 rewards, else Welch t; mann_whitney_u for "
-    "continuous rewards, on the logged rewards of the recent span each replica's last "
-    "5,000 cover) are fixed-horizon tests on pooled data (p_value_adjusted: Holm over the "
-    "comparisons with control, each test a family of its own), which adaptive allocation "
-    "makes anti-conservative even at a single look (simulated Thompson A/A: chi-square "
-    "below 0.05 in ~12% of runs, pooled means ~4% low) and which are not always-valid "
-    "under continuous monitoring: read them as descriptive; promotion uses the calibrated "
-    "posterior rule. SRM: chi-square of the decisions drawn from the allocation table "
-    "(srm.decisions of them) against the shares they were drawn from; exact-mode "
-    "decisions are not covered."
+    "control, Agresti-Caffo interval for 0/1 rewards, else Welch. Pooled tests "
+    "(chi-square for 0/1 rewards, else Welch t; mann_whitney_u for continuous rewards, on"
+    " the logged rewards of the recent span each replica's last 5,000 cover) are "
+    "fixed-horizon tests on pooled data (p_value_adjusted: Holm over the comparisons with"
+    " control, each kind of test - stratified_z too - a family of its own), which "
+    "adaptive allocation makes anti-conservative even at a single look (simulated "
+    "Thompson A/A: chi-square below 0.05 in ~12% of runs, pooled means ~4% low) and which"
+    " are not always-valid under continuous monitoring: read them as descriptive; "
+    "promotion uses the calibrated posterior rule. SRM: chi-square of the decisions drawn"
+    " from the allocation table (srm.decisions of them) against the shares they were "
+    "drawn from; exact-mode decisions are not covered."
 )
 
 
@@ -80,20 +80,22 @@ def build_report(engine: Engine, name: str, alpha: float = 0.05) -> pb.GetReport
         stats.moments(n[i], s[i], ss[i]) if n[i] > 0 else stats.Moments(0.0, math.nan, math.nan)
         for i in range(k)
     ]
+    # The chi-square counts successes: right for 0/1 rewards only. A Bernoulli experiment
+    # also takes rewards in [0, 1], and fractional ones summed as counts leave the test
+    # with almost no power; they show as ss < s (r * r < r), and get Welch instead.
+    binary = cfg.policy.reward == RewardKind.BERNOULLI and bool(np.all(ss == s))
     strat = stats.stratified_means(es[:, :, 1], es[:, :, 0], es[:, :, 2])
     # Each challenger vs control on the epochs where both have data, on common weights.
     strata = [
-        stats.stratified_difference(es[:, :, 1], es[:, :, 0], es[:, :, 2], i, 0, alpha)
+        stats.stratified_difference(
+            es[:, :, 1], es[:, :, 0], None if binary else es[:, :, 2], i, 0, alpha
+        )
         for i in range(1, k)
     ]
     resp = pb.GetReportResponse(interval_level=1 - alpha, notes=NOTES)
     # Hajek IPW over strata: each epoch's arm mean weighted by epoch traffic / share.
     ipw = _ipw(view.epoch_shares, view.epoch_pulls, es)
     control = moments[0]
-    # The chi-square counts successes: right for 0/1 rewards only. A Bernoulli experiment
-    # also takes rewards in [0, 1], and fractional ones summed as counts leave the test
-    # with almost no power; they show as ss < s (r * r < r), and get Welch instead.
-    binary = cfg.policy.reward == RewardKind.BERNOULLI and bool(np.all(ss == s))
     for i, variant in enumerate(cfg.variants):
         m = moments[i]
         row = pb.VariantReport(

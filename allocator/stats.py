@@ -585,7 +585,9 @@ def proportion_difference(
     half = float(_st.norm.isf(alpha / 2)) * math.sqrt(
         pt * (1 - pt) / (n_t + 2) + pc * (1 - pc) / (n_c + 2)
     )
-    return Interval(diff, pt - pc - half, pt - pc + half, level)
+    # Centred on the adjusted difference (which the raw one can lie outside of at a large
+    # alpha: 0/10 vs 10/10 at alpha 0.2); a difference of rates stays within [-1, 1].
+    return Interval(diff, max(-1.0, pt - pc - half), min(1.0, pt - pc + half), level)
 
 
 # ----------------------------------------------------------------------------------------
@@ -746,7 +748,10 @@ def stratified_difference(
     :func:`stratified_means`), renormalized over those common epochs, so both sides of the
     comparison stand on the same weights. Epochs where either arm had no data are left
     out: their difference is not estimable (a positivity gap, as after a promotion or
-    before a variant was added). Variance: sum_e w_e^2 (v_arm/n_arm + v_control/n_control).
+    before a variant was added). Variance: sum_e w_e^2 (v_arm/n_arm + v_control/n_control);
+    for 0/1 rewards (``sums_sq`` None) the test's uses the pooled rate of each epoch and
+    the interval's the plus-two proportions (see the code). The interval is NaN when the
+    rewards have no spread at all.
     Under an allocation that moves between epochs the pooled tests compare arms over
     different mixes of epochs; this one does not (a within-epoch allocation that still
     adapts to the data keeps it from being exact).
@@ -769,21 +774,35 @@ def stratified_difference(
         return nan
     w = n[both].sum(axis=1)
     w = w / w.sum()
-    diff = float((w * (cell_mean[both, arm] - cell_mean[both, control])).sum())
-    var = float(
-        (
-            w**2 * (cell_var[both, arm] / n[both, arm] + cell_var[both, control] / n[both, control])
-        ).sum()
-    )
-    if not math.isfinite(var):
+    n1, n0 = n[both, arm], n[both, control]
+    m1, m0 = cell_mean[both, arm], cell_mean[both, control]
+    diff = float((w * (m1 - m0)).sum())
+    if sums_sq is None:
+        # 0/1 rewards. A small cell often has no success, and its plug-in variance is then
+        # 0: a starved arm's late epochs would carry weight with no spread, and the test
+        # would reject far too often. The test takes each epoch's variance under its null,
+        # the two arms' pooled rate (as Cochran-Mantel-Haenszel); the interval, the
+        # plus-two proportions of each cell (Agresti-Caffo), so no cell is without spread.
+        pooled = (m1 * n1 + m0 * n0) / (n1 + n0)
+        var_test = float((w**2 * pooled * (1 - pooled) * (1 / n1 + 1 / n0)).sum())
+        t1, t0 = (m1 * n1 + 1) / (n1 + 2), (m0 * n0 + 1) / (n0 + 2)
+        var_ci = float((w**2 * (t1 * (1 - t1) / (n1 + 2) + t0 * (1 - t0) / (n0 + 2))).sum())
+        bounds = (-1.0, 1.0)
+    else:
+        var_test = var_ci = float(
+            (w**2 * (cell_var[both, arm] / n1 + cell_var[both, control] / n0)).sum()
+        )
+        bounds = (-math.inf, math.inf)
+    if not (math.isfinite(var_test) and math.isfinite(var_ci)):
         return nan
-    se = math.sqrt(var)
     # No spread at all (constant rewards): no interval to give; a difference is certain.
-    half = float(_st.norm.isf(alpha / 2)) * se if se > 0 else _NAN
+    half = float(_st.norm.isf(alpha / 2)) * math.sqrt(var_ci) if var_ci > 0 else _NAN
+    se = math.sqrt(var_test)
     z = diff / se if se > 0 else (math.copysign(math.inf, diff) if diff else _NAN)
     p = float(2 * _st.norm.sf(abs(z))) if not math.isnan(z) else _NAN
+    lower, upper = max(bounds[0], diff - half), min(bounds[1], diff + half)
     return StratifiedDifference(
-        Interval(diff, diff - half, diff + half, level),
+        Interval(diff, lower, upper, level),
         TestResult(float(z), p, None, "stratified_z"),
         epochs,
     )

@@ -501,6 +501,8 @@ def test_proportion_difference_is_agresti_caffo() -> None:
     assert (iv.lower, iv.upper, iv.level) == pytest.approx((pt - pc - half, pt - pc + half, 0.9))
     none = proportion_difference(0, 200, 0, 200)
     assert none.lower < 0.0 < none.upper  # Wald's would be [0, 0]
+    # Rates differ by at most 1: 0/10 vs 10/10 (adjusted 1/12 vs 11/12) is clipped.
+    assert proportion_difference(0, 10, 10, 10).lower == -1.0
     with pytest.raises(ValueError):
         proportion_difference(5, 4, 0, 10)
 
@@ -747,6 +749,36 @@ def test_stratified_z_keeps_its_level_where_the_pooled_test_is_fooled() -> None:
         pooled += chi_square(wins.sum(axis=0), SIMPSON_N.sum(axis=0)).p_value < 0.05
     assert 7 <= strat <= 33
     assert pooled > 360
+
+
+def test_stratified_z_keeps_its_level_with_a_starved_arm_at_a_low_rate() -> None:
+    """A/A at rate 0.02: 2,000 each in epoch 1, then the challenger starved (100 of
+    20,100) while the weights favour that epoch. The small cell has no success in 13% of
+    runs (0.98**100); its plug-in variance is then 0, and a test built on those rejected
+    61 of these 400 seeded runs. Under the null each epoch's variance is that of the
+    pooled rate (Cochran-Mantel-Haenszel): its rate here is 4.9% (20,000 runs, not part
+    of the test), so 400 runs reject Binomial(400, 0.049) times: 20 +- 13 (3 sd)."""
+    rng = np.random.default_rng(23)
+    n = np.array([[2000.0, 2000.0], [20000.0, 100.0]])
+    rejected = sum(
+        stratified_difference(
+            rng.binomial(n.astype(int), 0.02).astype(float), n, None, 1, 0
+        ).test.p_value
+        < 0.05
+        for _ in range(400)
+    )
+    assert 7 <= rejected <= 33
+
+
+def test_stratified_interval_of_binary_rewards_keeps_spread_and_bounds() -> None:
+    """No success at all: the plus-two proportions still give an interval around 0; a
+    certain difference (all vs none) stays within [-1, 1]."""
+    none = stratified_difference([[0.0, 0.0]], [[50, 50]], None, 1, 0)
+    assert none.difference.lower < 0.0 < none.difference.upper
+    assert math.isnan(none.test.statistic)  # no evidence either way: the pooled rate is 0
+    full = stratified_difference([[0.0, 5.0]], [[5, 5]], None, 1, 0)
+    assert full.difference.estimate == 1.0 and full.difference.upper <= 1.0
+    assert full.test.p_value < 0.01
 
 
 def test_stratified_single_observation_cell_borrows_arm_variance() -> None:
