@@ -67,6 +67,12 @@ def _report(ns: argparse.Namespace) -> int:
             f"{f'[{v.ci_low:.4f}, {v.ci_high:.4f}]':>18}{v.p_best:>9.3f}"
             f"{v.expected_loss:>10.5f}{v.stratified_mean:>9.4f}"
         )
+    for v in rep.variants[1:]:
+        print(
+            f"{v.name} - control: lift {v.lift:+.4f} [{v.lift_ci_low:.4f}, "
+            f"{v.lift_ci_high:.4f}], stratified by epoch {v.stratified_lift:+.4f} "
+            f"[{v.stratified_lift_ci_low:.4f}, {v.stratified_lift_ci_high:.4f}]"
+        )
     for t in rep.tests:
         # Drift tests compare a variant's prediction scores since its promotion with those
         # before it, not with control.

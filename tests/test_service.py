@@ -1022,3 +1022,9 @@ def test_report_intervals_use_the_spec_alpha(
     out = capsys.readouterr().out
     assert "90% CI" in out and "95% CI" not in out
     assert "descriptive under adaptive allocation" in out
+    rep = client.get_report("exp")
+    b = rep.variants[1]
+    assert (
+        f"b - control: lift {b.lift:+.4f} [{b.lift_ci_low:.4f}, {b.lift_ci_high:.4f}], "
+        f"stratified by epoch {b.stratified_lift:+.4f}" in out
+    )
