@@ -28,6 +28,7 @@ from allocator_client import (
 from allocator_client.client import NO_RETRY, pushback_seconds, status_code
 
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
+EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 class FakeRpcError(grpc.RpcError):
@@ -178,6 +179,7 @@ def test_delay_honours_server_pushback() -> None:
         ({"multiplier": 0.5}, ValueError),
         ({"multiplier": "2"}, TypeError),
         ({"codes": frozenset({14})}, TypeError),
+        ({"throttle_codes": frozenset({8})}, TypeError),
         ({"throttle_max_tokens": -1}, ValueError),
         ({"throttle_max_tokens": 1001}, ValueError),
         ({"throttle_token_ratio": 0.0001}, ValueError),
@@ -247,7 +249,7 @@ def test_retries_are_throttled_while_most_attempts_fail_and_return_with_successe
     leave 6 tokens; the second call's failure leaves 5, not more than half, so it is not
     retried. A failure counts before the check, so a retry needs more than 6 tokens
     before it: 11 successes (6.1, then 5.1 after the failure)."""
-    stub = FakeStub({"Assign": [FakeRpcError(UNAVAILABLE) for _ in range(5)]})
+    stub = FakeStub({"Assign": [FakeRpcError(EXHAUSTED) for _ in range(5)]})
     client, sleeps = make_client(stub, retries=RetryPolicy(max_attempts=4))
     for _ in range(2):
         with pytest.raises(FakeRpcError):
@@ -257,7 +259,7 @@ def test_retries_are_throttled_while_most_attempts_fail_and_return_with_successe
     for _ in range(10):
         client.assign("e")  # succeeds
     assert client._throttle.tokens == pytest.approx(6.0)
-    stub.script["Assign"] = [FakeRpcError(UNAVAILABLE)]
+    stub.script["Assign"] = [FakeRpcError(EXHAUSTED)]
     with pytest.raises(FakeRpcError):
         client.assign("e")  # 5.0 after its failure: still throttled
     client.assign("e")
@@ -265,7 +267,7 @@ def test_retries_are_throttled_while_most_attempts_fail_and_return_with_successe
     assert client._throttle.tokens == pytest.approx(5.2)
     for _ in range(9):
         client.assign("e")  # 6.1
-    stub.script["Assign"] = [FakeRpcError(UNAVAILABLE), pb.AssignResponse(variant="a")]
+    stub.script["Assign"] = [FakeRpcError(EXHAUSTED), pb.AssignResponse(variant="a")]
     calls = len(stub.calls)
     assert client.assign("e").variant == "a"  # 5.1 after the failure: retried
     assert len(stub.calls) == calls + 2
@@ -273,12 +275,13 @@ def test_retries_are_throttled_while_most_attempts_fail_and_return_with_successe
 
 def test_only_retryable_failures_of_retryable_calls_count() -> None:
     """From a bucket half drained (8 tokens, below its cap so a success would show): a
-    NOT_FOUND, or an UNAVAILABLE of a call that is never retried, changes nothing."""
+    NOT_FOUND, or a RESOURCE_EXHAUSTED of a call that is never retried, changes
+    nothing."""
     stub = FakeStub(
         {
-            "Assign": [FakeRpcError(UNAVAILABLE), FakeRpcError(UNAVAILABLE)]
+            "Assign": [FakeRpcError(EXHAUSTED), FakeRpcError(EXHAUSTED)]
             + [FakeRpcError(grpc.StatusCode.NOT_FOUND) for _ in range(20)],
-            "CreateExperiment": [FakeRpcError(UNAVAILABLE) for _ in range(20)],
+            "CreateExperiment": [FakeRpcError(EXHAUSTED) for _ in range(20)],
         }
     )
     client, _ = make_client(stub, retries=RetryPolicy(max_attempts=2))
@@ -293,6 +296,25 @@ def test_only_retryable_failures_of_retryable_calls_count() -> None:
     assert client._throttle.tokens == 8.0
 
 
+def test_an_unreachable_server_does_not_throttle_unless_asked() -> None:
+    """UNAVAILABLE (a server down or draining) is not an overload: a restart is ridden out
+    by every call's retries, however many fail. With UNAVAILABLE among throttle_codes
+    (A6 as written) the fifth failed attempt stops them."""
+    stub = FakeStub({"Assign": [FakeRpcError(UNAVAILABLE) for _ in range(40)]})
+    client, _ = make_client(stub, retries=RetryPolicy(max_attempts=4))
+    for _ in range(10):
+        with pytest.raises(FakeRpcError):
+            client.assign("e")
+    assert len(stub.calls) == 40 and client._throttle.tokens == 10.0
+    stub = FakeStub({"Assign": [FakeRpcError(UNAVAILABLE) for _ in range(40)]})
+    a6 = RetryPolicy(max_attempts=4, throttle_codes=frozenset({UNAVAILABLE, EXHAUSTED}))
+    client, _ = make_client(stub, retries=a6)
+    for _ in range(2):
+        with pytest.raises(FakeRpcError):
+            client.assign("e")
+    assert len(stub.calls) == 4 + 1
+
+
 def test_throttle_counts_exactly() -> None:
     """Ratio 0.2: 5 failures (5 tokens), 5 successes (6), 1 failure: exactly 5, not more
     than half, so throttled. Adding 0.2 in floats five times gives 6.000000000000001."""
@@ -303,7 +325,7 @@ def test_throttle_counts_exactly() -> None:
 
 
 def test_a_throttle_of_zero_tokens_never_stops_retries() -> None:
-    stub = FakeStub({"Reward": [FakeRpcError(UNAVAILABLE) for _ in range(40)]})
+    stub = FakeStub({"Reward": [FakeRpcError(EXHAUSTED) for _ in range(40)]})
     client, _ = make_client(stub, retries=RetryPolicy(max_attempts=4, throttle_max_tokens=0))
     for _ in range(10):
         with pytest.raises(FakeRpcError):

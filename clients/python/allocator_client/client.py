@@ -68,6 +68,12 @@ class RetryPolicy:
     # Retry throttling (gRPC design A6), per client: see RetryThrottle. 0 turns it off.
     throttle_max_tokens: float = 10.0
     throttle_token_ratio: float = 0.1
+    # Failures that drain the bucket: the server's "overloaded" answer. Not UNAVAILABLE:
+    # a server that can't be reached gets no load from a retry (it first waits for the
+    # channel to connect), and this server refuses cheaply when its store is down or it
+    # is draining; throttling those would only turn a restart ridden out within each
+    # call's deadline into failed calls. A6 counts every retryable code: add UNAVAILABLE.
+    throttle_codes: frozenset[grpc.StatusCode] = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED})
 
     def __post_init__(self) -> None:
         if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int):
@@ -82,8 +88,9 @@ class RetryPolicy:
             raise ValueError(f"max_backoff {self.max_backoff} < initial {self.initial_backoff}")
         if self.multiplier < 1:
             raise ValueError(f"multiplier must be >= 1, got {self.multiplier}")
-        if not all(isinstance(code, grpc.StatusCode) for code in self.codes):
-            raise TypeError("codes must hold grpc.StatusCode values")
+        for name in ("codes", "throttle_codes"):
+            if not all(isinstance(code, grpc.StatusCode) for code in getattr(self, name)):
+                raise TypeError(f"{name} must hold grpc.StatusCode values")
         for name in ("throttle_max_tokens", "throttle_token_ratio"):
             _require_finite(name, getattr(self, name))
         if not 0 <= self.throttle_max_tokens <= 1000:  # A6's bounds
@@ -129,14 +136,15 @@ class RetryThrottle:
     """Retry throttling of gRPC's retry design (A6), one per client.
 
     A bucket of ``max_tokens`` tokens loses 1 for every attempt of a retryable call that
-    fails with a retryable code and gains ``token_ratio`` for every one that succeeds
-    (kept within [0, max_tokens]; other outcomes change nothing). A retry is made only
-    while more than half of the tokens are left. When the server fails most calls (an
-    outage, an overload), every call then makes one attempt instead of ``max_attempts``,
-    so a fleet's retries don't multiply the load that is failing it; as calls succeed
-    again, retries return. Counted in thousandths of a token, as A6 allows three decimals
-    (and grpc-java counts), so repeated ratios add up exactly. Thread-safe;
-    ``max_tokens=0`` never throttles.
+    fails with one of ``RetryPolicy.throttle_codes`` (by default RESOURCE_EXHAUSTED, the
+    server's overload answer) and gains ``token_ratio`` for every one that succeeds (kept
+    within [0, max_tokens]; other outcomes change nothing). A retry is made only while
+    more than half of the tokens are left. When the server turns most calls away, every
+    call then makes one attempt instead of ``max_attempts``, so a fleet's retries don't
+    multiply the load that is failing it; as calls succeed again, retries return.
+    Counted in thousandths of a token, as A6 allows three decimals (and grpc-java
+    counts), so repeated ratios add up exactly. Thread-safe; ``max_tokens=0`` never
+    throttles.
     """
 
     def __init__(self, max_tokens: float, token_ratio: float) -> None:
@@ -433,8 +441,8 @@ class AllocatorClient:
             except grpc.RpcError as error:
                 code = status_code(error)
                 # As in gRPC, only calls that may be retried count, and only failures that
-                # say the server is unwell (not, say, INVALID_ARGUMENT).
-                if idempotent and code in self._retries.codes:
+                # say the server is overloaded (not, say, INVALID_ARGUMENT).
+                if idempotent and code in self._retries.throttle_codes:
                     self._throttle.record(failed=True)
                 wait = self._retries.delay(
                     code,
