@@ -65,6 +65,12 @@ def _f(x: float) -> float:
     return float(x) if math.isfinite(x) else float("nan")
 
 
+def _holm_adjust(tests: Sequence[pb.TestResult]) -> None:
+    """Set each test's p_value_adjusted: Holm over ``tests``, one family."""
+    for test, p in zip(tests, stats.holm([t.p_value for t in tests]).tolist(), strict=True):
+        test.p_value_adjusted = p
+
+
 def build_report(engine: Engine, name: str, alpha: float = 0.05) -> pb.GetReportResponse:
     """Everything GetReport returns except the experiment and promotion status."""
     view = engine.view(name)
@@ -152,9 +158,7 @@ def build_report(engine: Engine, name: str, alpha: float = 0.05) -> pb.GetReport
         )
     # Several challengers against one control: adjusted so that the chance of any false
     # "significant" among them stays <= alpha (Holm; valid under any dependence).
-    adjusted = stats.holm([test.p_value for test in resp.tests])
-    for test, p in zip(resp.tests, adjusted.tolist(), strict=True):
-        test.p_value_adjusted = p
+    _holm_adjust(resp.tests)
     # The same comparisons, stratified by epoch: a family of their own.
     stratified = [
         pb.TestResult(
@@ -166,9 +170,7 @@ def build_report(engine: Engine, name: str, alpha: float = 0.05) -> pb.GetReport
         for i, d in enumerate(strata, start=1)
         if not math.isnan(d.test.statistic)
     ]
-    adjusted = stats.holm([test.p_value for test in stratified])
-    for test, p in zip(stratified, adjusted.tolist(), strict=True):
-        test.p_value_adjusted = p
+    _holm_adjust(stratified)
     resp.tests.extend(stratified)
     # SRM covers the decisions drawn from the allocation table, whose split is known: the
     # expected counts sum, over refreshes, those decisions x the shares they were drawn
@@ -196,8 +198,8 @@ def spec_alpha(spec: pb.ExperimentSpec) -> float:
     return promo.alpha if promo.HasField("alpha") else 0.05
 
 
-# Largest min_effect a Bernoulli experiment takes (a difference of two rates): the power
-# analysis needs room for a control rate p0 with p0 + min_effect < 1.
+# Largest min_effect a Bernoulli experiment takes (a difference of two rates, so below 1;
+# past 0.99 no experiment could show it, and the power analysis needs room for it).
 MAX_BERNOULLI_MIN_EFFECT = 0.99
 
 
@@ -312,6 +314,5 @@ def rank_tests(variants: Sequence[str], sample: Sequence[tuple[int, float]]) -> 
                 name=t.name, variant=variants[i], statistic=_f(t.statistic), p_value=_f(t.p_value)
             )
         )
-    for test, p in zip(out, stats.holm([t.p_value for t in out]).tolist(), strict=True):
-        test.p_value_adjusted = p
+    _holm_adjust(out)
     return out
