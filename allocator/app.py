@@ -93,14 +93,15 @@ def _check_extras(
     values: Sequence[float] | np.ndarray,
     scores: Sequence[float] | np.ndarray | None,
     guardrails: Sequence[dict[str, float]],
-) -> None:
+) -> np.ndarray:
     """Checks shared by every reward form, before any decision id is looked at (so an
     all-expired request is refused all the same): item count, finite values, scores and
-    guardrails. What depends on the experiment (Bernoulli range) is checked later."""
+    guardrails. What depends on the experiment (Bernoulli range) is checked later.
+    Returns the values as float64."""
     n = len(values)
     if n == 0:
         raise InvalidArgument("values", "at least one reward is required")
-    finite_rewards(values)
+    checked = finite_rewards(values)
     if scores is not None and len(scores):
         if len(scores) != n:
             raise InvalidArgument("prediction_scores", f"{len(scores)} scores for {n} values")
@@ -120,6 +121,7 @@ def _check_extras(
                 raise InvalidArgument(f"guardrails[{i}]", "metric names are 1-100 characters")
             if not np.isfinite(value):
                 raise InvalidArgument(f"guardrails[{i}].{metric}", "must be a finite number")
+    return checked
 
 
 @dataclass
@@ -1015,7 +1017,7 @@ class Allocator:
         written. Returns only after the accepted rewards are committed.
         """
         n = len(values)
-        _check_extras(values, scores, guardrails)
+        all_vals = _check_extras(values, scores, guardrails)
         if decision_ids and event_ids:
             raise InvalidArgument(field, "send decision ids or event ids, not both")
         resolved: list[tuple[int, int, str] | None]
@@ -1045,7 +1047,6 @@ class Allocator:
         # Every value is checked, at its position in the request (an expired item's too:
         # it is bad input all the same), so an error names the item the caller sent.
         all_arms = np.array([0 if r is None else r[0] for r in resolved], dtype=np.int64)
-        all_vals = np.asarray(values, dtype=np.float64)
         self.engine.validate_rewards(rec.name, all_arms, all_vals)
         live = [i for i, r in enumerate(resolved) if r is not None]
         m = len(live)
