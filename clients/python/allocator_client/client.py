@@ -159,7 +159,7 @@ class RetryThrottle:
         return self._milli / 1000
 
     def record(self, *, failed: bool) -> None:
-        """Count one attempt's outcome (``failed``: with a retryable code)."""
+        """Count one attempt's outcome (``failed``: answered with a throttle code)."""
         if self._max == 0:
             return
         with self._lock:
