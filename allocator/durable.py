@@ -43,6 +43,7 @@ from allocator.store import (
     AllocationEpoch,
     AssignmentCount,
     LoggedReward,
+    LoggedValues,
     RewardColumns,
     RewardRow,
     Store,
@@ -241,6 +242,29 @@ def _new_guardrails(job: _Job, new: np.ndarray) -> list[Mapping[str, float]] | N
     return guardrail_items([g for g, keep in zip(logged, new, strict=True) if keep])
 
 
+def _as_logged(
+    mask: np.ndarray,
+    arms: np.ndarray,
+    values: np.ndarray,
+    epochs: np.ndarray,
+    guardrails: list[Mapping[str, float]] | None,
+    fixes: Mapping[int, LoggedValues],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[Mapping[str, float]]]:
+    """The new rows of a job with the logged values of ``fixes`` (job row index -> values).
+
+    Those rows' earlier failed commits landed: the log replays what they stored, so the
+    engine must apply that too, not the resubmission.
+    """
+    arms, values, epochs = arms.copy(), values.copy(), epochs.copy()
+    items = list(guardrails) if guardrails is not None else [{} for _ in range(arms.size)]
+    position = np.cumsum(mask) - 1  # job row index -> index among the new rows
+    for row, v in fixes.items():
+        at = int(position[row])
+        arms[at], values[at], epochs[at] = v.arm, v.value, v.epoch
+        items[at] = json.loads(v.guardrails_json) if v.guardrails_json else {}
+    return arms, values, epochs, items
+
+
 def guardrail_items(logged: Sequence[str | None] | None) -> list[Mapping[str, float]] | None:
     """Per item its guardrail metrics, from the log's JSON (None: no item has any)."""
     if logged is None or not any(logged):
@@ -401,9 +425,10 @@ class RewardWriter:
 
     def _commit(self, jobs: list[_Job]) -> bool:
         rows = RewardColumns.concat([job.rows for job in jobs])
+        logged: dict[int, LoggedValues] = {}
         try:
             with self.metrics.flush_seconds.time():
-                flags = self.store.append_rewards(self.replica_id, rows)
+                flags = self.store.append_rewards(self.replica_id, rows, logged)
         except Exception as err:
             self._mark_down(err)
             if isinstance(err, StoreUnavailable):
@@ -432,7 +457,13 @@ class RewardWriter:
                 arms = cols.arms if every else cols.arms[mask]
                 values = cols.values if every else cols.values[mask]
                 epochs = cols.epochs if every else cols.epochs[mask]
-                self.engine.reward_batch(job.name, arms, values, epochs, _new_guardrails(job, mask))
+                guardrails = _new_guardrails(job, mask)
+                fixes = {j - (i - n): v for j, v in logged.items() if i - n <= j < i}
+                if fixes:
+                    arms, values, epochs, guardrails = _as_logged(
+                        mask, arms, values, epochs, guardrails, fixes
+                    )
+                self.engine.reward_batch(job.name, arms, values, epochs, guardrails)
                 if self.on_applied is not None:
                     self.on_applied(job.name, arms, values)
             job.future.set_result(mine)

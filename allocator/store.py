@@ -29,7 +29,7 @@ from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import repeat
 from pathlib import Path
-from typing import Any, Literal, ParamSpec, Protocol, TypeVar
+from typing import Any, Literal, NamedTuple, ParamSpec, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -197,6 +197,15 @@ class RewardRow:
     received_at: float
     prediction_score: float | None = None
     guardrails_json: str | None = None
+
+
+class LoggedValues(NamedTuple):
+    """What the log holds for one reward, where it may differ from a resubmission."""
+
+    arm: int
+    value: float
+    epoch: int
+    guardrails_json: str | None
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -504,9 +513,15 @@ class Store(Protocol):
         ...
 
     def append_rewards(
-        self, replica_id: str, rows: Sequence[RewardRow] | RewardColumns
+        self,
+        replica_id: str,
+        rows: Sequence[RewardRow] | RewardColumns,
+        logged: dict[int, LoggedValues] | None = None,
     ) -> list[bool]:
-        """Durably log new rewards in one commit; per row True if new, False if duplicate."""
+        """Durably log new rewards in one commit; per row True if new, False if duplicate.
+
+        ``logged``: the stored values of new rows whose earlier failed commit landed with
+        other values (see SqlStore.append_rewards)."""
         ...
 
     def rewards_since(
@@ -925,9 +940,12 @@ class SqlStore:
         self._sqlite = engine.dialect.name == "sqlite"
         self._insert = sqlite_dialect.insert if self._sqlite else pg_dialect.insert
         self._next_seq: dict[str, int] = {}
-        # Keys of a batch whose commit raised: it may have committed anyway. If the same key
-        # comes back and the stored row is ours, nobody has acknowledged it yet, so it is new.
-        self._unacked: dict[str, OrderedDict[str, None]] = {}
+        # Keys of a batch whose commit raised, with the seq each was to be stored at: it may
+        # have committed anyway. If the same key comes back and the stored row is ours AT
+        # one of those seqs, nobody has acknowledged it yet, so it is new. (A row of ours
+        # at another seq was committed and acknowledged before: a retry of it that was
+        # caught in a failed commit is a duplicate like any other.)
+        self._unacked: dict[str, OrderedDict[str, set[int]]] = {}
         self._writer_locks: dict[str, threading.Lock] = {}
         self._state_lock = threading.Lock()
         self._leader_conns: dict[int, Connection] = {}
@@ -1136,13 +1154,22 @@ class SqlStore:
 
     @_guard
     def append_rewards(
-        self, replica_id: str, rows: Sequence[RewardRow] | RewardColumns
+        self,
+        replica_id: str,
+        rows: Sequence[RewardRow] | RewardColumns,
+        logged: dict[int, LoggedValues] | None = None,
     ) -> list[bool]:
         """Durably log new rewards in one commit; per row True if new, False if duplicate.
 
         A key repeated inside `rows` counts at its first occurrence only. When this returns
         the commit is durable (SQLite WAL with synchronous=FULL; PostgreSQL with its
         default synchronous_commit=on).
+
+        A row of an earlier commit that raised but landed is reported new (nobody was told
+        it was stored); the log then holds that earlier attempt's values, which may differ
+        from these (a default reward racing an in-doubt real one, a client retrying with
+        another value). ``logged`` receives, by row index, the logged values of such rows:
+        they, not the ones passed, are what the log replays.
         """
         if not 0 < len(replica_id) <= MAX_REPLICA_ID_CHARS:
             raise ValueError(f"replica_id must be 1..{MAX_REPLICA_ID_CHARS} characters")
@@ -1155,15 +1182,20 @@ class SqlStore:
         first = _first_occurrences(cols.keys)
         picked = cols if first is None else cols.take(first)
         # One writer per replica id keeps its commits in replica_seq order (see module doc).
+        found: dict[int, LoggedValues] = {}
         with self._writer_lock(replica_id):
-            new = self._append_locked(replica_id, picked)
+            new = self._append_locked(replica_id, picked, found)
+        if logged is not None:
+            logged.update(found if first is None else {int(first[i]): v for i, v in found.items()})
         if first is None:
             return new.tolist()
         result = np.zeros(n, dtype=bool)
         result[first] = new
         return result.tolist()
 
-    def _append_locked(self, replica_id: str, cols: RewardColumns) -> npt.NDArray[np.bool_]:
+    def _append_locked(
+        self, replica_id: str, cols: RewardColumns, logged: dict[int, LoggedValues]
+    ) -> npt.NDArray[np.bool_]:
         """Insert `cols` (distinct keys); per item True if it is new to the log."""
         keys = cols.keys
         start = self._next_seq.get(replica_id)
@@ -1179,7 +1211,7 @@ class SqlStore:
                     new = _new_keys(conn, self.dialect, replica_id, start, keys)
                 unacked = self._unacked.get(replica_id)
                 if unacked:
-                    self._reclaim(conn, replica_id, keys, new, unacked)
+                    self._reclaim(conn, replica_id, cols, new, unacked, logged)
         except sa_exc.IntegrityError:
             self._next_seq.pop(replica_id, None)
             with self._tx(write=False) as conn:
@@ -1191,10 +1223,13 @@ class SqlStore:
             # The commit may or may not have happened: re-read the sequence next time and
             # remember the keys so a retry of this batch is not mistaken for duplicates.
             self._next_seq.pop(replica_id, None)
-            unacked = self._unacked.setdefault(replica_id, OrderedDict())
-            unacked.update(dict.fromkeys(keys))
-            while len(unacked) > _UNACKED_CAP:
-                unacked.popitem(last=False)
+            if start is not None:  # else nothing was inserted
+                unacked = self._unacked.setdefault(replica_id, OrderedDict())
+                for seq, key in enumerate(keys, start):
+                    unacked.setdefault(key, set()).add(seq)
+                    unacked.move_to_end(key)
+                while len(unacked) > _UNACKED_CAP:
+                    unacked.popitem(last=False)
             raise
         self._next_seq[replica_id] = start + len(keys)
         unacked = self._unacked.get(replica_id)
@@ -1254,25 +1289,44 @@ class SqlStore:
     def _reclaim(
         conn: Connection,
         replica_id: str,
-        keys: Sequence[str],
+        cols: RewardColumns,
         new: npt.NDArray[np.bool_],
-        unacked: Mapping[str, None],
+        unacked: Mapping[str, set[int]],
+        logged: dict[int, LoggedValues],
     ) -> None:
-        """Mark as new (in place) the duplicates that are our own unacknowledged rows."""
+        """Mark as new (in place) the duplicates that are rows of our failed commits.
+
+        ``logged`` gets the stored values of those whose values differ from ``cols``.
+        """
+        keys = cols.keys
         doubtful = [i for i in np.flatnonzero(~new).tolist() if keys[i] in unacked]
         if not doubtful:
             return
-        ours = set(
-            conn.execute(
-                sa.select(rewards.c.dedup_key).where(
-                    rewards.c.dedup_key.in_([keys[i] for i in doubtful]),
-                    rewards.c.replica_id == replica_id,
-                )
-            ).scalars()
-        )
+        r = rewards.c
+        stored = {
+            row.dedup_key: row
+            for row in conn.execute(
+                sa.select(
+                    r.dedup_key, r.replica_seq, r.arm, r.value, r.epoch, r.guardrails_json
+                ).where(r.dedup_key.in_([keys[i] for i in doubtful]), r.replica_id == replica_id)
+            )
+        }
         for i in doubtful:
-            if keys[i] in ours:
-                new[i] = True
+            row = stored.get(keys[i])
+            if row is None or row.replica_seq not in unacked[keys[i]]:
+                continue
+            new[i] = True
+            values = LoggedValues(
+                int(row.arm), float(row.value), int(row.epoch), row.guardrails_json
+            )
+            submitted = LoggedValues(
+                int(cols.arms[i]),
+                float(cols.values[i]),
+                int(cols.epochs[i]),
+                None if cols.guardrails_json is None else cols.guardrails_json[i],
+            )
+            if values != submitted:
+                logged[i] = values
 
     @staticmethod
     def _max_seq(conn: Connection, replica_id: str) -> int:

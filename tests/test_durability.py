@@ -785,6 +785,83 @@ def test_commit_that_landed_but_failed_counts_once_across_restart(tmp_path: Path
         again.stop(grace=1.0)
 
 
+def test_acknowledged_reward_caught_in_a_failed_commit_is_not_counted_again(
+    tmp_path: Path,
+) -> None:
+    """A retry of an acknowledged reward, in a commit that landed but was reported failed,
+    stays a duplicate: only the rows that commit wrote are the store's own in-doubt rows.
+
+    The failed commit's rows are all resubmitted by the writer; the retried one is stored
+    from its first, acknowledged commit (at another seq), so counting it as reclaimed would
+    count it twice, in the posterior and in every snapshot after.
+    """
+    url = f"sqlite:///{tmp_path / 'retry.sqlite'}"
+    config = server_config(url, http_port=-1, snapshot_interval_s=0.2)
+    running = create_server(config)
+    try:
+        app = running.app
+        app.create(pb.ExperimentSpec(name=EXPERIMENT, variants=list(VARIANTS), seed=1))
+        assert _reward_events(app, [f"ok{i}" for i in range(4)], 0) == ["accepted"] * 4
+        lost = LostCommitAnswer(app.store)  # type: ignore[arg-type]
+        lost.armed.set()
+        with pytest.raises(StoreUnavailable):
+            app.reward(
+                experiment=EXPERIMENT,
+                values=[1.0, 1.0],
+                event_ids=["ok0", "new0"],
+                variant_indices=[0, 1],
+            )
+        assert lost.fired.is_set()
+        wait_until(lambda: app.engine.view(EXPERIMENT).stats[1, 0] == 1, 5, "new0 applied")
+        time.sleep(0.5)  # the doubt is resolved and snapshots are taken meanwhile
+        np.testing.assert_array_equal(app.engine.view(EXPERIMENT).stats[:, 0], [4.0, 1.0, 0.0])
+    finally:
+        running.stop(grace=1.0)
+    again = create_server(config)
+    try:
+        np.testing.assert_array_equal(again.app.engine.view(EXPERIMENT).stats[:, 0], [4, 1, 0])
+    finally:
+        again.stop(grace=1.0)
+
+
+def test_resubmission_of_a_landed_reward_applies_the_logged_values(tmp_path: Path) -> None:
+    """A reward whose failed commit landed, sent again with another value before the writer
+    resolved its doubt, is applied with the value the log holds (the first one), so the
+    posterior is what a replay of the log rebuilds.
+
+    (A default reward racing an in-doubt real one is such a resubmission.) The writer's
+    own resolution is held back by a long sync interval, so the resubmission is what finds
+    the landed row.
+    """
+    url = f"sqlite:///{tmp_path / 'resubmit.sqlite'}"
+    config = server_config(url, http_port=-1, snapshot_interval_s=0.2, sync_interval_s=3600.0)
+    running = create_server(config)
+    try:
+        app = running.app
+        app.create(pb.ExperimentSpec(name=EXPERIMENT, variants=list(VARIANTS), seed=1))
+        lost = LostCommitAnswer(app.store)  # type: ignore[arg-type]
+        lost.armed.set()
+        with pytest.raises(StoreUnavailable):
+            _reward_events(app, ["e0"], 1)  # value 1, lat 2
+        assert lost.fired.is_set()
+        status = app.reward(
+            experiment=EXPERIMENT, values=[0.0], event_ids=["e0"], variant_indices=[1]
+        )
+        assert status == ["accepted"]  # nobody had been told e0 was stored
+        np.testing.assert_array_equal(app.engine.view(EXPERIMENT).stats[1], [1.0, 1.0, 1.0])
+        np.testing.assert_array_equal(app.engine.guardrail_stats(EXPERIMENT)["lat"][1], [1, 2, 4])
+    finally:
+        running.stop(grace=1.0)
+    again = create_server(config)
+    try:
+        np.testing.assert_array_equal(again.app.engine.view(EXPERIMENT).stats[1], [1, 1, 1])
+        np.testing.assert_array_equal(
+            again.app.engine.guardrail_stats(EXPERIMENT)["lat"][1], [1, 2, 4]
+        )
+    finally:
+        again.stop(grace=1.0)
+
+
 # ---------------------------------------------------------------- database outage (PostgreSQL)
 
 
