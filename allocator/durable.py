@@ -100,6 +100,10 @@ class Recovery:
             else:
                 restored = ExperimentSnapshot.from_bytes(snap.payload)
                 self.engine.restore({name: restored})
+                # Variants added after the snapshot was taken (the record has them, and the
+                # log may hold their rewards): added again, in order, before the replay.
+                for variant in config.variants[len(restored.config.variants) :]:
+                    self.engine.add_variant(name, variant)
                 positions_by_exp[name] = dict(snap.positions)
         self.skip_until = {n: p for n, p in positions_by_exp.items() if p}
         # Replay from the smallest position any experiment needs, filtering per experiment.
@@ -321,6 +325,7 @@ class RewardWriter:
         # dedup_key -> (experiment, columns, position) of rows of commits that failed and
         # may have landed anyway.
         self._doubtful: dict[str, tuple[str, RewardColumns, int]] = {}
+        self.unapplied = False  # a committed row failed to reach the engine (see _commit)
         self.healthy = True
         self.last_error = ""
         self.positions.pop(replica_id, None)
@@ -463,9 +468,20 @@ class RewardWriter:
                     arms, values, epochs, guardrails = _as_logged(
                         mask, arms, values, epochs, guardrails, fixes
                     )
-                self.engine.reward_batch(job.name, arms, values, epochs, guardrails)
-                if self.on_applied is not None:
-                    self.on_applied(job.name, arms, values)
+                try:
+                    self.engine.reward_batch(job.name, arms, values, epochs, guardrails)
+                    if self.on_applied is not None:
+                        self.on_applied(job.name, arms, values)
+                except Exception:
+                    # A bug, not bad input (that is refused before it is queued). The rows
+                    # are durable and a restart replays them; this thread must live on, or
+                    # every later reward would time out.
+                    log.exception(
+                        "committed rewards of %r could not be applied; no snapshot is taken"
+                        " from now on, so a restart replays them",
+                        job.name,
+                    )
+                    self.unapplied = True
             job.future.set_result(mine)
         return True
 
@@ -623,8 +639,10 @@ class RewardWriter:
     def applied_positions(self) -> dict[str, int] | None:
         """The log positions, per replica, of every row applied so far (writer thread only):
         what a snapshot, or a monitor's saved state, includes. None while a failed commit is
-        in doubt: our highest position may cover a landed-but-unapplied row."""
-        if self._doubtful:
+        in doubt: our highest position may cover a landed-but-unapplied row; and for good
+        once a committed row could not be applied (the posterior lacks it: a restart from an
+        earlier snapshot replays it)."""
+        if self._doubtful or self.unapplied:
             return None
         # Between commits on the only thread that writes our rows, every row of ours in the
         # log has been applied, except rows of a commit that reported failure but happened,

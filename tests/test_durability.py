@@ -862,6 +862,75 @@ def test_resubmission_of_a_landed_reward_applies_the_logged_values(tmp_path: Pat
         again.stop(grace=1.0)
 
 
+def test_restart_from_a_snapshot_older_than_an_added_variant(tmp_path: Path) -> None:
+    """A crash after AddVariant and before the next snapshot: the restart restores the
+    snapshot (without the variant), adds the variant the record has, and replays its
+    logged rewards, instead of failing on them (or forgetting the variant for good)."""
+    url = f"sqlite:///{tmp_path / 'added.sqlite'}"
+    config = server_config(url, http_port=-1, snapshot_interval_s=3600.0)
+    first = create_server(config)
+    try:
+        first.app.create(pb.ExperimentSpec(name=EXPERIMENT, variants=list(VARIANTS), seed=1))
+        assert _reward_events(first.app, ["a0", "a1"], 0) == ["accepted"] * 2
+    finally:
+        first.stop(grace=1.0)  # its last snapshot has the three variants
+    taken_before = time.time()
+    second = create_server(config)
+    try:
+        second.app.add_variant(EXPERIMENT, "retrained", actor="test", reason="retrained")
+        assert _reward_events(second.app, ["n0", "n1", "n2"], 3) == ["accepted"] * 3
+    finally:
+        second.stop(grace=1.0)
+    # The crash: the snapshot the clean stop took after the AddVariant never happened.
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("DELETE FROM snapshots WHERE created_at > :t"), {"t": taken_before})
+    engine.dispose()
+    third = create_server(config)
+    try:
+        view = third.app.engine.view(EXPERIMENT)
+        assert view.config.variants == (*VARIANTS, "retrained")
+        np.testing.assert_array_equal(view.stats[:, 0], [2, 0, 0, 3])
+        # Served again and rewardable: the variant is not lost.
+        arms = third.app.assign_batch(EXPERIMENT, 2_000)[1].arms
+        assert (arms == 3).any()
+        assert _reward_events(third.app, ["n3"], 3) == ["accepted"]
+    finally:
+        third.stop(grace=1.0)
+
+
+def test_writer_survives_a_failure_to_apply_committed_rewards(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error applying committed rows (a bug) is logged; the rows stay acknowledged (they
+    are durable) and the writer goes on committing later rewards."""
+    url = f"sqlite:///{tmp_path / 'apply.sqlite'}"
+    running = create_server(server_config(url, http_port=-1))
+    try:
+        app = running.app
+        app.create(pb.ExperimentSpec(name=EXPERIMENT, variants=list(VARIANTS), seed=1))
+        original = app.engine.reward_batch
+        calls = {"n": 0}
+
+        def broken_once(*args: object, **kwargs: object) -> None:
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("injected")
+            original(*args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(app.engine, "reward_batch", broken_once)
+        assert _reward_events(app, ["x0"], 0) == ["accepted"]
+        assert _reward_events(app, ["x1"], 1) == ["accepted"]
+        np.testing.assert_array_equal(app.engine.view(EXPERIMENT).stats[:, 0], [0, 1, 0])
+    finally:
+        running.stop(grace=1.0)
+    again = create_server(server_config(url, http_port=-1))
+    try:  # the log has both: the replay restores the one the engine missed
+        np.testing.assert_array_equal(again.app.engine.view(EXPERIMENT).stats[:, 0], [1, 1, 0])
+    finally:
+        again.stop(grace=1.0)
+
+
 # ---------------------------------------------------------------- database outage (PostgreSQL)
 
 
