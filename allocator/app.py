@@ -36,6 +36,7 @@ from allocator.engine import BatchDecision, Decision, Engine, ExperimentConfig, 
 from allocator.errors import (
     ExperimentExists,
     InvalidArgument,
+    NotLoadedYet,
     Overloaded,
     UnknownExperiment,
     WrongState,
@@ -966,7 +967,7 @@ class Allocator:
                         prefix, current = body + ".", None
                         out.append(None)
                         continue
-                    if not index.isdigit():
+                    if not (index.isascii() and index.isdigit()):
                         raise InvalidToken("batch item index must be a decimal number")
                     d = batch.decision(int(index))
                 else:
@@ -976,9 +977,7 @@ class Allocator:
                 continue
             except InvalidToken as err:
                 raise InvalidArgument(where, str(err)) from None
-            owner = self.by_id.get(int(d.experiment)) if isinstance(d.experiment, int) else None
-            if owner is None:
-                raise InvalidArgument(where, "decision id names an unknown experiment")
+            owner = self._owner(where, d.experiment, d.variant)
             if rec is None:
                 rec = owner
             elif owner is not rec:
@@ -996,6 +995,24 @@ class Allocator:
             if batch is not None and batch is not current:
                 prefix, current, arms = body + ".", batch, batch.variants.tolist()
         return rec, out
+
+    def _owner(self, where: str, experiment: int | str, variant: int) -> Record:
+        """The experiment a verified decision id names (its signature is ours, so it
+        exists: unknown here means another replica made it and we have not loaded it)."""
+        if not isinstance(experiment, int):
+            raise InvalidArgument(where, "decision id names an experiment by name, not id")
+        owner = self.by_id.get(experiment)
+        if owner is None:
+            raise NotLoadedYet(
+                f"decision id names experiment id {experiment!r}, which this replica has not "
+                "loaded yet; retry"
+            )
+        if variant >= len(owner.config.variants):
+            raise NotLoadedYet(
+                f"decision id names variant {variant} of {owner.name!r}, which has "
+                f"{len(owner.config.variants)} here (added on another replica); retry"
+            )
+        return owner
 
     def reward(
         self,
@@ -1122,9 +1139,7 @@ class Allocator:
         except InvalidToken as err:
             raise InvalidArgument("batch_token", str(err)) from None
         if batch is not None:
-            owner = self.by_id.get(batch.experiment) if isinstance(batch.experiment, int) else None
-            if owner is None:
-                raise InvalidArgument("batch_token", "decision id names an unknown experiment")
+            owner = self._owner("batch_token", batch.experiment, int(batch.variants.max(initial=0)))
             if rec is None:
                 rec = owner
             elif owner is not rec:

@@ -46,6 +46,7 @@ from allocator.errors import (
     Busy,
     ExperimentExists,
     InvalidArgument,
+    NotLoadedYet,
     Overloaded,
     PermissionDenied,
     ShuttingDown,
@@ -80,6 +81,7 @@ _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (StoreUnavailable, grpc.StatusCode.UNAVAILABLE),
     (ShuttingDown, grpc.StatusCode.UNAVAILABLE),
+    (NotLoadedYet, grpc.StatusCode.UNAVAILABLE),
     # Another replica changed the experiment between our read and our write.
     (VersionConflict, grpc.StatusCode.ABORTED),
 )

@@ -566,6 +566,37 @@ def test_indexed_reward_errors_name_the_field_and_write_nothing(
     assert stub.RewardBatch(req()).accepted == 2
 
 
+def test_decision_ids_this_replica_has_not_loaded_are_unavailable_not_invalid(
+    client: AllocatorClient, stub: pb_grpc.AllocatorStub, server: Running
+) -> None:
+    """Our signature on a decision id naming an experiment or variant we don't know means
+    another replica made it and ours has not synced it yet: UNAVAILABLE (clients retry),
+    not INVALID_ARGUMENT (they would drop the reward). A malformed index is bad input."""
+    client.create_experiment(_spec())
+    rec = server.app.get("exp")
+    now = server.app.clock()
+    sign, sign_batch = server.app.signer.issue, server.app.signer.issue_batch
+    unloaded = [
+        pb.RewardRequest(decision_id=sign(rec.id + 1, 0, 0, now), value=1),
+        pb.RewardRequest(decision_id=sign(rec.id, 3, 0, now), value=1),  # a 4th variant
+        pb.RewardRequest(decision_id=sign_batch(rec.id + 1, [0, 1], 0, now) + ".1", value=1),
+    ]
+    for req in unloaded:
+        code, details = _code(stub.Reward, req)
+        assert code == grpc.StatusCode.UNAVAILABLE and "retry" in details, details
+    code, details = _code(
+        stub.RewardBatch,
+        pb.RewardBatchRequest(
+            batch_token=sign_batch(rec.id, [0, 3], 0, now), indices=[0], values=[1]
+        ),
+    )
+    assert code == grpc.StatusCode.UNAVAILABLE and "variant 3" in details, details
+    b = client.assign_batch("exp", 3)
+    code, details = _code(stub.Reward, pb.RewardRequest(decision_id=b.batch_token + ".\u00b2"))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "decimal" in details, details
+    assert sum(server.app.engine.counts("exp").values()) == 0
+
+
 def test_indexed_rewards_of_an_expired_batch_are_expired(
     client: AllocatorClient, stub: pb_grpc.AllocatorStub, server: Running
 ) -> None:
