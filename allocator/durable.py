@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from allocator.engine import Engine, ExperimentConfig, ExperimentSnapshot
-from allocator.errors import Overloaded
+from allocator.errors import InvalidArgument, Overloaded
 from allocator.metrics import Metrics
 from allocator.store import (
     AllocationEpoch,
@@ -351,6 +351,10 @@ class RewardWriter:
             return fut
         if not isinstance(rows, RewardColumns):
             rows = RewardColumns.from_rows(rows)
+        if len(rows) > self.max_queue:  # would never fit: not worth a retry
+            raise InvalidArgument(
+                "values", f"{len(rows)} rewards in one request; at most {self.max_queue}"
+            )
         if self._stop.is_set():
             raise StoreUnavailable("submit", "server is shutting down")
         with self._count_lock:

@@ -597,6 +597,31 @@ def test_decision_ids_this_replica_has_not_loaded_are_unavailable_not_invalid(
     assert sum(server.app.engine.counts("exp").values()) == 0
 
 
+def test_a_reward_batch_larger_than_the_queue_is_invalid_not_overload(tmp_path: Path) -> None:
+    """A batch that could never fit the reward queue is refused as bad input: answering
+    RESOURCE_EXHAUSTED would have the client retry it forever."""
+    config = server_config(f"sqlite:///{tmp_path / 'q.sqlite'}", flush_max_rows=2, max_queue=4)
+    running = create_server(config, registry=CollectorRegistry())
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            stub = pb_grpc.AllocatorStub(ch)
+            stub.CreateExperiment(pb.CreateExperimentRequest(spec=_spec()))
+
+            def batch(n: int) -> pb.RewardBatchRequest:
+                ids = [f"e{i}" for i in range(n)]
+                return pb.RewardBatchRequest(
+                    experiment="exp", event_ids=ids, variants=["a"] * n, values=[1.0] * n
+                )
+
+            code, details = _code(stub.RewardBatch, batch(5))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+            assert details.startswith("values:") and "at most 4" in details, details
+            assert sum(running.app.engine.counts("exp").values()) == 0
+            assert stub.RewardBatch(batch(4)).accepted == 4
+    finally:
+        running.stop(grace=1.0)
+
+
 def test_indexed_rewards_of_an_expired_batch_are_expired(
     client: AllocatorClient, stub: pb_grpc.AllocatorStub, server: Running
 ) -> None:
