@@ -867,12 +867,19 @@ class Engine:
         exp = self._get(name)
         with exp.refresh_lock, exp.lock:
             if shares is None:
+                if exp.override is None:
+                    return
                 exp.override = None
             else:
                 s = np.asarray(shares, dtype=np.float64)
                 if s.shape != (exp.config.n_arms,) or (s < 0).any() or s.sum() <= 0:
                     raise InvalidArgument("shares", "must be one non-negative share per variant")
-                exp.override = s / s.sum()
+                s = s / s.sum()
+                # Unchanged (a restart, or adopting another replica's version, applies the
+                # state again): no new epoch, so units keep their arms.
+                if exp.override is not None and np.array_equal(s, exp.override):
+                    return
+                exp.override = s
             exp.refresh(self._clock(), force_epoch=True)
 
     # -- reading -------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from allocator.app import Allocator
 from allocator.config import ServerConfig
 from allocator.durable import apply_logged
 from allocator.engine import Engine
+from allocator.lifecycle import Action
 from allocator.metrics import Metrics
 from allocator.server import STORE_HEALTH, Running, create_server
 from allocator.store import SqlStore, StoreLocked, StoreUnavailable
@@ -929,6 +930,42 @@ def test_writer_survives_a_failure_to_apply_committed_rewards(
         np.testing.assert_array_equal(again.app.engine.view(EXPERIMENT).stats[:, 0], [1, 1, 0])
     finally:
         again.stop(grace=1.0)
+
+
+def test_restart_of_a_promoted_experiment_keeps_its_epoch_and_sticky_units(
+    tmp_path: Path,
+) -> None:
+    """Applying the same promoted split again at start-up opens no new epoch, so a unit
+    keeps its arm across restarts (holdout: units split between champion and holdout)."""
+    url = f"sqlite:///{tmp_path / 'sticky.sqlite'}"
+    config = server_config(url, http_port=-1)
+    units = [f"user-{i}" for i in range(200)]
+    spec = pb.ExperimentSpec(
+        name=EXPERIMENT,
+        variants=list(VARIANTS),
+        seed=1,
+        monitoring=pb.MonitoringSettings(holdout_share=0.2),
+    )
+    seen: list[tuple[int, list[int]]] = []
+    for run in range(3):
+        running = create_server(config)
+        try:
+            app = running.app
+            if run == 0:
+                app.create(spec)
+                # Champion VARIANTS[2], its predecessor VARIANTS[1] kept as the holdout.
+                for action, variant in (
+                    (Action.PROMOTE, VARIANTS[1]),
+                    (Action.REOPEN, ""),
+                    (Action.PROMOTE, VARIANTS[2]),
+                ):
+                    app.transition(EXPERIMENT, action, actor="t", reason="t", variant=variant)
+            arms = [app.assign(EXPERIMENT, u)[1].arm for u in units]
+            seen.append((app.engine.view(EXPERIMENT).epoch, arms))
+        finally:
+            running.stop(grace=1.0)
+    assert set(seen[0][1]) == {1, 2}
+    assert seen[1] == seen[0] and seen[2] == seen[0]
 
 
 # ---------------------------------------------------------------- database outage (PostgreSQL)
