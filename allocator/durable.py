@@ -44,6 +44,7 @@ from allocator.store import (
     AssignmentCount,
     LoggedReward,
     LoggedValues,
+    ReplicaConflict,
     RewardColumns,
     RewardRow,
     Store,
@@ -438,16 +439,24 @@ class RewardWriter:
         try:
             with self.metrics.flush_seconds.time():
                 flags = self.store.append_rewards(self.replica_id, rows, logged)
-        except Exception as err:
+        except StoreUnavailable as err:
             self._mark_down(err)
-            if isinstance(err, StoreUnavailable):
-                self._doubt(jobs)
+            self._doubt(jobs)
             for job in jobs:
-                job.future.set_exception(
-                    err
-                    if isinstance(err, StoreUnavailable)
-                    else StoreUnavailable("commit", str(err))
-                )
+                job.future.set_exception(err)
+            return False
+        except Exception as err:
+            # Not the database being away: nothing was written (one transaction). One job's
+            # rows must not fail the others', so each is committed alone to find it.
+            if len(jobs) > 1:
+                return all([self._commit([job]) for job in jobs])
+            if isinstance(err, ReplicaConflict):  # this replica can't write: try another
+                self._mark_down(err)
+                jobs[0].future.set_exception(StoreUnavailable("commit", str(err)))
+                return False
+            # The message may quote SQL and other clients' values: it goes to the log only.
+            log.error("commit of %d rewards of %r failed", len(rows), jobs[0].name, exc_info=err)
+            jobs[0].future.set_exception(RuntimeError("reward commit failed"))
             return False
         self._mark_up()
         if self._doubtful:

@@ -25,6 +25,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,12 +41,12 @@ from prometheus_client import CollectorRegistry
 
 from allocator.app import Allocator
 from allocator.config import ServerConfig
-from allocator.durable import apply_logged
-from allocator.engine import Engine
+from allocator.durable import RewardWriter, _Job, apply_logged
+from allocator.engine import Engine, ExperimentConfig
 from allocator.lifecycle import Action
 from allocator.metrics import Metrics
 from allocator.server import STORE_HEALTH, Running, create_server
-from allocator.store import SqlStore, StoreLocked, StoreUnavailable
+from allocator.store import RewardColumns, SqlStore, StoreLocked, StoreUnavailable
 from allocator.tokens import event_key
 from tests.conftest import ADMIN_TOKEN, server_config, wait_until
 
@@ -966,6 +967,36 @@ def test_restart_of_a_promoted_experiment_keeps_its_epoch_and_sticky_units(
             running.stop(grace=1.0)
     assert set(seen[0][1]) == {1, 2}
     assert seen[1] == seen[0] and seen[2] == seen[0]
+
+
+def test_a_commit_error_fails_only_its_own_job_and_keeps_sql_out_of_the_answer(
+    tmp_path: Path,
+) -> None:
+    """A group commit that fails for another reason than the database being away (here a
+    row naming no experiment) is retried job by job: the good job is committed and
+    applied; the bad one gets an error whose message quotes no SQL or values."""
+    store = SqlStore.open(f"sqlite:///{tmp_path / 'jobs.sqlite'}")
+    try:
+        engine = Engine()
+        engine.create(ExperimentConfig(name=EXPERIMENT, variants=VARIANTS))
+        exp_id = store.create_experiment(EXPERIMENT, "{}", "RUNNING", now=1.0).id
+        writer = RewardWriter(
+            store, engine, "r1", Metrics(CollectorRegistry()), ids=lambda: {}, positions={}
+        )
+
+        def job(experiment_id: int, key: str) -> _Job:
+            rows = RewardColumns.of(experiment_id, [key], [1], [1.0], [0], received_at=1.0)
+            return _Job(EXPERIMENT, rows, Future())
+
+        good, bad = job(exp_id, "good"), job(exp_id + 1, "secret-key")
+        assert writer._commit([good, bad]) is False
+        assert good.future.result(0) == [True]
+        with pytest.raises(RuntimeError) as err:
+            bad.future.result(0)
+        assert "secret-key" not in str(err.value) and "INSERT" not in str(err.value)
+        np.testing.assert_array_equal(engine.view(EXPERIMENT).stats[:, 0], [0, 1, 0])
+    finally:
+        store.close()
 
 
 # ---------------------------------------------------------------- database outage (PostgreSQL)
