@@ -7,6 +7,7 @@ have seen the same rewards must hold bit-identical arrays whatever the order.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import threading
@@ -28,7 +29,7 @@ from allocator.app import _LEADER_LOCK_KEY
 from allocator.durable import Recovery, RewardWriter, replay_new_experiment
 from allocator.engine import Engine, ExperimentConfig
 from allocator.errors import WrongState
-from allocator.lifecycle import Action, State
+from allocator.lifecycle import Action, EventType, State
 from allocator.metrics import Metrics
 from allocator.server import Running, create_server
 from allocator.store import (
@@ -264,6 +265,44 @@ def test_concurrent_promotions_on_two_replicas_happen_once(
             assert rec.config.variants[rec.lifecycle.champion or 0] == winner
     promoted = [e for e in r1.app.store.events_after(0, limit=10_000) if e.type == "PROMOTED"]
     assert len(promoted) == len(names), [(e.experiment_id, e.type) for e in promoted]
+
+
+def test_another_replicas_event_between_two_of_ours_reaches_our_watcher(pg_url: str) -> None:
+    """r2 commits an event, then r1 commits and publishes its own, all before r1's next
+    pull of the store: r1's watcher still gets r2's event, and every event once, in
+    sequence order. (r1 pulls only at start, so nothing but its own publish can bring it.)"""
+    r1 = _replica(pg_url, "r1", sync_interval_s=3600.0)
+    r2 = _replica(pg_url, "r2")
+    try:
+        create_experiment(_target(r1))
+        wait_until(lambda: EXPERIMENT in r2.app.records, 5, "r2 to learn the experiment")
+        with grpc.insecure_channel(_target(r1)) as ch:
+            call = pb_grpc.AllocatorStub(ch).WatchEvents(
+                pb.WatchEventsRequest(experiment=EXPERIMENT)
+            )
+            got: list[pb.Event] = []
+
+            def read() -> None:
+                with contextlib.suppress(grpc.RpcError):  # cancelled below if one is lost
+                    for resp in call:
+                        got.append(resp.event)
+                        if len(got) == 3:
+                            return
+
+            reader = threading.Thread(target=read)
+            reader.start()
+            wait_until(lambda: bool(r1.app.events._subs), 10, "the watcher's subscription")
+            ours, theirs = r1.app.get(EXPERIMENT), r2.app.get(EXPERIMENT)
+            r1.app.emit(ours, EventType.DRIFT_DETECTED, "r1 first")
+            r2.app.emit(theirs, EventType.DRIFT_DETECTED, "r2 between")
+            r1.app.emit(ours, EventType.DRIFT_DETECTED, "r1 last")
+            reader.join(10)
+            call.cancel()
+        assert [e.reason for e in got] == ["r1 first", "r2 between", "r1 last"]
+        assert [e.sequence for e in got] == sorted({e.sequence for e in got})
+    finally:
+        r2.stop(grace=1.0)
+        r1.stop(grace=1.0)
 
 
 def _race_promote(name: str, who: list[tuple[Running, str]]) -> dict[str, grpc.StatusCode]:
