@@ -88,6 +88,7 @@ _LEADER_LOCK_KEY = 0x616C6C6F63  # "alloc": one promoter at a time across replic
 # defaults it takes over once they were gone on two looks.
 _REPLICA_LOCK_WAIT_S = 30.0
 _ADOPT_INTERVAL_S = 30.0
+_EVENT_PAGE = 1000  # stored events read per query when handing them to the hub
 
 
 def _check_extras(
@@ -265,7 +266,9 @@ class Allocator:
         self.by_id: dict[int, Record] = {}
         self._records_lock = threading.Lock()
         self.events = EventHub()
-        self._last_event_seq = 0
+        # The hub's cursor over the store: the last event it was given (see _deliver_events).
+        self._hub_seq = 0
+        self._hub_lock = threading.Lock()
         self.hooks: list[Callable[[Record, np.ndarray, np.ndarray], None]] = []
         self.tick_hooks: list[Callable[[], None]] = []
         self.last_decisions: dict[str, pb.PromotionStatus] = {}
@@ -323,7 +326,7 @@ class Allocator:
         for rec in self.records.values():
             self._apply_state(rec)
             self._load_scores(rec)
-        self._last_event_seq = self._max_event_seq()
+        self._hub_seq = self._max_event_seq()
 
     def _load_scores(self, rec: Record) -> None:
         """Rebuild the prediction-score windows from the log applied so far (the rows
@@ -687,10 +690,15 @@ class Allocator:
         self._publish(rec, self.store.append_event(self._event_row(rec, event)), event)
 
     def _publish(self, rec: Record, seq: int, event: Event) -> None:
-        """Tell watchers, metrics and listeners (webhooks) about a stored event."""
+        """Tell watchers, metrics and listeners (webhooks) about an event we stored."""
         self.metrics.events.labels(type=event.type.value).inc()
-        self._last_event_seq = max(self._last_event_seq, seq)
-        self.events.publish(StoredEvent(seq, event))
+        # Watchers get it through the store, with whatever committed before it (another
+        # thread's, another replica's): at once, not at the next sync.
+        if seq > self._hub_seq:
+            try:
+                self._deliver_events()
+            except StoreUnavailable:
+                log.warning("store unavailable: event %d reaches watchers at the next sync", seq)
         for listener in self.event_listeners:
             try:
                 listener(rec, event)
@@ -1244,9 +1252,11 @@ class Allocator:
                 rec.scores.add_received(scored, rec.lifecycle.audit)
 
     def _tick(self) -> None:
-        """Writer-thread housekeeping: pick up experiments other replicas changed."""
+        """Writer-thread housekeeping: pick up experiments and events other replicas
+        stored (and our own events a failed delivery left behind)."""
         if self.store.shared:
             self._sync_experiments()
+        self._deliver_events()
         for hook in self.tick_hooks:
             hook()
 
@@ -1271,9 +1281,31 @@ class Allocator:
             elif row.version > rec.version:
                 with rec.lock:
                     self._adopt_row(rec, row)
-        for e in self.store.events_after(self._last_event_seq, limit=1000):
-            self._last_event_seq = max(self._last_event_seq, e.seq or 0)
-            self.events.publish(self._stored_event(e))
+
+    def _deliver_events(self) -> None:
+        """Give the hub every stored event after the last one it was given, in order.
+
+        The hub is fed from the store only, never straight from a commit: appends to the
+        events table are serialized (``SqlStore._serialize_appends``), so sequence order
+        is commit order and a read that sees event n sees every event before it. One
+        cursor over the store thus hands over each event once and in sequence order,
+        whichever thread or replica stored it, and WatchEvents may skip any sequence at
+        or below the last it sent. (A cursor that local commits moved on would skip
+        another replica's event stored just before ours but not pulled yet.)
+        """
+        # One reader at a time: two could otherwise hand over their batches interleaved.
+        with self._hub_lock:
+            while True:
+                batch = self.store.events_after(self._hub_seq, limit=_EVENT_PAGE)
+                for e in batch:
+                    if e.experiment_id is not None and e.experiment_id not in self.by_id:
+                        # Another replica's new experiment: the next sync adopts it first,
+                        # or its events would reach no watcher of that experiment.
+                        return
+                    self.events.publish(self._stored_event(e))
+                    self._hub_seq = max(self._hub_seq, e.seq or 0)
+                if len(batch) < _EVENT_PAGE:
+                    return
 
     def _stored_event(self, e: EventRecord) -> StoredEvent:
         """A stored event row as the hub and WatchEvents carry it."""

@@ -571,6 +571,9 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
                     continue
                 if isinstance(live, Ended):
                     raise _watch_ended(live, last)
+                # The hub hands over events once each, in sequence order, and commit order
+                # is sequence order (Allocator._deliver_events): anything at or below the
+                # last sequence sent was sent already, by the replay or live.
                 if live.seq <= last:
                     continue
                 if self._wanted(live.event, request.experiment, types):

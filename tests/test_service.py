@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -828,6 +829,54 @@ def test_watchers_end_with_unavailable_when_the_server_stops(
         assert f"after_sequence={first[-1].sequence}" in ended[0].details()
         stopper.join(60)
         assert not stopper.is_alive()
+
+
+def test_events_published_out_of_order_reach_a_watcher_once_each_in_order(
+    server: Running, stub: pb_grpc.AllocatorStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two threads commit events 1 and 2 and publish them in the order 2, 1 (the first
+    is held between its commit and its publish): the watcher still gets both, once each,
+    in sequence order, so resuming after the last sequence seen skips nothing."""
+    stub.CreateExperiment(pb.CreateExperimentRequest(spec=_spec()))
+    app = server.app
+    rec = app.records["exp"]
+    first_committed, second_published = threading.Event(), threading.Event()
+    append = app.store.append_event
+
+    def held_append(record: Any) -> int:
+        seq = append(record)
+        if record.reason == "first":
+            first_committed.set()
+            second_published.wait(10)
+        return seq
+
+    monkeypatch.setattr(app.store, "append_event", held_append)
+    app.event_listeners.append(
+        lambda _rec, e: second_published.set() if e.reason == "second" else None
+    )
+    call = stub.WatchEvents(pb.WatchEventsRequest(experiment="exp"))
+    got: list[pb.Event] = []
+
+    def read() -> None:
+        with contextlib.suppress(grpc.RpcError):  # cancelled below if events are lost
+            for resp in call:
+                got.append(resp.event)
+                if len(got) == 3:
+                    return
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    wait_until(lambda: len(app.events._subs) == 1, 10, "the watcher's subscription")
+    first = threading.Thread(target=app.emit, args=(rec, EventType.DRIFT_DETECTED, "first"))
+    first.start()
+    assert first_committed.wait(10)
+    app.emit(rec, EventType.DRIFT_DETECTED, "second")
+    first.join(10)
+    app.emit(rec, EventType.DRIFT_DETECTED, "third")  # a repeat of either would come first
+    reader.join(10)
+    call.cancel()
+    assert [e.reason for e in got] == ["first", "second", "third"]
+    assert [e.sequence for e in got] == sorted({e.sequence for e in got})
 
 
 def test_a_slow_watcher_is_dropped_without_blocking_the_publisher() -> None:
