@@ -16,6 +16,7 @@ import errno
 import json
 import logging
 import signal
+import ssl
 import sys
 import threading
 import time
@@ -142,6 +143,26 @@ class Running:
 def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     if not config.tls_cert:
         return None
+    # grpc reports a bad certificate or key only as a failure to bind: check them here,
+    # with the same OpenSSL, to say which it is.
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        ctx.load_cert_chain(config.tls_cert, config.tls_key)
+    except ssl.SSLError as err:
+        raise OSError(
+            errno.EINVAL,
+            f"--tls-cert {config.tls_cert} / --tls-key {config.tls_key}: not a PEM "
+            f"certificate chain and its private key ({err.reason or err})",
+        ) from None
+    if config.tls_client_ca:
+        try:
+            ctx.load_verify_locations(config.tls_client_ca)
+        except ssl.SSLError as err:
+            raise OSError(
+                errno.EINVAL,
+                f"--tls-client-ca {config.tls_client_ca}: not PEM CA certificates "
+                f"({err.reason or err})",
+            ) from None
     chain = Path(config.tls_cert).read_bytes()
     key = Path(config.tls_key).read_bytes()
     if config.tls_client_ca:
