@@ -1333,6 +1333,14 @@ class Allocator:
         rec.version, rec.updated_at = row.version, row.updated_at
         self._apply_state(rec)
 
+    def promotion_candidate(self, name: str) -> str:
+        """The variant a Promote without one promotes: the highest posterior P(best)."""
+        self.get(name)
+        if not self.engine.view(name).reward_counts.any():
+            raise InvalidArgument("variant", "no rewards yet, so no candidate: name the variant")
+        p_best, _, _ = self.engine.prob_best(name)
+        return self.engine.config(name).variants[int(np.argmax(p_best))]
+
     def promotion_status(self, rec: Record) -> pb.PromotionStatus | None:
         """Where the promotion rule stands for ``rec`` (None until evaluated)."""
         return self.last_decisions.get(rec.name)

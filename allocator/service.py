@@ -509,10 +509,9 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
     def Promote(
         self, request: pb.PromoteRequest, context: grpc.aio.ServicerContext
     ) -> pb.PromoteResponse:
-        if not request.variant:
-            self._admin(context)
-            raise InvalidArgument("variant", "name the variant to promote")
-        exp = self._admin_transition(Action.PROMOTE, request, context, request.variant)
+        self._admin(context)  # before the candidate is looked up: it reveals the leader
+        variant = request.variant or self.app.promotion_candidate(request.experiment)
+        exp = self._admin_transition(Action.PROMOTE, request, context, variant)
         return pb.PromoteResponse(experiment=exp)
 
     @_rpc()

@@ -373,6 +373,31 @@ def test_admin_needs_token_and_transitions(server: Running, stub: pb_grpc.Alloca
     ]
 
 
+def test_promote_without_a_variant_promotes_the_highest_p_best(
+    server: Running, stub: pb_grpc.AllocatorStub
+) -> None:
+    """The proto's "empty means the rule's candidate": the variant of highest P(best);
+    refused while there are no rewards to pick one by, and only for the admin."""
+    stub.CreateExperiment(pb.CreateExperimentRequest(spec=_spec()))
+    req = pb.PromoteRequest(experiment="exp", reason="clear winner")
+    code, _ = _code(stub.Promote, req)
+    assert code == grpc.StatusCode.UNAUTHENTICATED
+    code, details = _code(stub.Promote, req, metadata=ADMIN)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("variant:"), details
+    n = 60  # c: 60/60 successes, a and b 0/60: P(best) of c is 1 to many decimals
+    for variant, value in (("a", 0.0), ("b", 0.0), ("c", 1.0)):
+        stub.RewardBatch(
+            pb.RewardBatchRequest(
+                experiment="exp",
+                event_ids=[f"{variant}{i}" for i in range(n)],
+                variants=[variant] * n,
+                values=[value] * n,
+            )
+        )
+    promoted = stub.Promote(req, metadata=ADMIN).experiment
+    assert promoted.state == pb.EXPERIMENT_STATE_PROMOTED and promoted.champion == "c"
+
+
 def test_watch_events_live_and_replay(server: Running, stub: pb_grpc.AllocatorStub) -> None:
     stub.CreateExperiment(pb.CreateExperimentRequest(spec=_spec()))
     # Two events first, so the replay below starts after a real sequence number (0 = live).
