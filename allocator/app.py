@@ -457,6 +457,7 @@ class Allocator:
                 reason="created",
             )
         )
+        self._record_event(rec, Event(EventType.CREATED, rec.name, None, now, "created"))
         return rec
 
     def experiments(self, states: Sequence[State] = ()) -> list[Record]:

@@ -117,6 +117,7 @@ class Action(enum.Enum):
 class EventType(enum.Enum):
     """Event kinds fanned out to WatchEvents subscribers and webhooks."""
 
+    CREATED = "CREATED"
     PROMOTED = "PROMOTED"
     ROLLED_BACK = "ROLLED_BACK"
     REOPENED = "REOPENED"

@@ -398,6 +398,25 @@ def test_promote_without_a_variant_promotes_the_highest_p_best(
     assert promoted.state == pb.EXPERIMENT_STATE_PROMOTED and promoted.champion == "c"
 
 
+def test_creating_an_experiment_emits_created(server: Running, stub: pb_grpc.AllocatorStub) -> None:
+    """EVENT_TYPE_CREATED is sent (and filterable) like every other event type."""
+    stub.CreateExperiment(pb.CreateExperimentRequest(spec=_spec("first")))
+    stub.Pause(pb.PauseRequest(experiment="first"), metadata=ADMIN)  # filtered out
+    stub.CreateExperiment(pb.CreateExperimentRequest(spec=_spec("second")))
+    call = stub.WatchEvents(
+        pb.WatchEventsRequest(after_sequence=1, types=[pb.EVENT_TYPE_CREATED]), timeout=10
+    )
+    got = []
+    for resp in call:
+        got.append((resp.event.type, resp.event.experiment))
+        if len(got) == 1:  # the replay is done: this one is live
+            stub.CreateExperiment(pb.CreateExperimentRequest(spec=_spec("third")))
+        if len(got) == 2:
+            call.cancel()
+            break
+    assert got == [(pb.EVENT_TYPE_CREATED, "second"), (pb.EVENT_TYPE_CREATED, "third")]
+
+
 def test_watch_events_live_and_replay(server: Running, stub: pb_grpc.AllocatorStub) -> None:
     stub.CreateExperiment(pb.CreateExperimentRequest(spec=_spec()))
     # Two events first, so the replay below starts after a real sequence number (0 = live).
@@ -706,13 +725,14 @@ def test_failed_transition_writes_nothing_and_changes_nothing(
     assert rec.lifecycle.state.value == "RUNNING" and rec.config.n_arms == 3
     assert server.app.engine.view("exp").stats.shape == (3, 3)
     assert server.app.engine.view("exp").override is None
-    assert server.app.store.events_after(0, experiment_id=rec.id) == []
+    stored = server.app.store.events_after(0, experiment_id=rec.id)
+    assert [e.type for e in stored] == ["CREATED"]  # nothing of the failed transitions
     monkeypatch.setattr(server.app.store, "update_state", real)
     stub.Promote(pb.PromoteRequest(experiment="exp", variant="b"), metadata=ADMIN)
     stub.AddVariant(pb.AddVariantRequest(experiment="exp", variant="d"))
     # Each transition's event was committed with its state change and audit row.
     kinds = [e.type for e in server.app.store.events_after(0, experiment_id=rec.id)]
-    assert kinds == ["PROMOTED", "VARIANT_ADDED", "REOPENED"]
+    assert kinds == ["CREATED", "PROMOTED", "VARIANT_ADDED", "REOPENED"]
     actions = [a.action for a in server.app.store.list_audit(rec.id)]
     assert actions == ["CREATE", "PROMOTE", "ADD_VARIANT"]
 
