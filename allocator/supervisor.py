@@ -85,13 +85,15 @@ def monitor_settings(spec: pb.ExperimentSpec) -> MonitorSettings | None:
     return MonitorSettings(detector=detector, batch_size=100, reaction=reaction)
 
 
-def _guardrails(app: Allocator, rec: Record) -> tuple[dict[str, GuardrailCheck], list[str]]:
+def _guardrails(
+    app: Allocator, name: str, spec: pb.ExperimentSpec, n_arms: int
+) -> tuple[dict[str, GuardrailCheck], list[str]]:
     """Guardrail checks with data for every variant, and the metrics still without."""
-    stats = app.engine.guardrail_stats(rec.name)
+    stats = app.engine.guardrail_stats(name)
     checks: dict[str, GuardrailCheck] = {}
     missing: list[str] = []
-    k = rec.config.n_arms
-    for g in rec.spec.promotion.guardrails:
+    k = n_arms
+    for g in spec.promotion.guardrails:
         s = stats.get(g.metric)
         if s is None or s.shape[0] < k or (s[:k, 0] == 0).any():
             missing.append(g.metric)
@@ -108,28 +110,35 @@ def evaluate_promotion(app: Allocator, rec: Record) -> pb.PromotionStatus | None
     """Apply the calibrated rule; promote or stop for futility when it says so.
 
     The Monte Carlo is seeded from the experiment's seed and its reward count, so the same
-    reward stream gives the same decision (reproducible promotion).
+    reward stream gives the same decision (reproducible promotion). The transition it calls
+    for is made only onto the version judged: an operator's action or a new variant since
+    raises :class:`VersionConflict` and nothing changes (the caller judges again).
     """
-    view = app.engine.view(rec.name)
+    with rec.lock:  # lifecycle, spec, version and the arms' stats, as one
+        lc, spec, config, version = rec.lifecycle, rec.spec, rec.config, rec.version
+        updated_at = rec.updated_at
+        view = app.engine.view(rec.name)
+    if not lc.state.adaptive:
+        return None  # promoted, paused, ... since the pass read the state
     total = int(view.reward_counts.sum())
     if total == 0:
         return None
     try:
-        settings = promotion_settings(rec.spec)
+        settings = promotion_settings(spec)
     except (TypeError, ValueError) as err:
         return pb.PromotionStatus(decision="invalid settings", reasons=[str(err)])
-    checks, missing = _guardrails(app, rec)
-    since = rec.updated_at if rec.lifecycle.state == State.REOPENED else rec.created_at
+    checks, missing = _guardrails(app, rec.name, spec, config.n_arms)
+    since = updated_at if lc.state == State.REOPENED else rec.created_at
     age = max(0.0, app.clock() - since)
-    seed = mc_seed(rec.config.seed, total)
+    seed = mc_seed(config.seed, total)
     decision = evaluate(
         settings,
         view.stats,
-        rec.config.policy,
+        config.policy,
         age,
         seed,
         guardrails=checks,
-        variants=rec.config.variants,
+        variants=config.variants,
         reward_counts=view.reward_counts,
     )
     reasons = list(decision.reasons) + [
@@ -138,9 +147,9 @@ def evaluate_promotion(app: Allocator, rec: Record) -> pb.PromotionStatus | None
     action = decision.action
     if action == "promote" and missing:
         action = "continue"
-    candidate = rec.config.variants[decision.candidate] if decision.candidate is not None else ""
+    candidate = config.variants[decision.candidate] if decision.candidate is not None else ""
     status = pb.PromotionStatus(decision=action, candidate=candidate, reasons=reasons)
-    auto = rec.spec.promotion.auto_promote if rec.spec.promotion.HasField("auto_promote") else True
+    auto = spec.promotion.auto_promote if spec.promotion.HasField("auto_promote") else True
     if not auto or decision.candidate is None:
         return status
     summary = "; ".join(r for r in decision.reasons[:3])
@@ -151,6 +160,7 @@ def evaluate_promotion(app: Allocator, rec: Record) -> pb.PromotionStatus | None
             actor="promoter",
             variant=candidate,
             reason=f"promotion rule met: {summary}",
+            if_version=version,
         )
     elif action == "futility_stop":
         app.emit(
@@ -164,6 +174,7 @@ def evaluate_promotion(app: Allocator, rec: Record) -> pb.PromotionStatus | None
             Action.ROLLBACK,
             actor="promoter",
             reason="futility: keep the control",
+            if_version=version,
         )
     return status
 
@@ -316,7 +327,14 @@ class Supervisor:
         if state.adaptive:
             self._check_srm(rec)
             if self.evaluate is not None and self._due(rec):
-                status = self.evaluate(self.app, rec)
+                try:
+                    status = self.evaluate(self.app, rec)
+                except VersionConflict as err:
+                    # Judged on a state that is gone (an operator's promotion, a new
+                    # variant): nothing changed; judged again, on the new one, next pass.
+                    log.info("experiment %s: promotion decision dropped: %s", rec.name, err)
+                    self._evaluated.pop(rec.name, None)
+                    return
                 if status is not None:
                     self.app.last_decisions[rec.name] = status
         elif state == State.PROMOTED:

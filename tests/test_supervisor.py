@@ -17,10 +17,11 @@ from allocator_client import AllocatorClient
 from allocator_client.v1 import allocator_pb2 as pb
 from prometheus_client import CollectorRegistry
 
-from allocator import cli
+from allocator import cli, supervisor
 from allocator.app import Record
 from allocator.lifecycle import Action, State
 from allocator.monitor import Reaction, Regression
+from allocator.promotion import PromotionDecision
 from allocator.server import Running, create_server
 from allocator.store import RewardRow, SqlStore, StoreUnavailable, VersionConflict
 from tests.conftest import ADMIN_TOKEN, server_config
@@ -873,3 +874,104 @@ def test_srm_detected_by_the_sequential_test_and_reported(tmp_path: Path) -> Non
             assert srm_events() == ["SRM_DETECTED"]  # still once
     finally:
         restarted.stop(1.0)
+
+
+def _decision(action: str, candidate: int, k: int) -> PromotionDecision:
+    """What the promotion rule would say, whatever the data: a test picks the outcome."""
+    return PromotionDecision(
+        action=action,  # type: ignore[arg-type]
+        candidate=candidate,
+        p_best=np.zeros(k),
+        expected_loss=np.zeros(k),
+        reasons=("rule: test",),
+        unmet=(),
+        p_within_margin=np.zeros(k),
+        lower_bounds=np.full(k, np.nan),
+        tolerance=0.0,
+        margin=0.0,
+    )
+
+
+def _judged(
+    running: Running,
+    monkeypatch: pytest.MonkeyPatch,
+    action: str,
+    candidate: int,
+    meanwhile: Callable[[], object] = lambda: None,
+) -> list[int]:
+    """Make the rule say ``action`` (for ``candidate``) to every evaluation of "m", running
+    ``meanwhile`` (an operator's change) once, between the first one's look at the
+    experiment and its transition. Returns the evaluations' arm counts as they happen."""
+    calls: list[int] = []
+
+    def rule(*args: Any, **kwargs: Any) -> PromotionDecision:
+        k = len(kwargs["variants"])
+        calls.append(k)
+        if len(calls) == 1:
+            meanwhile()
+        return _decision(action, candidate, k)
+
+    monkeypatch.setattr(supervisor, "evaluate", rule)
+    return calls
+
+
+def _with_rewards(c: AllocatorClient, running: Running) -> None:
+    """Experiment "m" (a, b) with a few rewards for each, applied (the rule looks at any)."""
+    c.create_experiment(pb.ExperimentSpec(name="m", variants=["a", "b"]))
+    c.reward_batch(
+        "m", [1.0, 0.0] * 10, event_ids=[f"r{i}" for i in range(20)], variants=["a", "b"] * 10
+    )
+    _wait(lambda: running.app.engine.view("m").reward_counts.sum() == 20)
+
+
+def _actors(running: Running) -> list[tuple[str, str]]:
+    return [(a.action, a.actor) for a in running.app.store.list_audit(running.app.records["m"].id)]
+
+
+def test_a_futility_stop_is_not_made_over_an_operators_promotion(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pass judges "m" RUNNING and stops it for futility; meanwhile an operator
+    promotes b. The futility rollback (legal from PROMOTED too) must not undo that."""
+    running = _start_still(tmp_path)
+    try:
+        app, sup = running.app, running.supervisor
+        with AllocatorClient(f"127.0.0.1:{running.port}", admin_token=ADMIN_TOKEN) as c:
+            _with_rewards(c, running)
+            calls = _judged(
+                running, monkeypatch, "futility_stop", 0, lambda: c.promote("m", "b", reason="ship")
+            )
+            sup._pass(app.records["m"], True)
+        lc = app.records["m"].lifecycle
+        assert (lc.state, lc.champion, calls) == (State.PROMOTED, 1, [2])
+        assert _actors(running) == [("CREATE", "api"), ("PROMOTE", "admin")]
+    finally:
+        running.stop(1.0)
+
+
+def test_a_promotion_is_not_made_onto_a_variant_added_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pass judges b the winner of (a, b); meanwhile an operator adds c. Promoting
+    then would end c's round at 0 samples: the decision is dropped, and the next pass
+    (not 30 s later: no reward came) judges the three arms."""
+    running = _start_still(tmp_path)
+    try:
+        app, sup = running.app, running.supervisor
+        with AllocatorClient(f"127.0.0.1:{running.port}", admin_token=ADMIN_TOKEN) as c:
+            _with_rewards(c, running)
+            calls = _judged(running, monkeypatch, "promote", 1, lambda: c.add_variant("m", "c"))
+            sup._pass(app.records["m"], True)
+            lc = app.records["m"].lifecycle
+            assert (lc.state, lc.n_variants, calls) == (State.RUNNING, 3, [2])
+            assert "m" not in app.last_decisions  # judged on a state that is gone
+            sup._pass(app.records["m"], True)
+        assert calls == [2, 3]
+        assert app.records["m"].lifecycle.state == State.PROMOTED  # what the rule said
+        assert _actors(running) == [
+            ("CREATE", "api"),
+            ("ADD_VARIANT", "api"),
+            ("PROMOTE", "promoter"),
+        ]
+    finally:
+        running.stop(1.0)
