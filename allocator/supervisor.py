@@ -163,18 +163,26 @@ def evaluate_promotion(app: Allocator, rec: Record) -> pb.PromotionStatus | None
             if_version=version,
         )
     elif action == "futility_stop":
-        app.emit(
-            rec,
+        # Keep the control: all traffic to it. A rollback (to it, not to the previous
+        # champion, which after two promotions is not the control) unless it is the
+        # champion on record already (REOPENED after the control itself was promoted):
+        # then the round ends with it promoted again.
+        keep = Action.PROMOTE if lc.champion == decision.candidate else Action.ROLLBACK
+        stopped = Event(
             EventType.FUTILITY_STOPPED,
-            "no variant can plausibly beat control by the minimum effect",
+            rec.name,
             decision.candidate,
+            app.clock(),
+            "no variant can plausibly beat control by the minimum effect",
         )
         app.transition(
             rec.name,
-            Action.ROLLBACK,
+            keep,
             actor="promoter",
+            variant=candidate,
             reason="futility: keep the control",
             if_version=version,
+            events=[stopped],  # with the transition, or (a failed one) not at all
         )
     return status
 

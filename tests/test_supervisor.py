@@ -945,6 +945,7 @@ def test_a_futility_stop_is_not_made_over_an_operators_promotion(
         lc = app.records["m"].lifecycle
         assert (lc.state, lc.champion, calls) == (State.PROMOTED, 1, [2])
         assert _actors(running) == [("CREATE", "api"), ("PROMOTE", "admin")]
+        assert "FUTILITY_STOPPED" not in [t for t, _ in _events(running)]
     finally:
         running.stop(1.0)
 
@@ -973,5 +974,87 @@ def test_a_promotion_is_not_made_onto_a_variant_added_meanwhile(
             ("ADD_VARIANT", "api"),
             ("PROMOTE", "promoter"),
         ]
+    finally:
+        running.stop(1.0)
+
+
+def _events(running: Running) -> list[tuple[str, int | None]]:
+    rec = running.app.records["m"]
+    return [(e.type, e.variant) for e in running.app.store.events_after(0, experiment_id=rec.id)]
+
+
+@pytest.mark.parametrize(
+    ("promotions", "keep"),
+    [
+        # The control itself was promoted, then the round reopened: no earlier champion
+        # to roll back to (the old rollback failed, after its event, on every pass).
+        pytest.param(["a"], ("PROMOTE", "PROMOTED"), id="control-on-record"),
+        # a -> b -> c, reopened: the previous champion is b, and the control is a.
+        pytest.param(["b", "c"], ("ROLLBACK", "ROLLED_BACK"), id="after-two-promotions"),
+        pytest.param([], ("ROLLBACK", "ROLLED_BACK"), id="running"),
+    ],
+)
+def test_a_futility_stop_keeps_the_control_and_is_recorded_once(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    promotions: list[str],
+    keep: tuple[str, str],
+) -> None:
+    running = _start_still(tmp_path)
+    try:
+        app, sup = running.app, running.supervisor
+        with AllocatorClient(f"127.0.0.1:{running.port}", admin_token=ADMIN_TOKEN) as c:
+            c.create_experiment(pb.ExperimentSpec(name="m", variants=["a", "b", "c"]))
+            for v in promotions:
+                c.promote("m", v, reason="test")
+                app.transition("m", Action.REOPEN, actor="monitor", reason="regression")
+            c.reward_batch(
+                "m", [1.0, 0.0, 1.0], event_ids=["r0", "r1", "r2"], variants=["a", "b", "c"]
+            )
+            _wait(lambda: app.engine.view("m").reward_counts.sum() == 3)
+            before = len(_events(running))
+            calls = _judged(running, monkeypatch, "futility_stop", 0)
+            for _ in range(3):
+                sup._evaluated.clear()  # due every time, as if rewards kept coming
+                sup._pass(app.records["m"], True)
+            batch = c.assign_batch("m", 200)
+        lc = app.records["m"].lifecycle
+        assert (lc.state.value, lc.champion, len(calls)) == (keep[1], 0, 1)
+        assert set(batch.variant_indices) == {0}  # all traffic to the control
+        assert _events(running)[before:] == [("FUTILITY_STOPPED", 0), (keep[1], 0)]
+        assert _actors(running)[-1] == (keep[0], "promoter")
+    finally:
+        running.stop(1.0)
+
+
+def test_a_futility_stop_whose_transition_fails_records_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store refuses the rollback: no FUTILITY_STOPPED without it (it would be recorded
+    again by the retry); the next pass makes both."""
+    running = _start_still(tmp_path)
+    try:
+        app, sup = running.app, running.supervisor
+        with AllocatorClient(f"127.0.0.1:{running.port}", admin_token=ADMIN_TOKEN) as c:
+            _with_rewards(c, running)
+        _judged(running, monkeypatch, "futility_stop", 0)
+        real = app.store.update_state
+        refused: list[str] = []
+
+        def flaky(name: str, **kwargs: Any) -> Any:
+            if not refused:
+                refused.append(name)
+                raise StoreUnavailable("update_state", "connection refused")
+            return real(name, **kwargs)
+
+        monkeypatch.setattr(app.store, "update_state", flaky)
+        with pytest.raises(StoreUnavailable):
+            sup._pass(app.records["m"], True)
+        assert app.records["m"].lifecycle.state == State.RUNNING
+        assert [t for t, _ in _events(running)] == []
+        sup._evaluated.clear()
+        sup._pass(app.records["m"], True)
+        assert app.records["m"].lifecycle.state == State.ROLLED_BACK
+        assert _events(running) == [("FUTILITY_STOPPED", 0), ("ROLLED_BACK", 0)]
     finally:
         running.stop(1.0)
