@@ -259,6 +259,10 @@ class Supervisor:
         self._ended: list[tuple[int, dict[str, object] | None]] = []
         self._states: dict[str, State] = {}  # each experiment's state at the last pass
         self._webhooks: dict[str, WebhookNotifier] = {}
+        # Events come from RPC, writer and supervisor threads: one notifier per URL, and
+        # none made once closed (it would never be closed, its queue never flushed).
+        self._webhooks_lock = threading.Lock()
+        self._webhooks_closed = False
         self._srm_flagged: set[str] = set()
         self._evaluated: dict[str, tuple[int, float]] = {}
         self._lock = threading.Lock()
@@ -275,12 +279,20 @@ class Supervisor:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop the loop and flush webhooks."""
+        """Stop the loop. The monitors are still fed (and report) until the app stops:
+        :meth:`close` the webhooks after that."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
-        for hook in self._webhooks.values():
-            hook.close(2.0)
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Flush and close the webhooks. Call it after ``app.stop()``: the final drain of
+        the reward queue feeds the monitors, and a regression found there is sent too."""
+        with self._webhooks_lock:
+            self._webhooks_closed = True
+            hooks = list(self._webhooks.values())
+        for hook in hooks:
+            hook.close(timeout)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -682,12 +694,18 @@ class Supervisor:
         url = rec.spec.monitoring.webhook_url
         if not url:
             return
-        hook = self._webhooks.get(url)
-        if hook is None:
-            try:
-                hook = WebhookNotifier(url, event_types=None)
-            except ValueError:
-                log.warning("experiment %s: ignoring invalid webhook_url %r", rec.name, url)
-                return
-            self._webhooks[url] = hook
-        hook(event)
+        with self._webhooks_lock:
+            hook = self._webhooks.get(url)
+            if hook is None:
+                if self._webhooks_closed:
+                    log.error(
+                        "experiment %s: %s not sent, webhooks closed", rec.name, event.type.value
+                    )
+                    return
+                try:
+                    hook = WebhookNotifier(url, event_types=None)
+                except ValueError:
+                    log.warning("experiment %s: ignoring invalid webhook_url %r", rec.name, url)
+                    return
+                self._webhooks[url] = hook
+        hook(event)  # a closed one drops it, with a log line

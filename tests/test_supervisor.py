@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from allocator import cli, supervisor
 from allocator.app import Record
-from allocator.lifecycle import Action, State
+from allocator.lifecycle import Action, Event, EventType, State
 from allocator.monitor import Reaction, Regression
 from allocator.promotion import PromotionDecision
 from allocator.server import Running, create_server
@@ -1058,3 +1058,83 @@ def test_a_futility_stop_whose_transition_fails_records_nothing(
         assert _events(running) == [("FUTILITY_STOPPED", 0), ("ROLLED_BACK", 0)]
     finally:
         running.stop(1.0)
+
+
+def test_one_webhook_notifier_per_url_whatever_the_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Events of one URL reach the supervisor from RPC, writer and supervisor threads at
+    once: they share one notifier (another would never be closed)."""
+    made: list[Any] = []
+
+    class SlowNotifier:  # slow to build: the threads all look for it at once
+        def __init__(self, url: str, **kwargs: Any) -> None:
+            time.sleep(0.05)
+            made.append(self)
+            self.events: list[Event] = []
+
+        def __call__(self, event: Event) -> None:
+            self.events.append(event)
+
+        def close(self, timeout: float | None = None) -> None:
+            return
+
+    monkeypatch.setattr(supervisor, "WebhookNotifier", SlowNotifier)
+    running = _start_still(tmp_path)
+    try:
+        app, sup = running.app, running.supervisor
+        spec = pb.ExperimentSpec(
+            name="m",
+            variants=["a", "b"],
+            monitoring=pb.MonitoringSettings(webhook_url="http://127.0.0.1:9/hook"),
+        )
+        rec = app.create(spec)
+        start = threading.Barrier(8)
+
+        def publish(i: int) -> None:
+            start.wait()
+            sup._on_event(rec, Event(EventType.DRIFT_DETECTED, "m", 1, float(i), "test"))
+
+        threads = [threading.Thread(target=publish, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(made) == 1 and len(made[0].events) == 8
+    finally:
+        running.stop(1.0)
+
+
+def test_an_event_of_the_final_drain_still_reaches_the_webhook(
+    tmp_path: Path, webhook: tuple[str, list[dict[str, Any]]]
+) -> None:
+    """Stopping drains the reward queue into the monitors, which can still find a
+    regression there: its events are sent before the webhooks close. One after they
+    closed makes no new notifier (it would never be flushed)."""
+    url, received = webhook
+    running = _start_still(tmp_path)
+    app, sup = running.app, running.supervisor
+    with AllocatorClient(f"127.0.0.1:{running.port}", admin_token=ADMIN_TOKEN) as c:
+        c.create_experiment(
+            pb.ExperimentSpec(
+                name="m", variants=["a", "b"], monitoring=pb.MonitoringSettings(webhook_url=url)
+            )
+        )
+        c.promote("m", "b", reason="test")  # its event makes the notifier
+    _wait(lambda: [r["event"] for r in received] == ["PROMOTED"])
+    rec = app.records["m"]
+    drain = app.writer.stop
+
+    def draining() -> None:  # as a regression the monitor finds in the last rewards
+        app.emit(rec, EventType.DRIFT_DETECTED, "drift in the final drain", 1)
+        drain()
+
+    app.writer.stop = draining  # type: ignore[method-assign]
+    running.stop(1.0)
+    assert [r["event"] for r in received] == ["PROMOTED", "DRIFT_DETECTED"]
+    other = pb.ExperimentSpec()
+    other.CopyFrom(rec.spec)
+    other.monitoring.webhook_url = url + "/other"
+    late = Record(rec.id, other, rec.config, rec.lifecycle, 0.0, 0.0, rec.version)
+    sup._on_event(late, Event(EventType.DRIFT_DETECTED, "m", 1, 0.0, "after close"))
+    assert list(sup._webhooks) == [url]
