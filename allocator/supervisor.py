@@ -27,7 +27,7 @@ from allocator import stats
 from allocator.app import Allocator, Record
 from allocator.convert import promotion_settings
 from allocator.durable import advance
-from allocator.engine import mc_seed
+from allocator.engine import ExperimentView, mc_seed
 from allocator.lifecycle import Action, Event, EventType, Lifecycle, State
 from allocator.monitor import (
     CusumSettings,
@@ -106,6 +106,34 @@ def _guardrails(
     return checks, missing
 
 
+def _round_start(lc: Lifecycle) -> float | None:
+    """When the REOPENED round under way opened (the move into REOPENED from PROMOTED or
+    ROLLED_BACK; a PAUSE and RESUME within it continue it); None outside one."""
+    if lc.state != State.REOPENED:
+        return None
+    for a in reversed(lc.audit):
+        if a.to_state == State.REOPENED and a.from_state in (State.PROMOTED, State.ROLLED_BACK):
+            return a.at
+    return None
+
+
+def _round_stats(view: ExperimentView, start: float) -> tuple[np.ndarray, np.ndarray]:
+    """(Posterior statistics, rewards per arm) of the rewards of decisions made since
+    ``start``: the allocation epochs opened since (a reopen opens one, at its commit).
+
+    A reopened round is judged on its own rewards: the pooled history is dominated by
+    the champion's, from before the regression that reopened it, and would promote it
+    again at once. Undiscounted, the epochs' sums are exactly that posterior; a discount
+    already forgets the old rewards at the rate chosen, so its posterior is kept and only
+    the counts (for min_samples) are the round's.
+    """
+    es = view.epoch_stats[view.epoch_started >= start].sum(axis=0)
+    counts = es[:, 0].copy()
+    if view.config.policy.discount < 1.0:
+        return view.stats, counts
+    return es, counts
+
+
 def evaluate_promotion(app: Allocator, rec: Record) -> pb.PromotionStatus | None:
     """Apply the calibrated rule; promote or stop for futility when it says so.
 
@@ -131,15 +159,19 @@ def evaluate_promotion(app: Allocator, rec: Record) -> pb.PromotionStatus | None
     since = updated_at if lc.state == State.REOPENED else rec.created_at
     age = max(0.0, app.clock() - since)
     seed = mc_seed(config.seed, total)
+    start = _round_start(lc)
+    posterior, counts = (
+        (view.stats, view.reward_counts) if start is None else _round_stats(view, start)
+    )
     decision = evaluate(
         settings,
-        view.stats,
+        posterior,
         config.policy,
         age,
         seed,
         guardrails=checks,
         variants=config.variants,
-        reward_counts=view.reward_counts,
+        reward_counts=counts,
     )
     reasons = list(decision.reasons) + [
         f"guardrail {m}: no data for every variant yet" for m in missing

@@ -1138,3 +1138,40 @@ def test_an_event_of_the_final_drain_still_reaches_the_webhook(
     late = Record(rec.id, other, rec.config, rec.lifecycle, 0.0, 0.0, rec.version)
     sup._on_event(late, Event(EventType.DRIFT_DETECTED, "m", 1, 0.0, "after close"))
     assert list(sup._webhooks) == [url]
+
+
+def test_a_reopened_round_is_judged_on_its_own_rewards(tmp_path: Path) -> None:
+    """b was promoted on 2,000 rewards at 0.5 (a: 0.1), regressed and was reopened. On
+    the pooled history the rule would promote b again at the next pass; on the round's
+    own rewards it waits for min_samples, then finds a (0.3) better than b (now 0.1)."""
+    running = _start_still(tmp_path)
+    rng = np.random.default_rng(12)
+
+    def send(c: AllocatorClient, tag: str, rates: dict[str, float], n: int) -> None:
+        variants = list(rates) * n
+        p = np.array([rates[v] for v in variants])
+        values = (rng.uniform(size=p.size) < p).astype(float).tolist()
+        c.reward_batch(
+            "m", values, event_ids=[f"{tag}{i}" for i in range(p.size)], variants=variants
+        )
+
+    try:
+        app, sup = running.app, running.supervisor
+        with AllocatorClient(f"127.0.0.1:{running.port}", admin_token=ADMIN_TOKEN) as c:
+            c.create_experiment(pb.ExperimentSpec(name="m", variants=["a", "b"], seed=3))
+            send(c, "before", {"a": 0.1, "b": 0.5}, 2000)
+            c.promote("m", "b", reason="test")
+            app.transition("m", Action.REOPEN, actor="monitor", reason="regression detected")
+            _wait(lambda: app.engine.view("m").reward_counts.sum() == 4000)
+            sup._pass(app.records["m"], True)
+            assert app.records["m"].lifecycle.state == State.REOPENED
+            status = app.last_decisions["m"]
+            assert status.decision == "continue"
+            assert any(r.startswith("min_samples: fewest rewards 0") for r in status.reasons)
+            send(c, "round", {"a": 0.3, "b": 0.1}, 1500)
+            _wait(lambda: app.engine.view("m").reward_counts.sum() == 7000)
+            sup._pass(app.records["m"], True)
+        lc = app.records["m"].lifecycle
+        assert (lc.state, lc.champion) == (State.PROMOTED, 0), app.last_decisions["m"].reasons
+    finally:
+        running.stop(1.0)
