@@ -476,11 +476,14 @@ class Allocator:
         reason: str,
         variant: str = "",
         if_version: int | None = None,
+        events: Sequence[Event] = (),
     ) -> Record:
         """Apply a lifecycle action, persist it, and change the allocation to match.
 
         ``if_version``: only if the experiment is still at that version (else
         :class:`VersionConflict`, nothing changed), for a caller that judged its state.
+        ``events``: recorded before the transition's own, in its transaction (what led to
+        it, e.g. FUTILITY_STOPPED): stored and published if and only if it is made.
         """
         rec = self.get(name)
         with rec.lock:
@@ -499,7 +502,7 @@ class Allocator:
             # The action runs on a copy that replaces the live lifecycle only once the
             # commit succeeded: nobody reads a state that may still fail to persist.
             candidate = Lifecycle.from_dict(rec.lifecycle.to_dict())
-            pending: list[Event] = []
+            pending: list[Event] = list(events)
             unsubscribe = candidate.subscribe(pending.append)
             try:
                 audit = candidate.apply(

@@ -134,7 +134,11 @@ class Running:
             # commit) finish before the writer is flushed and stopped.
             self.pool.shutdown(wait=True)
             self.supervisor.stop()
-            self.app.stop()
+            try:
+                self.app.stop()
+            finally:
+                # After the app: its final drain can still find a regression to send.
+                self.supervisor.close()
             if self.http is not None:
                 self.http.shutdown()
                 self.http.server_close()
@@ -243,6 +247,7 @@ def create_server(
         pool.shutdown()
         supervisor.stop()
         app.stop()
+        supervisor.close()
         raise
     http = None
     if config.http_port >= 0:  # -1: off
@@ -253,6 +258,7 @@ def create_server(
             pool.shutdown()
             supervisor.stop()
             app.stop()
+            supervisor.close()
             raise OSError(
                 err.errno, f"--http-port {config.http_port} on {config.http_host}: {err.strerror}"
             ) from err

@@ -417,6 +417,33 @@ def test_creating_an_experiment_emits_created(server: Running, stub: pb_grpc.All
     assert got == [(pb.EVENT_TYPE_CREATED, "second"), (pb.EVENT_TYPE_CREATED, "third")]
 
 
+def test_rollback_returns_traffic_to_the_variant_named(
+    server: Running, stub: pb_grpc.AllocatorStub
+) -> None:
+    """RollbackRequest.variant is where traffic goes (here not the previous champion a);
+    an unknown one is INVALID_ARGUMENT naming the field, the champion itself is refused."""
+    stub.CreateExperiment(pb.CreateExperimentRequest(spec=_spec()))
+    stub.Promote(pb.PromoteRequest(experiment="exp", variant="c"), metadata=ADMIN)
+    version = server.app.records["exp"].version
+    code, details = _code(
+        stub.Rollback, pb.RollbackRequest(experiment="exp", variant="zz"), metadata=ADMIN
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "variant" in details
+    code, details = _code(
+        stub.Rollback, pb.RollbackRequest(experiment="exp", variant="c"), metadata=ADMIN
+    )
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "PROMOTED" in details
+    assert server.app.records["exp"].version == version  # neither changed anything
+    back = stub.Rollback(
+        pb.RollbackRequest(experiment="exp", variant="b", reason="b is safe"), metadata=ADMIN
+    ).experiment
+    assert (back.state, back.champion) == (pb.EXPERIMENT_STATE_ROLLED_BACK, "b")
+    batch = stub.AssignBatch(pb.AssignBatchRequest(experiment="exp", count=200))
+    assert set(batch.variant_indices) == {1}
+    rollback = server.app.store.list_audit(server.app.records["exp"].id)[-1]
+    assert (rollback.action, rollback.reason) == ("ROLLBACK", "b is safe")
+
+
 def test_watch_events_live_and_replay(server: Running, stub: pb_grpc.AllocatorStub) -> None:
     stub.CreateExperiment(pb.CreateExperimentRequest(spec=_spec()))
     # Two events first, so the replay below starts after a real sequence number (0 = live).

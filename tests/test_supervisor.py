@@ -17,10 +17,11 @@ from allocator_client import AllocatorClient
 from allocator_client.v1 import allocator_pb2 as pb
 from prometheus_client import CollectorRegistry
 
-from allocator import cli
+from allocator import cli, supervisor
 from allocator.app import Record
-from allocator.lifecycle import Action, State
+from allocator.lifecycle import Action, Event, EventType, State
 from allocator.monitor import Reaction, Regression
+from allocator.promotion import PromotionDecision
 from allocator.server import Running, create_server
 from allocator.store import RewardRow, SqlStore, StoreUnavailable, VersionConflict
 from tests.conftest import ADMIN_TOKEN, server_config
@@ -873,3 +874,309 @@ def test_srm_detected_by_the_sequential_test_and_reported(tmp_path: Path) -> Non
             assert srm_events() == ["SRM_DETECTED"]  # still once
     finally:
         restarted.stop(1.0)
+
+
+def _decision(action: str, candidate: int, k: int) -> PromotionDecision:
+    """What the promotion rule would say, whatever the data: a test picks the outcome."""
+    return PromotionDecision(
+        action=action,  # type: ignore[arg-type]
+        candidate=candidate,
+        p_best=np.zeros(k),
+        expected_loss=np.zeros(k),
+        reasons=("rule: test",),
+        unmet=(),
+        p_within_margin=np.zeros(k),
+        lower_bounds=np.full(k, np.nan),
+        tolerance=0.0,
+        margin=0.0,
+    )
+
+
+def _judged(
+    running: Running,
+    monkeypatch: pytest.MonkeyPatch,
+    action: str,
+    candidate: int,
+    meanwhile: Callable[[], object] = lambda: None,
+) -> list[int]:
+    """Make the rule say ``action`` (for ``candidate``) to every evaluation of "m", running
+    ``meanwhile`` (an operator's change) once, between the first one's look at the
+    experiment and its transition. Returns the evaluations' arm counts as they happen."""
+    calls: list[int] = []
+
+    def rule(*args: Any, **kwargs: Any) -> PromotionDecision:
+        k = len(kwargs["variants"])
+        calls.append(k)
+        if len(calls) == 1:
+            meanwhile()
+        return _decision(action, candidate, k)
+
+    monkeypatch.setattr(supervisor, "evaluate", rule)
+    return calls
+
+
+def _with_rewards(c: AllocatorClient, running: Running) -> None:
+    """Experiment "m" (a, b) with a few rewards for each, applied (the rule looks at any)."""
+    c.create_experiment(pb.ExperimentSpec(name="m", variants=["a", "b"]))
+    c.reward_batch(
+        "m", [1.0, 0.0] * 10, event_ids=[f"r{i}" for i in range(20)], variants=["a", "b"] * 10
+    )
+    _wait(lambda: running.app.engine.view("m").reward_counts.sum() == 20)
+
+
+def _actors(running: Running) -> list[tuple[str, str]]:
+    return [(a.action, a.actor) for a in running.app.store.list_audit(running.app.records["m"].id)]
+
+
+def test_a_futility_stop_is_not_made_over_an_operators_promotion(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pass judges "m" RUNNING and stops it for futility; meanwhile an operator
+    promotes b. The futility rollback (legal from PROMOTED too) must not undo that."""
+    running = _start_still(tmp_path)
+    try:
+        app, sup = running.app, running.supervisor
+        with AllocatorClient(f"127.0.0.1:{running.port}", admin_token=ADMIN_TOKEN) as c:
+            _with_rewards(c, running)
+            calls = _judged(
+                running, monkeypatch, "futility_stop", 0, lambda: c.promote("m", "b", reason="ship")
+            )
+            sup._pass(app.records["m"], True)
+        lc = app.records["m"].lifecycle
+        assert (lc.state, lc.champion, calls) == (State.PROMOTED, 1, [2])
+        assert _actors(running) == [("CREATE", "api"), ("PROMOTE", "admin")]
+        assert "FUTILITY_STOPPED" not in [t for t, _ in _events(running)]
+    finally:
+        running.stop(1.0)
+
+
+def test_a_promotion_is_not_made_onto_a_variant_added_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pass judges b the winner of (a, b); meanwhile an operator adds c. Promoting
+    then would end c's round at 0 samples: the decision is dropped, and the next pass
+    (not 30 s later: no reward came) judges the three arms."""
+    running = _start_still(tmp_path)
+    try:
+        app, sup = running.app, running.supervisor
+        with AllocatorClient(f"127.0.0.1:{running.port}", admin_token=ADMIN_TOKEN) as c:
+            _with_rewards(c, running)
+            calls = _judged(running, monkeypatch, "promote", 1, lambda: c.add_variant("m", "c"))
+            sup._pass(app.records["m"], True)
+            lc = app.records["m"].lifecycle
+            assert (lc.state, lc.n_variants, calls) == (State.RUNNING, 3, [2])
+            assert "m" not in app.last_decisions  # judged on a state that is gone
+            sup._pass(app.records["m"], True)
+        assert calls == [2, 3]
+        assert app.records["m"].lifecycle.state == State.PROMOTED  # what the rule said
+        assert _actors(running) == [
+            ("CREATE", "api"),
+            ("ADD_VARIANT", "api"),
+            ("PROMOTE", "promoter"),
+        ]
+    finally:
+        running.stop(1.0)
+
+
+def _events(running: Running) -> list[tuple[str, int | None]]:
+    """The stored events of experiment m after its CREATED."""
+    rec = running.app.records["m"]
+    stored = running.app.store.events_after(0, experiment_id=rec.id)
+    return [(e.type, e.variant) for e in stored if e.type != "CREATED"]
+
+
+@pytest.mark.parametrize(
+    ("promotions", "keep"),
+    [
+        # The control itself was promoted, then the round reopened: no earlier champion
+        # to roll back to (the old rollback failed, after its event, on every pass).
+        pytest.param(["a"], ("PROMOTE", "PROMOTED"), id="control-on-record"),
+        # a -> b -> c, reopened: the previous champion is b, and the control is a.
+        pytest.param(["b", "c"], ("ROLLBACK", "ROLLED_BACK"), id="after-two-promotions"),
+        pytest.param([], ("ROLLBACK", "ROLLED_BACK"), id="running"),
+    ],
+)
+def test_a_futility_stop_keeps_the_control_and_is_recorded_once(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    promotions: list[str],
+    keep: tuple[str, str],
+) -> None:
+    running = _start_still(tmp_path)
+    try:
+        app, sup = running.app, running.supervisor
+        with AllocatorClient(f"127.0.0.1:{running.port}", admin_token=ADMIN_TOKEN) as c:
+            c.create_experiment(pb.ExperimentSpec(name="m", variants=["a", "b", "c"]))
+            for v in promotions:
+                c.promote("m", v, reason="test")
+                app.transition("m", Action.REOPEN, actor="monitor", reason="regression")
+            c.reward_batch(
+                "m", [1.0, 0.0, 1.0], event_ids=["r0", "r1", "r2"], variants=["a", "b", "c"]
+            )
+            _wait(lambda: app.engine.view("m").reward_counts.sum() == 3)
+            before = len(_events(running))
+            calls = _judged(running, monkeypatch, "futility_stop", 0)
+            for _ in range(3):
+                sup._evaluated.clear()  # due every time, as if rewards kept coming
+                sup._pass(app.records["m"], True)
+            batch = c.assign_batch("m", 200)
+        lc = app.records["m"].lifecycle
+        assert (lc.state.value, lc.champion, len(calls)) == (keep[1], 0, 1)
+        assert set(batch.variant_indices) == {0}  # all traffic to the control
+        assert _events(running)[before:] == [("FUTILITY_STOPPED", 0), (keep[1], 0)]
+        assert _actors(running)[-1] == (keep[0], "promoter")
+    finally:
+        running.stop(1.0)
+
+
+def test_a_futility_stop_whose_transition_fails_records_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store refuses the rollback: no FUTILITY_STOPPED without it (it would be recorded
+    again by the retry); the next pass makes both."""
+    running = _start_still(tmp_path)
+    try:
+        app, sup = running.app, running.supervisor
+        with AllocatorClient(f"127.0.0.1:{running.port}", admin_token=ADMIN_TOKEN) as c:
+            _with_rewards(c, running)
+        _judged(running, monkeypatch, "futility_stop", 0)
+        real = app.store.update_state
+        refused: list[str] = []
+
+        def flaky(name: str, **kwargs: Any) -> Any:
+            if not refused:
+                refused.append(name)
+                raise StoreUnavailable("update_state", "connection refused")
+            return real(name, **kwargs)
+
+        monkeypatch.setattr(app.store, "update_state", flaky)
+        with pytest.raises(StoreUnavailable):
+            sup._pass(app.records["m"], True)
+        assert app.records["m"].lifecycle.state == State.RUNNING
+        assert [t for t, _ in _events(running)] == []
+        sup._evaluated.clear()
+        sup._pass(app.records["m"], True)
+        assert app.records["m"].lifecycle.state == State.ROLLED_BACK
+        assert _events(running) == [("FUTILITY_STOPPED", 0), ("ROLLED_BACK", 0)]
+    finally:
+        running.stop(1.0)
+
+
+def test_one_webhook_notifier_per_url_whatever_the_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Events of one URL reach the supervisor from RPC, writer and supervisor threads at
+    once: they share one notifier (another would never be closed)."""
+    made: list[Any] = []
+
+    class SlowNotifier:  # slow to build: the threads all look for it at once
+        def __init__(self, url: str, **kwargs: Any) -> None:
+            time.sleep(0.05)
+            made.append(self)
+            self.events: list[Event] = []
+
+        def __call__(self, event: Event) -> None:
+            self.events.append(event)
+
+        def close(self, timeout: float | None = None) -> None:
+            return
+
+    monkeypatch.setattr(supervisor, "WebhookNotifier", SlowNotifier)
+    running = _start_still(tmp_path)
+    try:
+        app, sup = running.app, running.supervisor
+        spec = pb.ExperimentSpec(
+            name="m",
+            variants=["a", "b"],
+            monitoring=pb.MonitoringSettings(webhook_url="http://127.0.0.1:9/hook"),
+        )
+        rec = app.create(spec)
+        with sup._webhooks_lock:  # CREATED made one: start again from none
+            sup._webhooks.clear()
+        made.clear()
+        start = threading.Barrier(8)
+
+        def publish(i: int) -> None:
+            start.wait()
+            sup._on_event(rec, Event(EventType.DRIFT_DETECTED, "m", 1, float(i), "test"))
+
+        threads = [threading.Thread(target=publish, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(made) == 1 and len(made[0].events) == 8
+    finally:
+        running.stop(1.0)
+
+
+def test_an_event_of_the_final_drain_still_reaches_the_webhook(
+    tmp_path: Path, webhook: tuple[str, list[dict[str, Any]]]
+) -> None:
+    """Stopping drains the reward queue into the monitors, which can still find a
+    regression there: its events are sent before the webhooks close. One after they
+    closed makes no new notifier (it would never be flushed)."""
+    url, received = webhook
+    running = _start_still(tmp_path)
+    app, sup = running.app, running.supervisor
+    with AllocatorClient(f"127.0.0.1:{running.port}", admin_token=ADMIN_TOKEN) as c:
+        c.create_experiment(
+            pb.ExperimentSpec(
+                name="m", variants=["a", "b"], monitoring=pb.MonitoringSettings(webhook_url=url)
+            )
+        )
+        c.promote("m", "b", reason="test")
+    _wait(lambda: [r["event"] for r in received] == ["CREATED", "PROMOTED"])
+    rec = app.records["m"]
+    drain = app.writer.stop
+
+    def draining() -> None:  # as a regression the monitor finds in the last rewards
+        app.emit(rec, EventType.DRIFT_DETECTED, "drift in the final drain", 1)
+        drain()
+
+    app.writer.stop = draining  # type: ignore[method-assign]
+    running.stop(1.0)
+    assert [r["event"] for r in received] == ["CREATED", "PROMOTED", "DRIFT_DETECTED"]
+    other = pb.ExperimentSpec()
+    other.CopyFrom(rec.spec)
+    other.monitoring.webhook_url = url + "/other"
+    late = Record(rec.id, other, rec.config, rec.lifecycle, 0.0, 0.0, rec.version)
+    sup._on_event(late, Event(EventType.DRIFT_DETECTED, "m", 1, 0.0, "after close"))
+    assert list(sup._webhooks) == [url]
+
+
+def test_a_reopened_round_is_judged_on_its_own_rewards(tmp_path: Path) -> None:
+    """b was promoted on 2,000 rewards at 0.5 (a: 0.1), regressed and was reopened. On
+    the pooled history the rule would promote b again at the next pass; on the round's
+    own rewards it waits for min_samples, then finds a (0.3) better than b (now 0.1)."""
+    running = _start_still(tmp_path)
+    rng = np.random.default_rng(12)
+
+    def send(c: AllocatorClient, tag: str, rates: dict[str, float], n: int) -> None:
+        variants = list(rates) * n
+        p = np.array([rates[v] for v in variants])
+        values = (rng.uniform(size=p.size) < p).astype(float).tolist()
+        c.reward_batch(
+            "m", values, event_ids=[f"{tag}{i}" for i in range(p.size)], variants=variants
+        )
+
+    try:
+        app, sup = running.app, running.supervisor
+        with AllocatorClient(f"127.0.0.1:{running.port}", admin_token=ADMIN_TOKEN) as c:
+            c.create_experiment(pb.ExperimentSpec(name="m", variants=["a", "b"], seed=3))
+            send(c, "before", {"a": 0.1, "b": 0.5}, 2000)
+            c.promote("m", "b", reason="test")
+            app.transition("m", Action.REOPEN, actor="monitor", reason="regression detected")
+            _wait(lambda: app.engine.view("m").reward_counts.sum() == 4000)
+            sup._pass(app.records["m"], True)
+            assert app.records["m"].lifecycle.state == State.REOPENED
+            status = app.last_decisions["m"]
+            assert status.decision == "continue"
+            assert any(r.startswith("min_samples: fewest rewards 0") for r in status.reasons)
+            send(c, "round", {"a": 0.3, "b": 0.1}, 1500)
+            _wait(lambda: app.engine.view("m").reward_counts.sum() == 7000)
+            sup._pass(app.records["m"], True)
+        lc = app.records["m"].lifecycle
+        assert (lc.state, lc.champion) == (State.PROMOTED, 0), app.last_decisions["m"].reasons
+    finally:
+        running.stop(1.0)
