@@ -63,7 +63,8 @@ def monitor_settings(spec: pb.ExperimentSpec) -> MonitorSettings | None:
     the selection itself. The burn-in is 200 batches and the default ARL0 1e6 batches: with
     20 batches and ARL0 1e4, 37% of 2,000-batch Bernoulli(0.11) streams with nothing wrong
     raised an alarm (the estimated sd is noisy and Bernoulli batch means are skewed); with
-    these, 0.3%, and a drop from 0.11 to 0.08 is still caught in ~23 batches.
+    these, 0.3%, and a drop from 0.11 to 0.08 is still caught in ~23 batches. Both
+    detectors (CUSUM k and h, Page-Hinkley delta and lambda) read them in those units.
     """
     m = spec.monitoring
     if m.detector == pb.DRIFT_DETECTOR_NONE:

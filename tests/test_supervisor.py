@@ -127,6 +127,32 @@ def test_regression_after_promotion_rolls_back_and_calls_webhook(
     assert len(rollback) == 1 and rollback[0].actor == "monitor"
 
 
+def test_page_hinkley_regression_rolls_back(fast_server: Running) -> None:
+    """The Page-Hinkley detector reads its delta (0.5) and lambda (50) in batch-sd units,
+    as the proto says. Burn-in at 50%, then a drop to 20%: 6 batch-sd, so each batch adds
+    about 6 * 250/(250 + j) - 0.5 ~ 5.4 to the walk, and it crosses 50 in ~10 batches. Read
+    in reward units the drop (0.3) is below delta and the walk would never move."""
+    spec = pb.ExperimentSpec(
+        name="m",
+        variants=["a", "b"],
+        monitoring=pb.MonitoringSettings(
+            detector=pb.DRIFT_DETECTOR_PAGE_HINKLEY, on_regression=pb.REGRESSION_ACTION_ROLLBACK
+        ),
+    )
+    rng = np.random.default_rng(6)
+    with AllocatorClient(f"127.0.0.1:{fast_server.port}", admin_token=ADMIN_TOKEN) as c:
+        c.create_experiment(spec)
+        c.promote("m", "b", reason="test")
+        _wait(lambda: _watching(fast_server, "m"))
+        _send_rate(c, rng, "before", 0.5, 25)
+        assert fast_server.app.records["m"].lifecycle.state.value == "PROMOTED"
+        _send_rate(c, rng, "drop", 0.2, 5)
+        _wait(lambda: fast_server.app.records["m"].lifecycle.state.value == "ROLLED_BACK")
+    audit = fast_server.app.store.list_audit(fast_server.app.records["m"].id)
+    rollback = [a for a in audit if a.action == "ROLLBACK"]
+    assert len(rollback) == 1 and "PageHinkley" in rollback[0].reason
+
+
 def _watching(running: Running, name: str = "m") -> bool:
     """Whether ``name``'s monitor is being fed (a restored one once the writer activated
     it, with its saved state and the catch-up)."""
