@@ -46,6 +46,13 @@ CLT; independent rewards). Looking after every reward would inflate the error ra
 ``min_samples * 2**j`` and spends ``alpha * 2**-(j+1)`` at look ``j``: by the union bound the
 probability of a false regression over the whole (unbounded) watch is at most ``alpha``.
 
+``margin`` should be the promotion rule's indifference margin. The rule promotes a variant
+within that margin of the best, so a right promotion can leave the champion up to the
+margin below the previous one. With ``margin = 0`` such a champion is in H1: its expected
+z falls like ``sqrt(n)`` while the critical values fall only like ``sqrt(log n)``, so the
+unbounded watch rolls it back with probability approaching 1. Unset, the margin is the
+rule's default, 1% of the champion's mean (its mean since promotion here).
+
 Score drift
 -----------
 :func:`ks_drift` wraps the two-sample Kolmogorov-Smirnov test; :func:`psi` is the
@@ -776,6 +783,8 @@ class MonitorSettings:
 
     The detector sees means of ``batch_size`` rewards (CLT makes skewed rewards closer to
     normal, which the ARL approximation assumes); its ``k``/``h``/``burn_in`` are in batches.
+    ``holdout_margin`` is the promotion's indifference margin in reward units; None: the
+    promotion rule's default, 1% of the champion's mean.
 
     >>> MonitorSettings(batch_size=200, reaction=Reaction.ROLLBACK).holdout_alpha
     0.01
@@ -784,7 +793,7 @@ class MonitorSettings:
     detector: CusumSettings | PageHinkleySettings = field(default_factory=_default_detector)
     batch_size: int = 100
     reaction: Reaction = Reaction.REOPEN
-    holdout_margin: float = 0.0
+    holdout_margin: float | None = None
     holdout_alpha: float = 0.01
     holdout_min_samples: int = 1000
 
@@ -797,8 +806,9 @@ class MonitorSettings:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if not isinstance(self.reaction, Reaction):
             raise TypeError("reaction must be a Reaction")
-        if not math.isfinite(self.holdout_margin) or self.holdout_margin < 0:
-            raise ValueError(f"holdout_margin must be finite and >= 0, got {self.holdout_margin}")
+        m = self.holdout_margin
+        if m is not None and not (math.isfinite(m) and m >= 0):
+            raise ValueError(f"holdout_margin must be finite and >= 0 or None, got {m}")
         if not 0 < self.holdout_alpha < 1:
             raise ValueError(f"holdout_alpha must be in (0, 1), got {self.holdout_alpha}")
         if isinstance(self.holdout_min_samples, bool) or not isinstance(
@@ -1043,9 +1053,12 @@ class PromotionMonitor:
         alpha = s.holdout_alpha * 2.0 ** -(self._look + 1)
         while info >= s.holdout_min_samples * 2**self._look:
             self._look += 1
-        test = holdout_z_test(
-            self.promoted_stats, self.holdout_stats, margin=s.holdout_margin, alpha=alpha
-        )
+        margin = s.holdout_margin
+        if margin is None:
+            # The rule's default margin. Estimating it adds 1% of the champion's noise to the
+            # numerator: z's sd is then at most 1.01, which the test ignores.
+            margin = 0.01 * abs(self._promoted.stats.mean)
+        test = holdout_z_test(self.promoted_stats, self.holdout_stats, margin=margin, alpha=alpha)
         self._last_test = test
         if not test.regressed:
             return None
@@ -1055,7 +1068,7 @@ class PromotionMonitor:
             reason=(
                 f"variant {self.variant} mean {self._promoted.stats.mean:.4g} below holdout "
                 f"{self.holdout_variant} mean {self._holdout.stats.mean:.4g} by more than "
-                f"{s.holdout_margin:.4g} (z={test.z:.3g}, p={test.p_value:.3g} < {alpha:.3g})"
+                f"{margin:.4g} (z={test.z:.3g}, p={test.p_value:.3g} < {alpha:.3g})"
             ),
             statistic=test.z,
             threshold=float(sps.norm.ppf(alpha)),

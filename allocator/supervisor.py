@@ -65,6 +65,10 @@ def monitor_settings(spec: pb.ExperimentSpec) -> MonitorSettings | None:
     raised an alarm (the estimated sd is noisy and Bernoulli batch means are skewed); with
     these, 0.3%, and a drop from 0.11 to 0.08 is still caught in ~23 batches. Both
     detectors (CUSUM k and h, Page-Hinkley delta and lambda) read them in those units.
+
+    The holdout test allows the promotion's indifference margin: the rule promoted a
+    champion within it of the best, so one that much below the previous champion is no
+    regression (with no margin the unbounded watch would roll it back sooner or later).
     """
     m = spec.monitoring
     if m.detector == pb.DRIFT_DETECTOR_NONE:
@@ -83,7 +87,24 @@ def monitor_settings(spec: pb.ExperimentSpec) -> MonitorSettings | None:
         )
         detector = CusumSettings(k=k, h=h, burn_in=200)
     reaction = _REACTION.get(m.on_regression, Reaction.NOTIFY_ONLY)
-    return MonitorSettings(detector=detector, batch_size=100, reaction=reaction)
+    # Without a holdout the margin is read by nothing: 0.0, the value in the keys of
+    # monitors saved before it was passed, so those are still restored.
+    margin = _promotion_margin(spec) if m.holdout_share > 0 else 0.0
+    return MonitorSettings(
+        detector=detector, batch_size=100, reaction=reaction, holdout_margin=margin
+    )
+
+
+def _promotion_margin(spec: pb.ExperimentSpec) -> float | None:
+    """The promotion rule's indifference margin, reward units (None: its default, 1% of the
+    leader's mean). Unset, the margin is the expected-loss tolerance (see the proto)."""
+    try:
+        settings = promotion_settings(spec)
+    except (TypeError, ValueError):
+        return None  # a stored spec the rule cannot use (it was checked at creation)
+    if settings.indifference_margin is not None:
+        return settings.indifference_margin
+    return settings.expected_loss_tolerance
 
 
 def _guardrails(app: Allocator, rec: Record) -> tuple[dict[str, GuardrailCheck], list[str]]:

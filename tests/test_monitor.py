@@ -638,6 +638,27 @@ def test_monitor_holdout_no_false_regression_on_equal_streams() -> None:
     assert not mon.triggered
 
 
+def test_monitor_holdout_margin_defaults_to_the_promotion_rules() -> None:
+    """Unset, the margin is the promotion rule's default, 1% of the champion's mean: with
+    none, a right promotion (within the margin, below the old champion) is rolled back
+    sooner or later. A given margin is used as it is."""
+    rng = np.random.default_rng(10)
+    quiet = CusumSettings(k=0.5, h=50.0, mean=0.1, sd=0.3)
+    for margin, expected in ((None, None), (0.002, 0.002)):
+        mon = PromotionMonitor(
+            "exp",
+            1,
+            holdout_variant=0,
+            settings=MonitorSettings(detector=quiet, holdout_margin=margin),
+        )
+        mon.observe_many(rng.random(1000) < 0.1, now=1.0)
+        mon.observe_many(rng.random(1000) < 0.1, now=1.0, holdout=True)
+        test = mon.last_holdout_test
+        assert test is not None
+        want = 0.01 * mon.promoted_stats.mean if expected is None else expected
+        assert test.margin == pytest.approx(want) and test.margin > 0
+
+
 def test_monitor_look_schedule_spends_alpha() -> None:
     mon = PromotionMonitor(
         "exp",
@@ -730,6 +751,7 @@ def test_monitor_validation() -> None:
         ({"batch_size": 1.0}, TypeError),
         ({"reaction": "rollback"}, TypeError),
         ({"holdout_margin": -1.0}, ValueError),
+        ({"holdout_margin": math.nan}, ValueError),
         ({"holdout_alpha": 1.5}, ValueError),
         ({"holdout_min_samples": 1}, ValueError),
         ({"holdout_min_samples": 10.0}, TypeError),
