@@ -254,11 +254,12 @@ def test_page_hinkley_stays_quiet_on_stationary_bernoulli_rewards() -> None:
     of u over the watched batches. The walk's increment zbar_t - z_t - delta is then
     exactly (-u_t - k_t)/r with k_t = r delta - eps B/t - U_t/t, threshold lambda: in
     sigma units, a CUSUM on -u with allowance k_t and h = r lambda. Where |U_t| <= c t for
-    every t it is below the CUSUM with the constant k = r delta - |eps| - c, whose
-    Siegmund ARL0 bounds its alarm chance over n batches by n / ARL0 (the batch means of a
-    Bernoulli(0.11) have a lighter lower tail than the normal, so a downward walk alarms
-    even less often). A Brownian motion crosses c (B + n) with probability exp(-2 c^2 B),
-    hence P(false alarm) <= 2 exp(-2 c^2 B) + n / ARL0(r lambda, k), computed below.
+    every t it is below the CUSUM with the constant k = r delta - |eps| - c, whose run
+    length is close to geometric with Siegmund's ARL0, so its alarm chance over n batches
+    is about n / ARL0 at most (the batch means of a Bernoulli(0.11) have a lighter lower
+    tail than the normal, so a downward walk alarms even less often). A Brownian motion
+    crosses c (B + n) with probability exp(-2 c^2 B), hence
+    P(false alarm) <~ 2 exp(-2 c^2 B) + n / ARL0(r lambda, k), computed below.
     """
     rng = np.random.default_rng(32)
     mon = _ph_monitor(rng, PH_BURN)
