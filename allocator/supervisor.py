@@ -63,26 +63,50 @@ def monitor_settings(spec: pb.ExperimentSpec) -> MonitorSettings | None:
     the selection itself. The burn-in is 200 batches and the default ARL0 1e6 batches: with
     20 batches and ARL0 1e4, 37% of 2,000-batch Bernoulli(0.11) streams with nothing wrong
     raised an alarm (the estimated sd is noisy and Bernoulli batch means are skewed); with
-    these, 0.3%, and a drop from 0.11 to 0.08 is still caught in ~23 batches.
+    these, 0.3%, and a drop from 0.11 to 0.08 is still caught in ~23 batches. Both
+    detectors (CUSUM k and h, Page-Hinkley delta and lambda) read them in those units.
+
+    The holdout test allows the promotion's indifference margin: the rule promoted a
+    champion within it of the best, so one that much below the previous champion is no
+    regression (with no margin the unbounded watch would roll it back sooner or later).
     """
     m = spec.monitoring
     if m.detector == pb.DRIFT_DETECTOR_NONE:
         return None
     k = m.detector_slack if m.HasField("detector_slack") else 0.5
+    # Page-Hinkley on standardised batch means is a CUSUM centred on the running mean
+    # instead of the burn-in's; at CUSUM's threshold it alarms no more often in control
+    # (a check, not a committed test: 6 of 100 runs of 20,000 N(0, 1) batches, CUSUM 11),
+    # where the old default of 50 sd caught the drop above in 9 of 40 runs.
+    h = (
+        m.detector_threshold
+        if m.HasField("detector_threshold")
+        else cusum_threshold_for_arl(1e6, k)
+    )
+    detector: CusumSettings | PageHinkleySettings
     if m.detector == pb.DRIFT_DETECTOR_PAGE_HINKLEY:
-        lam = m.detector_threshold if m.HasField("detector_threshold") else 50.0
-        detector: CusumSettings | PageHinkleySettings = PageHinkleySettings(
-            delta=k, lam=lam, burn_in=200
-        )
+        detector = PageHinkleySettings(delta=k, lam=h, burn_in=200)
     else:
-        h = (
-            m.detector_threshold
-            if m.HasField("detector_threshold")
-            else cusum_threshold_for_arl(1e6, k)
-        )
         detector = CusumSettings(k=k, h=h, burn_in=200)
     reaction = _REACTION.get(m.on_regression, Reaction.NOTIFY_ONLY)
-    return MonitorSettings(detector=detector, batch_size=100, reaction=reaction)
+    # Without a holdout the margin is read by nothing: 0.0, the value in the keys of
+    # monitors saved before it was passed, so those are still restored.
+    margin = _promotion_margin(spec) if m.holdout_share > 0 else 0.0
+    return MonitorSettings(
+        detector=detector, batch_size=100, reaction=reaction, holdout_margin=margin
+    )
+
+
+def _promotion_margin(spec: pb.ExperimentSpec) -> float | None:
+    """The promotion rule's indifference margin, reward units (None: its default, 1% of the
+    leader's mean). Unset, the margin is the expected-loss tolerance (see the proto)."""
+    try:
+        settings = promotion_settings(spec)
+    except (TypeError, ValueError):
+        return None  # a stored spec the rule cannot use (it was checked at creation)
+    if settings.indifference_margin is not None:
+        return settings.indifference_margin
+    return settings.expected_loss_tolerance
 
 
 def _guardrails(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import threading
@@ -16,14 +17,16 @@ import pytest
 from allocator_client import AllocatorClient
 from allocator_client.v1 import allocator_pb2 as pb
 from prometheus_client import CollectorRegistry
+from scipy import stats as sps
 
 from allocator import cli, supervisor
 from allocator.app import Record
 from allocator.lifecycle import Action, Event, EventType, State
-from allocator.monitor import Reaction, Regression
+from allocator.monitor import CusumSettings, PromotionMonitor, Reaction, Regression
 from allocator.promotion import PromotionDecision
 from allocator.server import Running, create_server
 from allocator.store import RewardRow, SqlStore, StoreUnavailable, VersionConflict
+from allocator.supervisor import monitor_settings
 from tests.conftest import ADMIN_TOKEN, server_config
 
 
@@ -126,6 +129,32 @@ def test_regression_after_promotion_rolls_back_and_calls_webhook(
     audit = fast_server.app.store.list_audit(fast_server.app.records["m"].id)
     rollback = [a for a in audit if a.action == "ROLLBACK"]
     assert len(rollback) == 1 and rollback[0].actor == "monitor"
+
+
+def test_page_hinkley_regression_rolls_back(fast_server: Running) -> None:
+    """The Page-Hinkley detector reads its delta (0.5) and lambda (50) in batch-sd units,
+    as the proto says. Burn-in at 50%, then a drop to 20%: 6 batch-sd, so each batch adds
+    about 6 * 250/(250 + j) - 0.5 ~ 5.4 to the walk, and it crosses 50 in ~10 batches. Read
+    in reward units the drop (0.3) is below delta and the walk would never move."""
+    spec = pb.ExperimentSpec(
+        name="m",
+        variants=["a", "b"],
+        monitoring=pb.MonitoringSettings(
+            detector=pb.DRIFT_DETECTOR_PAGE_HINKLEY, on_regression=pb.REGRESSION_ACTION_ROLLBACK
+        ),
+    )
+    rng = np.random.default_rng(6)
+    with AllocatorClient(f"127.0.0.1:{fast_server.port}", admin_token=ADMIN_TOKEN) as c:
+        c.create_experiment(spec)
+        c.promote("m", "b", reason="test")
+        _wait(lambda: _watching(fast_server, "m"))
+        _send_rate(c, rng, "before", 0.5, 25)
+        assert fast_server.app.records["m"].lifecycle.state.value == "PROMOTED"
+        _send_rate(c, rng, "drop", 0.2, 5)
+        _wait(lambda: fast_server.app.records["m"].lifecycle.state.value == "ROLLED_BACK")
+    audit = fast_server.app.store.list_audit(fast_server.app.records["m"].id)
+    rollback = [a for a in audit if a.action == "ROLLBACK"]
+    assert len(rollback) == 1 and "PageHinkley" in rollback[0].reason
 
 
 def _watching(running: Running, name: str = "m") -> bool:
@@ -644,6 +673,85 @@ def test_stable_champion_is_not_rolled_back(fast_server: Running) -> None:
         # 400 batches of 100: 200 of burn-in, then 200 watched. With ARL0 = 1e6 batches a
         # false alarm among them has probability ~ 200 / 1e6.
         assert c.get_experiment("s").state == pb.EXPERIMENT_STATE_PROMOTED
+
+
+def _holdout_spec(holdout_share: float, **promotion: float) -> pb.ExperimentSpec:
+    return pb.ExperimentSpec(
+        name="h",
+        variants=["a", "b"],
+        promotion=pb.PromotionSettings(**promotion),
+        monitoring=pb.MonitoringSettings(holdout_share=holdout_share),
+    )
+
+
+@pytest.mark.parametrize(
+    ("spec", "margin"),
+    [
+        pytest.param(_holdout_spec(0.1, indifference_margin=0.005), 0.005, id="margin"),
+        pytest.param(
+            _holdout_spec(0.1, indifference_margin=0.0, expected_loss_tolerance=0.004),
+            0.0,
+            id="margin-zero",
+        ),
+        pytest.param(_holdout_spec(0.1, expected_loss_tolerance=0.004), 0.004, id="tolerance"),
+        pytest.param(_holdout_spec(0.1), None, id="default-1pct-of-mean"),
+        pytest.param(_holdout_spec(0.0, indifference_margin=0.005), 0.0, id="no-holdout"),
+    ],
+)
+def test_holdout_margin_is_the_promotion_margin(
+    spec: pb.ExperimentSpec, margin: float | None
+) -> None:
+    """The holdout test allows what the promotion rule allowed: its indifference margin
+    (which defaults to the expected-loss tolerance, and that to 1% of the leader's mean)."""
+    settings = monitor_settings(spec)
+    assert settings is not None and settings.holdout_margin == margin
+
+
+def _holdout_run(champion_rate: float, margin: float, n_max: int) -> Regression | None:
+    """The supervisor's monitor for a promotion with indifference ``margin``, a holdout at
+    10% and the champion at ``champion_rate``, fed 1,000 rewards of each per step."""
+    settings = monitor_settings(_holdout_spec(0.1, indifference_margin=margin))
+    assert settings is not None
+    # A drift detector that cannot fire, so only the holdout test can.
+    quiet = dataclasses.replace(settings, detector=CusumSettings(k=0.5, h=50.0, burn_in=200))
+    mon = PromotionMonitor("h", 1, holdout_variant=0, settings=quiet)
+    rng = np.random.default_rng(17)
+    reg = None
+    for _ in range(n_max // 1000):
+        reg = mon.observe_many(rng.random(1000) < champion_rate, now=1.0)
+        reg = reg or mon.observe_many(rng.random(1000) < 0.10, now=1.0, holdout=True)
+        if reg is not None:
+            break
+    return reg
+
+
+def test_holdout_test_keeps_a_champion_within_the_promotion_margin() -> None:
+    """A champion half the margin (0.005) below the holdout is a right promotion: not
+    rolled back over 1,024,000 rewards each (11 looks).
+
+    The looks spend 0.01 * 2**-(j+1) at min(n) = 1000 * 2**j, so P(any false flag) <= 0.01
+    over an unbounded watch. At a true gap of -margin/2 it is smaller still: z has mean
+    (margin/2)/se_j, and the sum over looks of Phi(Phi^-1(alpha_j) - (margin/2)/se_j) is
+    ~0.004 (the first look's 0.003 dominates). With no margin (what the supervisor used
+    to pass) z's mean is -(margin/2)/se_j, -6.0 at the last look against a critical value
+    of -3.9: flagged with probability ~0.98 there alone.
+    """
+    se = [math.sqrt((0.0975 * 0.9025 + 0.09) / (1000 * 2**j)) for j in range(11)]
+    bound = sum(
+        sps.norm.cdf(sps.norm.ppf(0.01 * 2.0 ** -(j + 1)) - 0.0025 / se[j]) for j in range(11)
+    )
+    assert bound < 0.005
+    assert _holdout_run(0.0975, 0.005, 1_024_000) is None
+
+
+def test_holdout_test_flags_a_champion_worse_than_the_promotion_margin() -> None:
+    """A champion 3x the margin (0.015) below the holdout is a regression. Against the
+    margin the gap is -0.01, z's mean -0.01/se_j: at 64,000 each -6.2 against a critical
+    value of -3.8 (alpha_6 = 7.8e-5), power 0.99; by 128,000 (-8.7 vs -3.95) ~1."""
+    reg = _holdout_run(0.085, 0.005, 1_024_000)
+    assert reg is not None and reg.kind == "holdout"
+    assert reg.samples <= 128_000
+    assert reg.holdout_mean is not None and reg.holdout_mean > reg.promoted_mean
 
 
 def test_prediction_score_drift_is_reported(
