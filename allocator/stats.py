@@ -795,12 +795,16 @@ def stratified_difference(
         bounds = (-math.inf, math.inf)
     if not (math.isfinite(var_test) and math.isfinite(var_ci)):
         return nan
-    # No spread at all (constant rewards): no interval to give; a difference is certain.
-    half = float(_st.norm.isf(alpha / 2)) * math.sqrt(var_ci) if var_ci > 0 else _NAN
     se = math.sqrt(var_test)
     z = diff / se if se > 0 else (math.copysign(math.inf, diff) if diff else _NAN)
     p = float(2 * _st.norm.sf(abs(z))) if not math.isnan(z) else _NAN
-    lower, upper = max(bounds[0], diff - half), min(bounds[1], diff + half)
+    if var_ci > 0:
+        half = float(_st.norm.isf(alpha / 2)) * math.sqrt(var_ci)
+        lower, upper = max(bounds[0], diff - half), min(bounds[1], diff + half)
+    else:
+        # No spread at all (constant rewards): no interval to give; a difference is certain.
+        # Set explicitly: max(-inf, nan) is -inf, which would pass for an infinite interval.
+        lower = upper = _NAN
     return StratifiedDifference(
         Interval(diff, lower, upper, level),
         TestResult(float(z), p, None, "stratified_z"),

@@ -781,6 +781,16 @@ def test_stratified_interval_of_binary_rewards_keeps_spread_and_bounds() -> None
     assert full.test.p_value < 0.01
 
 
+def test_stratified_interval_is_nan_when_rewards_have_no_spread() -> None:
+    """Constant rewards in every cell (1.0 vs 2.0): the variance is exactly 0, so there is
+    no interval to give (NaN, as the docstring says), not (-inf, inf); the difference
+    itself is certain and the z statistic infinite."""
+    d = stratified_difference([[10.0, 20.0]], [[10, 10]], [[10.0, 40.0]], 1, 0)
+    assert d.difference.estimate == 1.0
+    assert math.isnan(d.difference.lower) and math.isnan(d.difference.upper)
+    assert d.test.statistic == math.inf and d.test.p_value == 0.0
+
+
 def test_stratified_single_observation_cell_borrows_arm_variance() -> None:
     r = stratified_means([[1.0, 5.0], [0.0, 5.0]], [[1, 10], [9, 10]])
     # Arm 0 overall: 1 success in 10 -> sample variance (1 - 1/10) / 9 = 0.1.
