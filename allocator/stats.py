@@ -843,11 +843,15 @@ def ipw_means(arms: ArrayLike, rewards: ArrayLike, propensities: ArrayLike, k: i
         raise ValueError("propensities must be in (0, 1]")
     n = a.size
     z = r / p
+    # An arm never played has no data: HT's sum is empty, and its 0 +- 0 would read as a
+    # certain value of 0 (ArmEstimates promises NaN there, as Hajek's 0/0 gives).
+    played = np.bincount(a, minlength=k) > 0
     with np.errstate(invalid="ignore", divide="ignore"):
         ht = np.bincount(a, weights=z, minlength=k) / n
         # Terms are z_i on the arm's rows and 0 elsewhere: variance about ht over all n rows.
         ht_var = (np.bincount(a, weights=z * z, minlength=k) - n * ht**2) / (n - 1)
         ht_se = np.sqrt(np.maximum(ht_var, 0.0) / n) if n > 1 else np.full(k, _NAN)
+        ht, ht_se = np.where(played, ht, _NAN), np.where(played, ht_se, _NAN)
         den = np.bincount(a, weights=1.0 / p, minlength=k) / n
         hj = np.where(den > 0, ht / den, _NAN)
         # Linearization of a ratio estimator: residuals (r_i - hajek) / p_i on the arm's rows,
