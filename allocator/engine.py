@@ -289,7 +289,13 @@ class _Experiment:
     # -- allocation ------------------------------------------------------------------
     def exploring(self) -> bool:
         need = self.config.shaping.exploration_samples
-        return need > 0 and bool((self.stats[:, 0] < need).any())
+        if need <= 0:
+            return False
+        # Rewards received, undiscounted (as promotion's min_samples): with a discount the
+        # weight in ``stats`` levels off below 1 / (1 - gamma) in total, so a warm-up
+        # measured on it might never end.
+        received = self.epoch_stats[: self.epoch + 1, :, 0].sum(axis=0)
+        return bool((received < need).any())
 
     def needs_estimate(self) -> bool:
         """Whether the next refresh needs the policy's (possibly Monte Carlo) allocation."""

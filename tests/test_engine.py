@@ -343,6 +343,35 @@ def test_exploration_period_is_an_equal_split() -> None:
     np.testing.assert_allclose(engine.view("exp").alloc, 1 / 3)
 
 
+def test_exploration_ends_with_a_discount() -> None:
+    """Discount 0.99: the discounted weight over all arms stays below 1 / (1 - 0.99) = 100,
+    so a warm-up of 100 rewards per arm counted on it would never end. Counted on rewards
+    received, it ends after ~200 (equal split), and Thompson then moves traffic to the 0.9
+    arm. Its posterior weight settles near 100 while the 0.1 arm keeps only a few rewards'
+    weight: a Beta(~1.2, ~2.8) draw beats a Beta(~90, ~10) one with probability ~1%, so
+    the refreshed share of the better arm is far above the 0.8 asserted (the warm-up split
+    would be exactly 0.5)."""
+    engine = Engine(clock=FakeClock())
+    engine.create(
+        ExperimentConfig(
+            name="d",
+            variants=("a", "b"),
+            seed=11,
+            policy=PolicyConfig(discount=0.99),
+            shaping=Shaping(exploration_samples=100),
+        )
+    )
+    rng = np.random.default_rng(12)
+    rates = np.array([0.1, 0.9])
+    for _ in range(40):
+        b = engine.assign_batch("d", 100)
+        engine.reward_batch("d", b.arms, (rng.random(b.arms.size) < rates[b.arms]).astype(float))
+        engine.refresh("d")
+    assert min(engine.counts("d").values()) >= 100
+    assert engine.view("d").alloc[1] > 0.8
+    assert (engine.assign_batch("d", 1000).arms == 1).mean() > 0.8
+
+
 @pytest.mark.parametrize("kind", [k for k in PolicyKind])
 def test_every_policy_decides_and_reports_propensities(kind: PolicyKind) -> None:
     reward = RewardKind.NORMAL if kind == PolicyKind.UCB_NORMAL else RewardKind.BERNOULLI
