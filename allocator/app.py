@@ -28,7 +28,13 @@ import numpy.typing as npt
 from allocator_client.v1 import allocator_pb2 as pb
 
 from allocator.config import ServerConfig
-from allocator.convert import check_promotion, spec_from_json, spec_to_config, spec_to_json
+from allocator.convert import (
+    check_policy,
+    check_promotion,
+    spec_from_json,
+    spec_to_config,
+    spec_to_json,
+)
 from allocator.defaults import DefaultRewards, Pending
 from allocator.drift import ScoreWindows, score_spans
 from allocator.durable import Recovery, RewardWriter, replay_new_experiment
@@ -398,6 +404,7 @@ class Allocator:
     def create(self, spec: pb.ExperimentSpec, actor: str = "api") -> Record:
         """Validate, persist and start serving a new experiment."""
         config = spec_to_config(spec)
+        check_policy(config)
         check_promotion(spec)
         if spec.HasField("default_reward"):
             d = spec.default_reward

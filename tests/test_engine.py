@@ -16,7 +16,7 @@ from allocator.engine import (
     config_from_mapping,
 )
 from allocator.errors import ExperimentExists, InvalidArgument, UnknownExperiment, WrongState
-from allocator.policies import PolicyConfig, PolicyKind, RewardKind
+from allocator.policies import PolicyConfig, PolicyKind, RewardKind, check_new
 from allocator.stats import srm_against
 
 
@@ -79,6 +79,30 @@ def test_config_validation(kwargs: dict[str, object], message: str) -> None:
 def test_policy_config_validation(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         PolicyConfig(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"kind": "ucb1", "reward": "normal"}, "^policy ucb1 needs rewards in \\[0, 1\\]"),
+        ({"kind": "ucb_normal", "reward": "normal", "discount": 0.99}, "^discount must be 1"),
+    ],
+)
+def test_new_experiments_refuse_policies_that_cannot_learn(
+    kwargs: dict[str, object], message: str
+) -> None:
+    """Valid settings (a stored experiment with them still loads) that a new experiment is
+    refused; the message starts with the setting the service names as the bad field."""
+    config = PolicyConfig(**kwargs)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=message):
+        check_new(config)
+    for fine in (
+        PolicyConfig(kind=PolicyKind.UCB1),
+        PolicyConfig(kind=PolicyKind.UCB1, discount=0.99),
+        PolicyConfig(kind=PolicyKind.UCB_NORMAL, reward=RewardKind.NORMAL),
+        PolicyConfig(reward=RewardKind.NORMAL, discount=0.99),
+    ):
+        check_new(fine)
 
 
 def test_config_from_mapping_maps_errors_to_invalid_argument() -> None:

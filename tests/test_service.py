@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from allocator import app as app_module
 from allocator import stats
 from allocator.app import Ended, EventHub, StoredEvent
 from allocator.config import ServerConfig
@@ -79,6 +80,16 @@ def test_create_errors_name_the_field(client: AllocatorClient, stub: pb_grpc.All
         (_spec("x", policy=pb.POLICY_EPSILON_GREEDY, epsilon=3.0), "spec.epsilon"),
         (_spec("x", weights=[1.0, 2.0, 3.0]), "spec.weights"),
         (_spec("x", prior_alpha=-1.0), "spec.prior_alpha"),
+        (_spec("x", policy=pb.POLICY_KL_UCB, reward_type=pb.REWARD_TYPE_NORMAL), "spec.policy"),
+        # Accepted before: UCB1's bonus assumes rewards in [0, 1]; UCB1-Normal discounted
+        # never leaves its forcing rule (an equal split).
+        (_spec("x", policy=pb.POLICY_UCB1, reward_type=pb.REWARD_TYPE_NORMAL), "spec.policy"),
+        (
+            _spec(
+                "x", policy=pb.POLICY_UCB_NORMAL, reward_type=pb.REWARD_TYPE_NORMAL, discount=0.99
+            ),
+            "spec.discount",
+        ),
         (_spec("x", traffic=pb.TrafficSettings(floor=0.5)), "spec.traffic"),
         # Accepted before, then every GetReport failed INTERNAL / the rule never ran.
         (_spec("x", promotion=pb.PromotionSettings(alpha=2.0)), "spec.promotion.alpha"),
@@ -100,6 +111,32 @@ def test_create_errors_name_the_field(client: AllocatorClient, stub: pb_grpc.All
         assert code == grpc.StatusCode.INVALID_ARGUMENT, (spec, details)
         assert field in details, details
     assert [e.spec.name for e in client.list_experiments()] == ["exp"]
+
+
+def test_a_stored_experiment_the_policy_check_now_refuses_still_loads(
+    tmp_path: Path, registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """UCB1 with NORMAL rewards was accepted before check_policy: a server whose store holds
+    such an experiment starts and serves it (the check is made at creation only), while a
+    new one is refused."""
+    config = server_config(f"sqlite:///{tmp_path / 's.sqlite'}")
+    ucb1_normal = {"policy": pb.POLICY_UCB1, "reward_type": pb.REWARD_TYPE_NORMAL}
+    monkeypatch.setattr(app_module, "check_policy", lambda config: None)  # an older server
+    running = create_server(config, registry=registry)
+    try:
+        with AllocatorClient(f"127.0.0.1:{running.port}", admin_token=ADMIN_TOKEN) as c:
+            c.create_experiment(_spec(**ucb1_normal))
+    finally:
+        running.stop(1.0)
+    monkeypatch.undo()
+    running = create_server(config, registry=CollectorRegistry())
+    try:
+        with AllocatorClient(f"127.0.0.1:{running.port}", admin_token=ADMIN_TOKEN) as c:
+            assert c.assign("exp").variant in ("a", "b", "c")
+            code, details = _code(c.create_experiment, _spec("new", **ucb1_normal))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and "spec.policy" in details
+    finally:
+        running.stop(1.0)
 
 
 def test_report_of_a_stored_spec_with_an_impossible_min_effect_still_answers(
