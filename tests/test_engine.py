@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from allocator.engine import (
+    MAX_ABS_REWARD,
     AllocationMode,
     Engine,
     ExperimentConfig,
@@ -114,6 +115,29 @@ def test_config_from_mapping_maps_errors_to_invalid_argument() -> None:
         config_from_mapping({"name": "m", "variants": ["a", "b"], "policy": {"epsilon": 2}})
     assert err.value.field == "spec"
     assert ExperimentConfig.from_json(cfg.to_json()) == cfg
+
+
+def test_huge_rewards_are_refused_and_change_nothing() -> None:
+    """A finite 1e200 squares to inf: the posterior's sum of squares, and so the expected
+    loss, would be poisoned for good (the reward is logged and replayed). Refused like a
+    NaN, naming the item; at the bound itself the statistics, P(best) and expected loss
+    stay finite (1e50 squared is 1e100, far from overflowing)."""
+    engine = Engine(clock=FakeClock())
+    policy = PolicyConfig(reward=RewardKind.NORMAL)
+    engine.create(ExperimentConfig(name="n", variants=("a", "b"), seed=2, policy=policy))
+    engine.reward_batch("n", [0, 1, 0, 1], [1.0, 2.0, 1.5, 2.5])
+    before = engine.view("n")
+    for value in (1e200, -1e200, np.nextafter(MAX_ABS_REWARD, np.inf)):
+        with pytest.raises(InvalidArgument, match=r"reward 1 is .*beyond") as err:
+            engine.reward_batch("n", [0, 1], [1.0, value])
+        assert err.value.field == "values"
+    after = engine.view("n")
+    np.testing.assert_array_equal(after.stats, before.stats)
+    np.testing.assert_array_equal(after.epoch_stats, before.epoch_stats)
+    engine.reward_batch("n", [0, 1, 1], [MAX_ABS_REWARD, -MAX_ABS_REWARD, 1.0])
+    p_best, loss, _ = engine.prob_best("n")
+    assert np.isfinite(engine.view("n").stats).all()
+    assert np.isfinite(p_best).all() and np.isfinite(loss).all()
 
 
 def test_bad_rewards_raise_and_change_nothing() -> None:

@@ -509,6 +509,59 @@ def test_metrics_endpoint_parses_and_has_documented_series(
     assert health.status == 200
 
 
+def test_huge_rewards_are_refused_and_leave_state_untouched(
+    client: AllocatorClient, stub: pb_grpc.AllocatorStub, server: Running
+) -> None:
+    """1e200 is finite, but its square is inf: accepted, it made the posterior's sum of
+    squares inf and the expected loss NaN, and was logged and replayed for ever. Every
+    reward form refuses it (and a guardrail value, and a default reward) naming the item;
+    nothing is applied or logged, so the same event ids are still free."""
+    client.create_experiment(_spec("n", ("a", "b"), reward_type=pb.REWARD_TYPE_NORMAL))
+    engine = server.app.engine
+    assert client.reward_event("n", "a", "e0", 1.5) == pb.REWARD_STATUS_ACCEPTED
+    before = engine.view("n")
+    b = client.assign_batch("n", 2)
+    huge = [
+        (
+            pb.RewardBatchRequest(
+                experiment="n", event_ids=["e1", "e2"], variants=["a", "b"], values=[2.0, 1e200]
+            ),
+            "reward 1 is 1e+200",
+        ),
+        (
+            pb.RewardBatchRequest(
+                experiment="n", batch_token=b.batch_token, indices=[0, 1], values=[-1e200, 1.0]
+            ),
+            "reward 0 is -1e+200",
+        ),
+        (
+            pb.RewardBatchRequest(
+                experiment="n",
+                event_ids=["e1"],
+                variants=["a"],
+                values=[1.0],
+                guardrails=[pb.GuardrailColumn(metric="latency_ms", values=[1e200])],
+            ),
+            "guardrails[0].latency_ms",
+        ),
+    ]
+    for req, what in huge:
+        code, details = _code(stub.RewardBatch, req)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and what in details, details
+    target = pb.EventTarget(experiment="n", variant="b", event_id="e2")
+    code, details = _code(stub.Reward, pb.RewardRequest(event=target, value=1e200))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "values" in details, details
+    after = engine.view("n")
+    np.testing.assert_array_equal(after.stats, before.stats)
+    np.testing.assert_array_equal(after.epoch_stats, before.epoch_stats)
+    assert engine.guardrail_stats("n") == {}
+    ok = client.reward_batch("n", [2.0, 3.0], event_ids=["e1", "e2"], variants=["a", "b"])
+    assert ok.accepted == 2  # not DUPLICATE: the refused requests logged nothing
+    spec = _spec("d", ("a", "b"), reward_type=pb.REWARD_TYPE_NORMAL, default_reward=1e200)
+    code, details = _code(stub.CreateExperiment, pb.CreateExperimentRequest(spec=spec))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "spec.default_reward" in details
+
+
 def test_guardrail_columns_are_tracked_and_validated(
     client: AllocatorClient, stub: pb_grpc.AllocatorStub, server: Running
 ) -> None:
