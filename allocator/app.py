@@ -28,11 +28,24 @@ import numpy.typing as npt
 from allocator_client.v1 import allocator_pb2 as pb
 
 from allocator.config import ServerConfig
-from allocator.convert import check_promotion, spec_from_json, spec_to_config, spec_to_json
+from allocator.convert import (
+    check_policy,
+    check_promotion,
+    spec_from_json,
+    spec_to_config,
+    spec_to_json,
+)
 from allocator.defaults import DefaultRewards, Pending
 from allocator.drift import ScoreWindows, score_spans
 from allocator.durable import Recovery, RewardWriter, replay_new_experiment
-from allocator.engine import BatchDecision, Decision, Engine, ExperimentConfig, finite_rewards
+from allocator.engine import (
+    MAX_ABS_REWARD,
+    BatchDecision,
+    Decision,
+    Engine,
+    ExperimentConfig,
+    finite_rewards,
+)
 from allocator.errors import (
     ExperimentExists,
     InvalidArgument,
@@ -123,6 +136,10 @@ def _check_extras(
                 raise InvalidArgument(f"guardrails[{i}]", "metric names are 1-100 characters")
             if not np.isfinite(value):
                 raise InvalidArgument(f"guardrails[{i}].{metric}", "must be a finite number")
+            if abs(value) > MAX_ABS_REWARD:  # summed with its square, as rewards are
+                raise InvalidArgument(
+                    f"guardrails[{i}].{metric}", f"must be within +-{MAX_ABS_REWARD:g}"
+                )
     return checked
 
 
@@ -402,13 +419,17 @@ class Allocator:
     def create(self, spec: pb.ExperimentSpec, actor: str = "api") -> Record:
         """Validate, persist and start serving a new experiment."""
         config = spec_to_config(spec)
+        check_policy(config)
         check_promotion(spec)
         if spec.HasField("default_reward"):
             d = spec.default_reward
             bernoulli = config.policy.reward.value == "bernoulli"
-            if not np.isfinite(d) or (bernoulli and not 0.0 <= d <= 1.0):
+            if not (np.isfinite(d) and abs(d) <= MAX_ABS_REWARD) or (
+                bernoulli and not 0.0 <= d <= 1.0
+            ):
                 raise InvalidArgument(
-                    "spec.default_reward", "must be finite (and in [0, 1] for bernoulli)"
+                    "spec.default_reward",
+                    f"must be finite, within +-{MAX_ABS_REWARD:g} (and in [0, 1] for bernoulli)",
                 )
         if spec.HasField("attribution_window_seconds") and spec.attribution_window_seconds < 1:
             raise InvalidArgument("spec.attribution_window_seconds", "must be >= 1")

@@ -16,7 +16,7 @@ from google.protobuf import json_format
 from allocator.engine import AllocationMode, ExperimentConfig, Shaping
 from allocator.errors import InvalidArgument
 from allocator.lifecycle import EventType, State
-from allocator.policies import PolicyConfig, PolicyKind, RewardKind
+from allocator.policies import PolicyConfig, PolicyKind, RewardKind, check_new
 from allocator.promotion import PromotionSettings
 from allocator.report import MAX_BERNOULLI_MIN_EFFECT
 
@@ -126,6 +126,18 @@ def spec_to_config(spec: pb.ExperimentSpec) -> ExperimentConfig:
             seed=int(spec.seed),
             shaping=shaping,
         )
+    except ValueError as err:
+        raise InvalidArgument(f"spec.{_field_of(err)}", str(err)) from None
+
+
+def check_policy(config: ExperimentConfig) -> None:
+    """Reject a policy a new experiment could not learn with, naming the field.
+
+    Checked when an experiment is created (not when a stored one is loaded), as
+    :func:`check_promotion`.
+    """
+    try:
+        check_new(config.policy)
     except ValueError as err:
         raise InvalidArgument(f"spec.{_field_of(err)}", str(err)) from None
 

@@ -174,6 +174,27 @@ def replay_new_experiment(
             return done
 
 
+def _apply_one_by_one(
+    engine: Engine,
+    name: str,
+    arms: Sequence[int],
+    values: Sequence[float],
+    epochs: Sequence[int],
+    guards: Sequence[str | None],
+) -> int:
+    """Apply logged rows singly, skipping those the engine now refuses (a value beyond
+    today's bound, logged by an earlier version or another replica's): one bad row must
+    not keep the server from starting, nor the pull from moving on. Returns how many."""
+    applied = 0
+    for arm, value, epoch, guard in zip(arms, values, epochs, guards, strict=True):
+        try:
+            engine.reward_batch(name, [arm], [value], [epoch], guardrail_items([guard]))
+            applied += 1
+        except InvalidArgument as err:
+            log.error("experiment %s: logged reward %r not applied: %s", name, value, err)
+    return applied
+
+
 def known_prefix(
     rows: Sequence[LoggedReward], names_by_id: dict[int, str]
 ) -> Sequence[LoggedReward]:
@@ -211,8 +232,11 @@ def apply_logged(
     def flush() -> None:
         nonlocal applied
         if run_name is not None and arms and run_name in engine:
-            engine.reward_batch(run_name, arms, values, epochs, guardrail_items(guards))
-            applied += len(arms)
+            try:
+                engine.reward_batch(run_name, arms, values, epochs, guardrail_items(guards))
+                applied += len(arms)
+            except InvalidArgument:
+                applied += _apply_one_by_one(engine, run_name, arms, values, epochs, guards)
         arms.clear()
         values.clear()
         epochs.clear()

@@ -46,7 +46,7 @@ from allocator.engine import Engine, ExperimentConfig
 from allocator.lifecycle import Action
 from allocator.metrics import Metrics
 from allocator.server import STORE_HEALTH, Running, create_server
-from allocator.store import RewardColumns, SqlStore, StoreLocked, StoreUnavailable
+from allocator.store import RewardColumns, RewardRow, SqlStore, StoreLocked, StoreUnavailable
 from allocator.tokens import event_key
 from tests.conftest import ADMIN_TOKEN, server_config, wait_until
 
@@ -997,6 +997,43 @@ def test_a_commit_error_fails_only_its_own_job_and_keeps_sql_out_of_the_answer(
         np.testing.assert_array_equal(engine.view(EXPERIMENT).stats[:, 0], [0, 1, 0])
     finally:
         store.close()
+
+
+def test_a_logged_reward_refused_today_does_not_stop_recovery(tmp_path: Path) -> None:
+    """A value an earlier version accepted and logged (here 1e60, beyond today's 1e50) is
+    skipped, with an error in the log, when the log is replayed: the server starts and the
+    other rows are applied."""
+    url = f"sqlite:///{tmp_path / 'old.sqlite'}"
+    config = server_config(url, http_port=-1)
+    first = create_server(config)
+    try:
+        first.app.create(_normal_spec(EXPERIMENT))
+        exp_id = first.app.records[EXPERIMENT].id
+    finally:
+        first.stop(grace=1.0)
+    store = SqlStore.open(url)
+    try:
+        store.append_rewards(
+            "old-version",
+            [
+                RewardRow(
+                    dedup_key=f"k{i}",
+                    experiment_id=exp_id,
+                    arm=1,
+                    value=v,
+                    epoch=0,
+                    received_at=1.0,
+                )
+                for i, v in enumerate([2.0, 1e60, 3.0])
+            ],
+        )
+    finally:
+        store.close()
+    again = create_server(config)
+    try:
+        np.testing.assert_array_equal(again.app.engine.view(EXPERIMENT).stats[1], [2, 5, 13])
+    finally:
+        again.stop(grace=1.0)
 
 
 # ---------------------------------------------------------------- database outage (PostgreSQL)

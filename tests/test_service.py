@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from allocator import app as app_module
 from allocator import stats
 from allocator.app import Ended, EventHub, StoredEvent
 from allocator.config import ServerConfig
@@ -80,6 +81,16 @@ def test_create_errors_name_the_field(client: AllocatorClient, stub: pb_grpc.All
         (_spec("x", policy=pb.POLICY_EPSILON_GREEDY, epsilon=3.0), "spec.epsilon"),
         (_spec("x", weights=[1.0, 2.0, 3.0]), "spec.weights"),
         (_spec("x", prior_alpha=-1.0), "spec.prior_alpha"),
+        (_spec("x", policy=pb.POLICY_KL_UCB, reward_type=pb.REWARD_TYPE_NORMAL), "spec.policy"),
+        # Accepted before: UCB1's bonus assumes rewards in [0, 1]; UCB1-Normal discounted
+        # never leaves its forcing rule (an equal split).
+        (_spec("x", policy=pb.POLICY_UCB1, reward_type=pb.REWARD_TYPE_NORMAL), "spec.policy"),
+        (
+            _spec(
+                "x", policy=pb.POLICY_UCB_NORMAL, reward_type=pb.REWARD_TYPE_NORMAL, discount=0.99
+            ),
+            "spec.discount",
+        ),
         (_spec("x", traffic=pb.TrafficSettings(floor=0.5)), "spec.traffic"),
         # Accepted before, then every GetReport failed INTERNAL / the rule never ran.
         (_spec("x", promotion=pb.PromotionSettings(alpha=2.0)), "spec.promotion.alpha"),
@@ -101,6 +112,32 @@ def test_create_errors_name_the_field(client: AllocatorClient, stub: pb_grpc.All
         assert code == grpc.StatusCode.INVALID_ARGUMENT, (spec, details)
         assert field in details, details
     assert [e.spec.name for e in client.list_experiments()] == ["exp"]
+
+
+def test_a_stored_experiment_the_policy_check_now_refuses_still_loads(
+    tmp_path: Path, registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """UCB1 with NORMAL rewards was accepted before check_policy: a server whose store holds
+    such an experiment starts and serves it (the check is made at creation only), while a
+    new one is refused."""
+    config = server_config(f"sqlite:///{tmp_path / 's.sqlite'}")
+    ucb1_normal = {"policy": pb.POLICY_UCB1, "reward_type": pb.REWARD_TYPE_NORMAL}
+    monkeypatch.setattr(app_module, "check_policy", lambda config: None)  # an older server
+    running = create_server(config, registry=registry)
+    try:
+        with AllocatorClient(f"127.0.0.1:{running.port}", admin_token=ADMIN_TOKEN) as c:
+            c.create_experiment(_spec(**ucb1_normal))
+    finally:
+        running.stop(1.0)
+    monkeypatch.undo()
+    running = create_server(config, registry=CollectorRegistry())
+    try:
+        with AllocatorClient(f"127.0.0.1:{running.port}", admin_token=ADMIN_TOKEN) as c:
+            assert c.assign("exp").variant in ("a", "b", "c")
+            code, details = _code(c.create_experiment, _spec("new", **ucb1_normal))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and "spec.policy" in details
+    finally:
+        running.stop(1.0)
 
 
 def test_report_of_a_stored_spec_with_an_impossible_min_effect_still_answers(
@@ -542,6 +579,59 @@ def test_metrics_endpoint_parses_and_has_documented_series(
     assert samples[("allocator_reward_items_total", (("status", "accepted"),))] == 1
     health = urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/healthz", timeout=5)
     assert health.status == 200
+
+
+def test_huge_rewards_are_refused_and_leave_state_untouched(
+    client: AllocatorClient, stub: pb_grpc.AllocatorStub, server: Running
+) -> None:
+    """1e200 is finite, but its square is inf: accepted, it made the posterior's sum of
+    squares inf and the expected loss NaN, and was logged and replayed for ever. Every
+    reward form refuses it (and a guardrail value, and a default reward) naming the item;
+    nothing is applied or logged, so the same event ids are still free."""
+    client.create_experiment(_spec("n", ("a", "b"), reward_type=pb.REWARD_TYPE_NORMAL))
+    engine = server.app.engine
+    assert client.reward_event("n", "a", "e0", 1.5) == pb.REWARD_STATUS_ACCEPTED
+    before = engine.view("n")
+    b = client.assign_batch("n", 2)
+    huge = [
+        (
+            pb.RewardBatchRequest(
+                experiment="n", event_ids=["e1", "e2"], variants=["a", "b"], values=[2.0, 1e200]
+            ),
+            "reward 1 is 1e+200",
+        ),
+        (
+            pb.RewardBatchRequest(
+                experiment="n", batch_token=b.batch_token, indices=[0, 1], values=[-1e200, 1.0]
+            ),
+            "reward 0 is -1e+200",
+        ),
+        (
+            pb.RewardBatchRequest(
+                experiment="n",
+                event_ids=["e1"],
+                variants=["a"],
+                values=[1.0],
+                guardrails=[pb.GuardrailColumn(metric="latency_ms", values=[1e200])],
+            ),
+            "guardrails[0].latency_ms",
+        ),
+    ]
+    for req, what in huge:
+        code, details = _code(stub.RewardBatch, req)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and what in details, details
+    target = pb.EventTarget(experiment="n", variant="b", event_id="e2")
+    code, details = _code(stub.Reward, pb.RewardRequest(event=target, value=1e200))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "values" in details, details
+    after = engine.view("n")
+    np.testing.assert_array_equal(after.stats, before.stats)
+    np.testing.assert_array_equal(after.epoch_stats, before.epoch_stats)
+    assert engine.guardrail_stats("n") == {}
+    ok = client.reward_batch("n", [2.0, 3.0], event_ids=["e1", "e2"], variants=["a", "b"])
+    assert ok.accepted == 2  # not DUPLICATE: the refused requests logged nothing
+    spec = _spec("d", ("a", "b"), reward_type=pb.REWARD_TYPE_NORMAL, default_reward=1e200)
+    code, details = _code(stub.CreateExperiment, pb.CreateExperimentRequest(spec=spec))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "spec.default_reward" in details
 
 
 def test_guardrail_columns_are_tracked_and_validated(
