@@ -323,7 +323,7 @@ def test_events_of_an_experiment_not_yet_adopted_wait_for_it(pg_url: str) -> Non
     r2 = _replica(pg_url, "r2")
     try:
         create_experiment(_target(r1))
-        with _watching(r1, 2) as got:
+        with _watching(r1, 3) as got:
             create_experiment(_target(r2), name="late")
             r2.app.emit(r2.app.get("late"), EventType.DRIFT_DETECTED, "r2 late")
             r1.app.emit(r1.app.get(EXPERIMENT), EventType.DRIFT_DETECTED, "r1 after")
@@ -331,6 +331,7 @@ def test_events_of_an_experiment_not_yet_adopted_wait_for_it(pg_url: str) -> Non
             assert not got, "an event went out before the experiment it names was known"
             r1.app._tick()  # the sync r1's interval would make
         assert [(e.experiment, e.reason) for e in got] == [
+            ("late", "created"),
             ("late", "r2 late"),
             (EXPERIMENT, "r1 after"),
         ]
