@@ -17,7 +17,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -743,13 +743,20 @@ class Allocator:
             rec, Event(type_, rec.name, variant, self.clock(), reason, details or {})
         )
 
-    def has_stored_event(self, rec: Record, type_: EventType) -> bool:
+    def has_stored_event(
+        self, rec: Record, type_: EventType, details: Mapping[str, object] | None = None
+    ) -> bool:
         """Whether the store holds an event of ``type_`` for this experiment (any replica,
-        any earlier run): for alerts that must be raised once, not once per process."""
+        any earlier run), with ``details`` among its details if given: for alerts that
+        must be raised once, not once per process."""
         seq = 0
         while batch := self.store.events_after(seq, experiment_id=rec.id, limit=1000):
-            if any(e.type == type_.value for e in batch):
-                return True
+            for e in batch:
+                if e.type != type_.value:
+                    continue
+                stored = json.loads(e.details_json or "{}") if details else {}
+                if all(stored.get(k) == v for k, v in (details or {}).items()):
+                    return True
             seq = max(e.seq or 0 for e in batch)
         return False
 

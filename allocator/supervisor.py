@@ -482,7 +482,7 @@ class Supervisor:
                 lc.champion,
                 holdout_variant=holdout,
                 settings=settings,
-                emit=functools.partial(self._emit, rec),
+                emit=functools.partial(self._emit, rec, key["promotion"]),
             )
             saved = self._saved_monitor(rec)
             restore = saved if saved is not None and saved.get("key") == key else None
@@ -552,7 +552,7 @@ class Supervisor:
             watch.champion,
             holdout_variant=old.holdout_variant,
             settings=old.settings,
-            emit=functools.partial(self._emit, rec),
+            emit=functools.partial(self._emit, rec, watch.key["promotion"]),
         )
         with self._lock:
             watch.pending = None
@@ -670,10 +670,25 @@ class Supervisor:
             # Only the value read: one another replica writes meanwhile is kept.
             self.app.store.delete_meta(name, if_value=raw)
 
-    def _emit(self, rec: Record, event: Event) -> None:
-        """Monitor events are only recorded by the leader (followers watch silently)."""
+    def _emit(self, rec: Record, promotion: object, event: Event) -> None:
+        """A monitor's events, at once, by the leader only (followers watch silently).
+        Best effort: ``_react`` records them for sure (``_unrecorded``), so the details
+        name the promotion, by which it tells them stored."""
         if self.app.leader():
-            self.app.emit(rec, event.type, event.reason, event.variant, dict(event.details))
+            details = {**event.details, "promotion": promotion}
+            self.app.emit(rec, event.type, event.reason, event.variant, details)
+
+    def _unrecorded(self, rec: Record, watch: _Watch, reg: Regression) -> list[Event]:
+        """The DRIFT_DETECTED and RETRAIN_REQUESTED of ``reg`` not in the store yet: the
+        monitor's own emission can fail (the store away) or be skipped (it ran on a
+        follower, which then became the leader)."""
+        promotion = {"promotion": watch.key["promotion"]}
+        details = {**reg.details(), **promotion}
+        return [
+            Event(t, rec.name, reg.variant, reg.at, reg.reason, details)
+            for t in (EventType.DRIFT_DETECTED, EventType.RETRAIN_REQUESTED)
+            if not self.app.has_stored_event(rec, t, promotion)
+        ]
 
     def _react(self, rec: Record) -> None:
         """Apply a detected regression's action. It stays pending until the transition is
@@ -691,6 +706,7 @@ class Supervisor:
             lc, version = rec.lifecycle, rec.version
         if lc.state != State.PROMOTED or _promotion_seq(lc) != watch.key["promotion"]:
             return  # not the promotion it watched any more: the next pass ends the watch
+        events = self._unrecorded(rec, watch, reg)
         if reg.action is not None:
             action = reg.action
             if action == Action.ROLLBACK and action not in lc.allowed():
@@ -698,13 +714,22 @@ class Supervisor:
             reason = f"regression detected ({reg.kind}): {reg.reason}"
             try:
                 # Only onto the state judged here: an operator's action or a new promotion
-                # in between makes it a conflict, and the next pass judges again.
+                # in between makes it a conflict, and the next pass judges again. The
+                # events still missing go in its transaction.
                 self.app.transition(
-                    rec.name, action, actor="monitor", reason=reason, if_version=version
+                    rec.name,
+                    action,
+                    actor="monitor",
+                    reason=reason,
+                    if_version=version,
+                    events=events,
                 )
             except VersionConflict as err:
                 log.info("experiment %s: reaction deferred: %s", rec.name, err)
                 return
+        else:
+            for event in events:  # one by one: a retry records only what is missing
+                self.app.emit(rec, event.type, event.reason, event.variant, dict(event.details))
         with self._lock:
             if watch.pending is reg:
                 watch.pending = None

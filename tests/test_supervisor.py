@@ -547,6 +547,54 @@ def test_regression_reported_before_a_restart_is_not_reported_again(tmp_path: Pa
         second.stop(1.0)
 
 
+@pytest.mark.parametrize(
+    ("reaction", "after"),
+    [(pb.REGRESSION_ACTION_NOTIFY_ONLY, []), (pb.REGRESSION_ACTION_ROLLBACK, ["ROLLED_BACK"])],
+)
+def test_regression_events_the_store_refused_at_detection_are_recorded_once(
+    fast_server: Running,
+    monkeypatch: pytest.MonkeyPatch,
+    reaction: pb.RegressionAction,
+    after: list[str],
+) -> None:
+    """The monitor's events are emitted at detection, best effort: refused then (the store
+    away for a moment), the reaction records them (with a rollback, in its transaction),
+    once each, naming the promotion."""
+    app = fast_server.app
+    real_emit = app.emit
+    refused: list[str] = []
+
+    def flaky_emit(rec: Record, type_: EventType, *args: Any, **kwargs: Any) -> None:
+        if type_ in (EventType.DRIFT_DETECTED, EventType.RETRAIN_REQUESTED) and len(refused) < 2:
+            refused.append(type_.value)
+            raise StoreUnavailable("append_event", "connection refused")
+        real_emit(rec, type_, *args, **kwargs)
+
+    monkeypatch.setattr(app, "emit", flaky_emit)
+    rng = np.random.default_rng(8)
+
+    def kinds() -> list[str]:
+        stored = app.store.events_after(0, experiment_id=app.records["m"].id)
+        return [e.type for e in stored if e.type not in ("CREATED", "PROMOTED")]
+
+    with AllocatorClient(f"127.0.0.1:{fast_server.port}", admin_token=ADMIN_TOKEN) as c:
+        _watched(c, fast_server, reaction)
+        _send_rate(c, rng, "before", 0.5, 25)
+        _send_rate(c, rng, "drop", 0.2, 5)  # 6 batch-sd below: flagged in ~2 batches
+        expected = ["DRIFT_DETECTED", "RETRAIN_REQUESTED", *after]
+        _wait(lambda: kinds() == expected)
+        time.sleep(0.3)  # more passes: nothing recorded twice
+    assert refused == ["DRIFT_DETECTED", "RETRAIN_REQUESTED"]
+    assert kinds() == expected
+    promotion = _promotion_seq_of(app.records["m"])
+    retrain = [e for e in app.store.events_after(0) if e.type == "RETRAIN_REQUESTED"]
+    assert json.loads(retrain[0].details_json or "{}")["promotion"] == promotion
+
+
+def _promotion_seq_of(rec: Record) -> int:
+    return max(a.seq for a in rec.lifecycle.audit if a.action == Action.PROMOTE)
+
+
 def test_reaction_that_fails_is_retried_and_other_experiments_go_on(
     fast_server: Running, monkeypatch: pytest.MonkeyPatch
 ) -> None:
