@@ -695,4 +695,10 @@ class RewardWriter:
         ids = self.ids()
         for name, snap in self.engine.snapshot(names).items():
             if name in ids:
-                self.store.save_snapshot(ids[name], positions, snap.to_bytes(), time.time())
+                # The engine holds the rows up to its skip marks already (the snapshot it
+                # was restored from did), even where the pull is still behind them.
+                until = self.skip_until.get(name, {})
+                covered = {
+                    r: max(positions.get(r, 0), until.get(r, 0)) for r in {*positions, *until}
+                }
+                self.store.save_snapshot(ids[name], covered, snap.to_bytes(), time.time())

@@ -1036,6 +1036,32 @@ def test_a_logged_reward_refused_today_does_not_stop_recovery(tmp_path: Path) ->
         again.stop(grace=1.0)
 
 
+def test_a_snapshot_covers_the_rows_its_restored_state_held(tmp_path: Path) -> None:
+    """After a recovery that stopped early, the engine holds rows up to the skip marks of
+    the snapshot it was restored from while the pull is still behind them: a snapshot
+    taken then says so, or a second restart would replay those rows once more."""
+    store = SqlStore.open(f"sqlite:///{tmp_path / 'skip.sqlite'}")
+    try:
+        engine = Engine()
+        engine.create(ExperimentConfig(name=EXPERIMENT, variants=VARIANTS))
+        exp_id = store.create_experiment(EXPERIMENT, "{}", "RUNNING", now=1.0).id
+        writer = RewardWriter(
+            store,
+            engine,
+            "r1",
+            Metrics(CollectorRegistry()),
+            ids=lambda: {EXPERIMENT: exp_id},
+            positions={"r2": 3},
+            skip_until={EXPERIMENT: {"r2": 7, "r3": 2}},
+        )
+        writer.snapshot_now()
+        snap = store.latest_snapshot(exp_id)
+        assert snap is not None
+        assert dict(snap.positions) == {"r1": 0, "r2": 7, "r3": 2}
+    finally:
+        store.close()
+
+
 # ---------------------------------------------------------------- database outage (PostgreSQL)
 
 
