@@ -28,7 +28,13 @@ import numpy.typing as npt
 from allocator_client.v1 import allocator_pb2 as pb
 
 from allocator.config import ServerConfig
-from allocator.convert import check_promotion, spec_from_json, spec_to_config, spec_to_json
+from allocator.convert import (
+    check_monitoring,
+    check_promotion,
+    spec_from_json,
+    spec_to_config,
+    spec_to_json,
+)
 from allocator.defaults import DefaultRewards, Pending
 from allocator.drift import ScoreWindows, score_spans
 from allocator.durable import Recovery, RewardWriter, replay_new_experiment
@@ -40,6 +46,7 @@ from allocator.errors import (
     UnknownExperiment,
     WrongState,
 )
+from allocator.guardrails import MAX_METRIC_NAME
 from allocator.lifecycle import Action, Event, EventType, IllegalTransition, Lifecycle, State
 from allocator.metrics import Metrics
 from allocator.policies import RewardKind
@@ -117,8 +124,10 @@ def _check_extras(
         raise InvalidArgument("guardrails", f"{len(guardrails)} items for {n} values")
     for i, g in enumerate(guardrails):
         for metric, value in g.items():
-            if not metric or len(metric) > 100:
-                raise InvalidArgument(f"guardrails[{i}]", "metric names are 1-100 characters")
+            if not metric or len(metric) > MAX_METRIC_NAME:
+                raise InvalidArgument(
+                    f"guardrails[{i}]", f"metric names are 1-{MAX_METRIC_NAME} characters"
+                )
             if not np.isfinite(value):
                 raise InvalidArgument(f"guardrails[{i}].{metric}", "must be a finite number")
     return checked
@@ -408,9 +417,7 @@ class Allocator:
                 )
         if spec.HasField("attribution_window_seconds") and spec.attribution_window_seconds < 1:
             raise InvalidArgument("spec.attribution_window_seconds", "must be >= 1")
-        url = spec.monitoring.webhook_url
-        if url and not url.startswith(("http://", "https://")):
-            raise InvalidArgument("spec.monitoring.webhook_url", "must be an http(s) URL")
+        check_monitoring(spec)
         if spec.name in self.records:
             raise ExperimentExists(spec.name)
         if len(self.records) >= self.config.max_experiments:

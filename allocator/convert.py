@@ -7,6 +7,8 @@ servicer can answer INVALID_ARGUMENT with a message a caller can act on.
 from __future__ import annotations
 
 import math
+import re
+import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,9 +17,17 @@ from google.protobuf import json_format
 
 from allocator.engine import AllocationMode, ExperimentConfig, Shaping
 from allocator.errors import InvalidArgument
+from allocator.guardrails import MAX_METRIC_NAME
 from allocator.lifecycle import EventType, State
+from allocator.monitor import (
+    CusumSettings,
+    MonitorSettings,
+    PageHinkleySettings,
+    Reaction,
+    cusum_threshold_for_arl,
+)
 from allocator.policies import PolicyConfig, PolicyKind, RewardKind
-from allocator.promotion import PromotionSettings
+from allocator.promotion import GuardrailCheck, PromotionSettings
 from allocator.report import MAX_BERNOULLI_MIN_EFFECT
 
 _POLICY = {
@@ -50,6 +60,19 @@ STATE_TO_PB = {
 PB_TO_STATE = {v: k for k, v in STATE_TO_PB.items()}
 EVENT_TO_PB = {t: getattr(pb, f"EVENT_TYPE_{t.value}") for t in EventType}
 PB_TO_EVENT = {v: k for k, v in EVENT_TO_PB.items()}
+# Detector kind of a spec (None: detection off).
+_DETECTOR: dict[int, type[CusumSettings] | type[PageHinkleySettings] | None] = {
+    pb.DRIFT_DETECTOR_UNSPECIFIED: CusumSettings,
+    pb.DRIFT_DETECTOR_CUSUM: CusumSettings,
+    pb.DRIFT_DETECTOR_PAGE_HINKLEY: PageHinkleySettings,
+    pb.DRIFT_DETECTOR_NONE: None,
+}
+_REACTION = {
+    pb.REGRESSION_ACTION_UNSPECIFIED: Reaction.NOTIFY_ONLY,
+    pb.REGRESSION_ACTION_NOTIFY_ONLY: Reaction.NOTIFY_ONLY,
+    pb.REGRESSION_ACTION_ROLLBACK: Reaction.ROLLBACK,
+    pb.REGRESSION_ACTION_REOPEN: Reaction.REOPEN,
+}
 
 
 def _opt(msg: Any, field: str, default: float) -> float:
@@ -173,6 +196,84 @@ def check_promotion(spec: pb.ExperimentSpec) -> None:
         raise InvalidArgument(
             f"spec.promotion.{word if word.isidentifier() else 'promotion'}", str(err)
         ) from None
+    seen: dict[str, int] = {}
+    for i, g in enumerate(p.guardrails):
+        where = f"spec.promotion.guardrails[{i}]"
+        if not g.metric or len(g.metric) > MAX_METRIC_NAME:
+            raise InvalidArgument(f"{where}.metric", f"must be 1-{MAX_METRIC_NAME} characters")
+        if g.metric in seen:
+            raise InvalidArgument(
+                f"{where}.metric", f"{g.metric!r} is already guardrails[{seen[g.metric]}]"
+            )
+        seen[g.metric] = i
+        try:  # the check the rule will build, on placeholder means
+            GuardrailCheck(
+                means=(0.0, 0.0),
+                max_degradation=g.tolerance,
+                lower_is_better=not g.higher_is_better,
+            )
+        except ValueError as err:
+            raise InvalidArgument(f"{where}.tolerance", str(err)) from None
+
+
+# Post-promotion monitoring: CUSUM's default h is for this in-control average run length,
+# in batches of _MONITOR_BATCH rewards, after a burn-in of _MONITOR_BURN_IN batches.
+_CUSUM_ARL0 = 1e6
+_MONITOR_BATCH = 100
+_MONITOR_BURN_IN = 200
+# Which monitoring field a detector settings error is about (its message's first word).
+_DETECTOR_FIELDS = {
+    "k": "spec.monitoring.detector_slack",
+    "delta": "spec.monitoring.detector_slack",
+    # No default threshold reaches the target run length with this much slack.
+    "arl0": "spec.monitoring.detector_slack",
+    "h": "spec.monitoring.detector_threshold",
+    "lam": "spec.monitoring.detector_threshold",
+}
+
+
+def monitor_settings(spec: pb.ExperimentSpec) -> MonitorSettings | None:
+    """Detector settings from a spec's monitoring block (None: detection off).
+
+    ``InvalidArgument`` names a field the detector cannot use. Thresholds are in standard
+    deviations of batch means; the reference mean and sd are estimated after promotion,
+    because the winner's pre-promotion mean is biased upwards by the selection itself. The
+    burn-in is 200 batches and the default ARL0 1e6 batches: with 20 batches and ARL0 1e4,
+    37% of 2,000-batch Bernoulli(0.11) streams with nothing wrong raised an alarm (the
+    estimated sd is noisy and Bernoulli batch means are skewed); with these, 0.3%, and a
+    drop from 0.11 to 0.08 is still caught in ~23 batches.
+    """
+    m = spec.monitoring
+    kind = _check_enum(m.detector, _DETECTOR, "spec.monitoring.detector")
+    reaction = _check_enum(m.on_regression, _REACTION, "spec.monitoring.on_regression")
+    if kind is None:
+        return None
+    slack = _opt(m, "detector_slack", 0.5)
+    threshold = float(m.detector_threshold) if m.HasField("detector_threshold") else None
+    try:
+        detector: CusumSettings | PageHinkleySettings
+        if kind is PageHinkleySettings:
+            lam = 50.0 if threshold is None else threshold
+            detector = PageHinkleySettings(delta=slack, lam=lam, burn_in=_MONITOR_BURN_IN)
+        else:
+            h = cusum_threshold_for_arl(_CUSUM_ARL0, slack) if threshold is None else threshold
+            detector = CusumSettings(k=slack, h=h, burn_in=_MONITOR_BURN_IN)
+    except ValueError as err:
+        raise _settings_error(err, _DETECTOR_FIELDS, "spec.monitoring") from None
+    return MonitorSettings(detector=detector, batch_size=_MONITOR_BATCH, reaction=reaction)
+
+
+def check_monitoring(spec: pb.ExperimentSpec) -> None:
+    """Reject a monitoring block that promotion or the monitors could not use, naming the
+    field: checked when an experiment is created, so no later Promote, supervisor pass or
+    restart is the first to find out."""
+    m = spec.monitoring
+    # NaN fails both comparisons. 1 would leave the champion no traffic at all.
+    if m.HasField("holdout_share") and not 0.0 <= m.holdout_share < 1.0:
+        raise InvalidArgument("spec.monitoring.holdout_share", "must be in [0, 1)")
+    monitor_settings(spec)
+    if m.webhook_url:
+        _check_webhook_url(m.webhook_url)
 
 
 _TRAFFIC = {"control_share", "floor", "cap", "exploration_samples"}
@@ -184,6 +285,35 @@ def _field_of(err: ValueError) -> str:
     if word in _TRAFFIC:
         return f"traffic.{word}"
     return word if word.isidentifier() else "spec"
+
+
+def _check_webhook_url(url: str) -> None:
+    """An absolute http(s) URL with a host (what the webhook notifier can POST to)."""
+    try:
+        parsed = urllib.parse.urlsplit(url)
+        ok = parsed.scheme in ("http", "https") and bool(parsed.hostname)
+        parsed.port  # noqa: B018 -- raises ValueError for a port out of range
+    except ValueError:
+        ok = False
+    if not ok or any(c.isspace() for c in url):
+        raise InvalidArgument(
+            "spec.monitoring.webhook_url",
+            f"must be an absolute http(s) URL with a host, got {url!r}",
+        )
+
+
+def _settings_error(err: ValueError, fields: Mapping[str, str], default: str) -> InvalidArgument:
+    """``err`` of a settings record as INVALID_ARGUMENT on the request field it is about.
+
+    Settings records say which of their attributes is wrong first (``'epsilon must be
+    ...'``); ``fields`` maps those openings (whole words) to request fields, and a message
+    that starts otherwise is about ``default``.
+    """
+    msg = str(err)
+    matches = [o for o in fields if re.match(rf"{re.escape(o)}\b", msg)]
+    if not matches:
+        return InvalidArgument(default, msg)
+    return InvalidArgument(fields[max(matches, key=len)], msg)
 
 
 def spec_to_json(spec: pb.ExperimentSpec) -> str:

@@ -102,6 +102,104 @@ def test_create_errors_name_the_field(client: AllocatorClient, stub: pb_grpc.All
     assert [e.spec.name for e in client.list_experiments()] == ["exp"]
 
 
+def _refused(stub: pb_grpc.AllocatorStub, cases: list[tuple[pb.ExperimentSpec, str]]) -> None:
+    """Each spec is refused INVALID_ARGUMENT naming its field, and nothing is created."""
+    before = list(stub.ListExperiments(pb.ListExperimentsRequest()).experiments)
+    for spec, field in cases:
+        code, details = _code(stub.CreateExperiment, pb.CreateExperimentRequest(spec=spec))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (spec, details)
+        assert details.startswith(f"{field}: "), details
+    assert list(stub.ListExperiments(pb.ListExperimentsRequest()).experiments) == before
+
+
+def test_a_holdout_share_promotion_cannot_use_is_refused_at_create(
+    client: AllocatorClient, stub: pb_grpc.AllocatorStub, server: Running
+) -> None:
+    """holdout_share 2 was accepted; Promote then failed INVALID_ARGUMENT "shares" after
+    the store had committed PROMOTED, and the next start-up failed on the stored spec."""
+    field = "spec.monitoring.holdout_share"
+    _refused(
+        stub,
+        [
+            (_spec("x", monitoring=pb.MonitoringSettings(holdout_share=share)), field)
+            for share in (2.0, 1.0, -0.1, float("nan"), float("inf"))
+        ],
+    )
+    client.create_experiment(_spec(monitoring=pb.MonitoringSettings(holdout_share=0.25)))
+    client.promote("exp", "b")
+    stub.AddVariant(pb.AddVariantRequest(experiment="exp", variant="d"))
+    stub.Promote(pb.PromoteRequest(experiment="exp", variant="c"), metadata=ADMIN)
+    override = server.app.engine.view("exp").override
+    assert override is not None and override.tolist() == [0.0, 0.25, 0.75, 0.0]
+
+
+def test_monitoring_settings_the_supervisor_cannot_use_are_refused_at_create(
+    stub: pb_grpc.AllocatorStub,
+) -> None:
+    """Each was accepted, then the supervisor logged a traceback on every pass (or ran a
+    detector the spec did not ask for)."""
+
+    def mon(**kw: Any) -> pb.ExperimentSpec:
+        return _spec("x", monitoring=pb.MonitoringSettings(**kw))
+
+    ph = pb.DRIFT_DETECTOR_PAGE_HINKLEY
+    m = "spec.monitoring"
+    _refused(
+        stub,
+        [
+            (mon(detector=99), f"{m}.detector"),  # type: ignore[arg-type]
+            (mon(on_regression=99), f"{m}.on_regression"),  # type: ignore[arg-type]
+            (mon(detector_threshold=0.0), f"{m}.detector_threshold"),
+            (mon(detector_threshold=-1.0), f"{m}.detector_threshold"),
+            (mon(detector_threshold=float("nan")), f"{m}.detector_threshold"),
+            (mon(detector_threshold=float("inf")), f"{m}.detector_threshold"),
+            (mon(detector=ph, detector_threshold=0.0), f"{m}.detector_threshold"),
+            (mon(detector_slack=float("nan")), f"{m}.detector_slack"),
+            (mon(detector_slack=-0.5), f"{m}.detector_slack"),
+            (mon(detector=ph, detector_slack=-0.5), f"{m}.detector_slack"),
+            # No default CUSUM threshold reaches the target run length with this slack.
+            (mon(detector_slack=10.0), f"{m}.detector_slack"),
+            (mon(webhook_url="http://"), f"{m}.webhook_url"),
+            (mon(webhook_url="https:///path"), f"{m}.webhook_url"),
+            (mon(webhook_url="hooks.example.com/retrain"), f"{m}.webhook_url"),
+            (mon(webhook_url="file:///etc/passwd"), f"{m}.webhook_url"),
+            (mon(webhook_url="http://host:99999/x"), f"{m}.webhook_url"),
+            (mon(webhook_url="http://ho st/x"), f"{m}.webhook_url"),
+        ],
+    )
+    ok = [
+        mon(detector_slack=10.0, detector_threshold=3.0),
+        mon(detector=ph, detector_slack=0.0, detector_threshold=5.0),
+        mon(detector=pb.DRIFT_DETECTOR_NONE, on_regression=pb.REGRESSION_ACTION_REOPEN),
+        mon(webhook_url="https://hooks.example.com:8443/retrain?team=ml"),
+    ]
+    for i, spec in enumerate(ok):
+        spec.name = f"ok{i}"
+        stub.CreateExperiment(pb.CreateExperimentRequest(spec=spec))
+
+
+def test_guardrails_the_rule_cannot_use_are_refused_at_create(
+    stub: pb_grpc.AllocatorStub,
+) -> None:
+    def guard(*gs: pb.Guardrail) -> pb.ExperimentSpec:
+        return _spec("x", promotion=pb.PromotionSettings(guardrails=list(gs)))
+
+    lat = pb.Guardrail(metric="latency_ms", tolerance=5.0)
+    g = "spec.promotion.guardrails"
+    _refused(
+        stub,
+        [
+            (guard(pb.Guardrail(metric="", tolerance=1.0)), f"{g}[0].metric"),
+            (guard(lat, pb.Guardrail(metric="m" * 101)), f"{g}[1].metric"),
+            (guard(lat, lat), f"{g}[1].metric"),
+            (guard(pb.Guardrail(metric="errors", tolerance=-0.1)), f"{g}[0].tolerance"),
+            (guard(lat, pb.Guardrail(metric="e", tolerance=float("nan"))), f"{g}[1].tolerance"),
+            (guard(pb.Guardrail(metric="e", tolerance=float("inf"))), f"{g}[0].tolerance"),
+        ],
+    )
+    stub.CreateExperiment(pb.CreateExperimentRequest(spec=guard(lat, pb.Guardrail(metric="e"))))
+
+
 def test_report_of_a_stored_spec_with_an_impossible_min_effect_still_answers(
     client: AllocatorClient, server: Running
 ) -> None:
