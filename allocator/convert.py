@@ -85,6 +85,40 @@ def _check_enum(value: int, table: Mapping[Any, Any], field: str) -> Any:
     return table[value]
 
 
+# Which spec field an error of PolicyConfig, Shaping or ExperimentConfig is about, by the
+# longest opening of its message that is listed (see `_settings_error`).
+_SPEC_FIELDS = {
+    **{
+        f: f"spec.{f}"
+        for f in (
+            "prior_alpha",
+            "prior_beta",
+            "prior_mean",
+            "prior_kappa",
+            "prior_shape",
+            "prior_rate",
+            "epsilon",
+            "discount",
+            "weights",
+            "name",
+            "variants",
+            "seed",
+        )
+    },
+    # The policy does not fit the reward type.
+    "kl_ucb": "spec.policy",
+    "ucb_normal": "spec.policy",
+    "every variant name": "spec.variants",
+    "variant names": "spec.variants",
+    "at most": "spec.variants",
+    # Cross-field limits name the field that made them fail (control_share < 1 alone, and
+    # cap > 0, are checked first).
+    "control_share + floor * variants": "spec.traffic.floor",
+    "cap * variants": "spec.traffic.cap",
+    **{f: f"spec.traffic.{f}" for f in ("control_share", "floor", "cap", "exploration_samples")},
+}
+
+
 def spec_to_config(spec: pb.ExperimentSpec) -> ExperimentConfig:
     """The engine configuration of a spec; ``InvalidArgument`` names the bad field."""
     if not spec.name:
@@ -108,6 +142,10 @@ def spec_to_config(spec: pb.ExperimentSpec) -> ExperimentConfig:
     ):
         if spec.HasField(field) and not math.isfinite(getattr(spec, field)):
             raise InvalidArgument(f"spec.{field}", "must be a finite number")
+    # The engine checks the two together; each is a uint32, so 0 is the one bad value.
+    for field in ("table_refresh_rewards", "table_refresh_ms"):
+        if spec.HasField(field) and getattr(spec, field) < 1:
+            raise InvalidArgument(f"spec.{field}", "must be >= 1")
     try:
         policy = PolicyConfig(
             kind=kind,
@@ -123,7 +161,7 @@ def spec_to_config(spec: pb.ExperimentSpec) -> ExperimentConfig:
             discount=_opt(spec, "discount", 1.0),
         )
     except ValueError as err:
-        raise InvalidArgument(f"spec.{_field_of(err)}", str(err)) from None
+        raise _settings_error(err, _SPEC_FIELDS, "spec") from None
     traffic = spec.traffic
     try:
         shaping = Shaping(
@@ -135,7 +173,7 @@ def spec_to_config(spec: pb.ExperimentSpec) -> ExperimentConfig:
             else 0,
         )
     except ValueError as err:
-        raise InvalidArgument(f"spec.{_field_of(err)}", str(err)) from None
+        raise _settings_error(err, _SPEC_FIELDS, "spec") from None
     try:
         return ExperimentConfig(
             name=spec.name,
@@ -150,7 +188,7 @@ def spec_to_config(spec: pb.ExperimentSpec) -> ExperimentConfig:
             shaping=shaping,
         )
     except ValueError as err:
-        raise InvalidArgument(f"spec.{_field_of(err)}", str(err)) from None
+        raise _settings_error(err, _SPEC_FIELDS, "spec") from None
 
 
 def promotion_settings(spec: pb.ExperimentSpec) -> PromotionSettings:
@@ -174,6 +212,21 @@ def promotion_settings(spec: pb.ExperimentSpec) -> PromotionSettings:
     )
 
 
+# PromotionSettings' attributes that come from spec.promotion fields of the same name.
+_PROMOTION_FIELDS = {
+    f: f"spec.promotion.{f}"
+    for f in (
+        "p_best_threshold",
+        "expected_loss_tolerance",
+        "indifference_margin",
+        "min_samples_per_variant",
+        "min_duration_seconds",
+        "min_effect",
+        "futility_probability",
+    )
+}
+
+
 def check_promotion(spec: pb.ExperimentSpec) -> None:
     """Reject a promotion block the rule or the report could not use, naming the field.
 
@@ -191,11 +244,8 @@ def check_promotion(spec: pb.ExperimentSpec) -> None:
         )
     try:
         promotion_settings(spec)
-    except (ValueError, TypeError) as err:
-        word = str(err).split(" ", 1)[0]
-        raise InvalidArgument(
-            f"spec.promotion.{word if word.isidentifier() else 'promotion'}", str(err)
-        ) from None
+    except ValueError as err:
+        raise _settings_error(err, _PROMOTION_FIELDS, "spec.promotion") from None
     seen: dict[str, int] = {}
     for i, g in enumerate(p.guardrails):
         where = f"spec.promotion.guardrails[{i}]"
@@ -276,17 +326,6 @@ def check_monitoring(spec: pb.ExperimentSpec) -> None:
         _check_webhook_url(m.webhook_url)
 
 
-_TRAFFIC = {"control_share", "floor", "cap", "exploration_samples"}
-
-
-def _field_of(err: ValueError) -> str:
-    """The spec field a settings error message starts with (``'epsilon must be ...'``)."""
-    word = str(err).split(" ", 1)[0]
-    if word in _TRAFFIC:
-        return f"traffic.{word}"
-    return word if word.isidentifier() else "spec"
-
-
 def _check_webhook_url(url: str) -> None:
     """An absolute http(s) URL with a host (what the webhook notifier can POST to)."""
     try:
@@ -306,8 +345,8 @@ def _settings_error(err: ValueError, fields: Mapping[str, str], default: str) ->
     """``err`` of a settings record as INVALID_ARGUMENT on the request field it is about.
 
     Settings records say which of their attributes is wrong first (``'epsilon must be
-    ...'``); ``fields`` maps those openings (whole words) to request fields, and a message
-    that starts otherwise is about ``default``.
+    ...'``); ``fields`` maps those openings (whole words) to request fields, the longest
+    that matches wins, and a message that starts otherwise is about ``default``.
     """
     msg = str(err)
     matches = [o for o in fields if re.match(rf"{re.escape(o)}\b", msg)]

@@ -200,6 +200,42 @@ def test_guardrails_the_rule_cannot_use_are_refused_at_create(
     stub.CreateExperiment(pb.CreateExperimentRequest(spec=guard(lat, pb.Guardrail(metric="e"))))
 
 
+def test_spec_errors_name_the_field_not_a_word_of_the_message(
+    stub: pb_grpc.AllocatorStub,
+) -> None:
+    """The field used to be the message's first word: spec.every, spec.variant, ..."""
+    normal = pb.REWARD_TYPE_NORMAL
+    _refused(
+        stub,
+        [
+            (_spec("x", ("a", "")), "spec.variants"),
+            (_spec("x", ("a", "v" * 201)), "spec.variants"),
+            (_spec("x", ("a", "b", "a")), "spec.variants"),
+            (_spec("x", tuple(f"v{i}" for i in range(1001))), "spec.variants"),
+            (_spec("x", table_refresh_rewards=0), "spec.table_refresh_rewards"),
+            (_spec("x", table_refresh_ms=0), "spec.table_refresh_ms"),
+            (_spec("x", policy=pb.POLICY_KL_UCB, reward_type=normal), "spec.policy"),
+            (_spec("x", policy=pb.POLICY_UCB_NORMAL), "spec.policy"),
+            (_spec("x", traffic=pb.TrafficSettings(floor=0.5)), "spec.traffic.floor"),
+            (_spec("x", traffic=pb.TrafficSettings(cap=0.2)), "spec.traffic.cap"),
+            (
+                _spec("x", traffic=pb.TrafficSettings(control_share=1.0)),
+                "spec.traffic.control_share",
+            ),
+            (_spec("x", policy=pb.POLICY_FIXED_SPLIT, weights=[0, 0, 0]), "spec.weights"),
+            (_spec("x", prior_mean=float("inf"), reward_type=normal), "spec.prior_mean"),
+            (
+                _spec("x", promotion=pb.PromotionSettings(futility_probability=0.1)),
+                "spec.promotion.futility_probability",
+            ),
+            (
+                _spec("x", promotion=pb.PromotionSettings(indifference_margin=-1.0)),
+                "spec.promotion.indifference_margin",
+            ),
+        ],
+    )
+
+
 def test_report_of_a_stored_spec_with_an_impossible_min_effect_still_answers(
     client: AllocatorClient, server: Running
 ) -> None:
