@@ -93,6 +93,25 @@ StreamHandler = Callable[..., AsyncGenerator[Any, None]]
 _REPLAY_PAGE = 1000
 
 
+# A unary Reward is checked as a batch of one: its fields' names in the batch's errors.
+_UNARY_REWARD_FIELDS = {
+    "values": "value",
+    "prediction_scores[0]": "prediction_score",
+    "guardrails[0]": "guardrails",
+    "experiment": "event.experiment",
+    "variants[0]": "event.variant",
+    "event_ids[0]": "event.event_id",
+}
+
+
+def _renamed(err: InvalidArgument, names: dict[str, str]) -> InvalidArgument:
+    """``err`` naming its field (or the field it is a part of) as ``names`` says."""
+    for old, new in names.items():
+        if err.field == old or err.field.startswith((old + ".", old + "[")):
+            return InvalidArgument(new + err.field[len(old) :], err.message)
+    return err
+
+
 def _code_for(err: BaseException) -> tuple[grpc.StatusCode, str]:
     for kind, code in _CODES:
         if isinstance(err, kind):
@@ -336,28 +355,31 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
         score = [request.prediction_score] if request.HasField("prediction_score") else []
         guard = [dict(request.guardrails)] if request.guardrails else []
         which = request.WhichOneof("target")
-        if which == "decision_id":
-            statuses = self.app.reward(
-                experiment="",
-                values=[request.value],
-                decision_ids=[request.decision_id],
-                scores=score,
-                guardrails=guard,
-                field="decision_id",
-            )
-        elif which == "event":
-            ev = request.event
-            statuses = self.app.reward(
-                experiment=ev.experiment,
-                values=[request.value],
-                event_ids=[ev.event_id],
-                variants=[ev.variant],
-                scores=score,
-                guardrails=guard,
-                field="event",
-            )
-        else:
-            raise InvalidArgument("target", "set decision_id or event")
+        try:
+            if which == "decision_id":
+                statuses = self.app.reward(
+                    experiment="",
+                    values=[request.value],
+                    decision_ids=[request.decision_id],
+                    scores=score,
+                    guardrails=guard,
+                    field="decision_id",
+                )
+            elif which == "event":
+                ev = request.event
+                statuses = self.app.reward(
+                    experiment=ev.experiment,
+                    values=[request.value],
+                    event_ids=[ev.event_id],
+                    variants=[ev.variant],
+                    scores=score,
+                    guardrails=guard,
+                    field="event",
+                )
+            else:
+                raise InvalidArgument("target", "set decision_id or event")
+        except InvalidArgument as err:
+            raise _renamed(err, _UNARY_REWARD_FIELDS) from None
         return pb.RewardResponse(status=_STATUS[statuses[0]])
 
     @staticmethod

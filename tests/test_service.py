@@ -290,25 +290,49 @@ def test_reward_errors_change_nothing(
     for req, field in [
         (pb.RewardRequest(decision_id=forged, value=1.0), "decision_id"),
         (pb.RewardRequest(decision_id="garbage", value=1.0), "decision_id"),
-        (pb.RewardRequest(decision_id=d.decision_id, value=float("nan")), "values"),
-        (pb.RewardRequest(decision_id=d.decision_id, value=2.0), "values"),
+        (pb.RewardRequest(decision_id=d.decision_id, value=float("nan")), "value"),
+        (pb.RewardRequest(decision_id=d.decision_id, value=2.0), "value"),
         (pb.RewardRequest(value=1.0), "target"),
         (
             pb.RewardRequest(
                 event=pb.EventTarget(experiment="exp", variant="zzz", event_id="e"), value=1
             ),
-            "variants",
+            "event.variant",
         ),
         (
             pb.RewardRequest(
                 event=pb.EventTarget(experiment="exp", variant="a", event_id=""), value=1
             ),
-            "event_ids",
+            "event.event_id",
+        ),
+        (
+            pb.RewardRequest(
+                event=pb.EventTarget(experiment="exp", variant="a", event_id="x" * 257), value=1
+            ),
+            "event.event_id",
+        ),
+        (
+            pb.RewardRequest(event=pb.EventTarget(variant="a", event_id="e"), value=1),
+            "event.experiment",
+        ),
+        (
+            pb.RewardRequest(
+                event=pb.EventTarget(experiment="exp", variant="a", event_id="e"),
+                value=1,
+                guardrails={"latency_ms": float("nan")},
+            ),
+            "guardrails.latency_ms",
+        ),
+        (
+            pb.RewardRequest(decision_id=d.decision_id, value=1, guardrails={"m" * 101: 1.0}),
+            "guardrails",
         ),
     ]:
+        # The unary request's own field names (it is checked as a batch of one, whose
+        # errors said variants[0], event_ids[0], values, ...).
         code, details = _code(stub.Reward, req)
         assert code == grpc.StatusCode.INVALID_ARGUMENT, details
-        assert field in details, details
+        assert details.startswith(f"{field}: "), details
     b = client.assign_batch("exp", 10)
     bad_batch = pb.RewardBatchRequest(
         experiment="exp", batch_token=b.batch_token, indices=[0, 1, 99], values=[1, 1, 1]
@@ -796,7 +820,7 @@ def test_infinite_prediction_score_is_rejected_in_every_form(
         assert code == grpc.StatusCode.INVALID_ARGUMENT and f"prediction_scores[{index}]" in details
     single = pb.RewardRequest(decision_id=b.decision_id(0), value=1.0, prediction_score=-inf)
     code, details = _code(stub.Reward, single)
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "prediction_scores[0]" in details
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("prediction_score:")
     assert sum(server.app.engine.counts("exp").values()) == 0
     # NaN still means "no score": accepted.
     ok = forms[0]
