@@ -194,6 +194,35 @@ def _stream(fn: StreamHandler) -> StreamHandler:
     return gen
 
 
+# RewardBatchRequest's ways to address items, each by its fields, the one that must be
+# set first: a request uses exactly one.
+_ADDRESSING = (
+    ("decision_ids",),
+    ("batch_token", "indices"),
+    ("event_ids", "variants", "variant_indices"),
+)
+
+
+def _addressing(request: pb.RewardBatchRequest) -> str:
+    """Which way ``request`` addresses its items (the form's first field); a field of
+    another form, or a form without its first field, is INVALID_ARGUMENT."""
+    sent = [[f for f in form if getattr(request, f)] for form in _ADDRESSING]
+    used = [i for i, fields in enumerate(sent) if fields]
+    if not used:
+        raise InvalidArgument("decision_ids", "send decision_ids, batch_token or event_ids")
+    if len(used) > 1:
+        first, *others = (sent[i] for i in used)
+        raise InvalidArgument(
+            others[0][0],
+            f"cannot be sent with {', '.join(first)}: address the items one way, by "
+            "decision_ids, batch_token + indices or event_ids + variants (or variant_indices)",
+        )
+    form = _ADDRESSING[used[0]]
+    if form[0] not in sent[used[0]]:
+        raise InvalidArgument(form[0], f"is required with {', '.join(sent[used[0]])}")
+    return form[0]
+
+
 def _watch_ended(why: Ended, last: int) -> Exception:
     """The status a WatchEvents call ends with, saying where to resume."""
     resume = f"reconnect with after_sequence={last}"
@@ -403,8 +432,6 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
 
     def _reward_indexed(self, request: pb.RewardBatchRequest) -> pb.RewardBatchResponse:
         """The batch_token + indices form, as columns end to end."""
-        if request.decision_ids or request.event_ids:
-            raise InvalidArgument("batch_token", "use one addressing form per request")
         codes = self.app.reward_indexed(
             experiment=request.experiment,
             batch_token=request.batch_token,
@@ -426,7 +453,8 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
         )
 
     def _reward_batch(self, request: pb.RewardBatchRequest) -> pb.RewardBatchResponse:
-        if request.batch_token:
+        form = _addressing(request)
+        if form == "batch_token":
             return self._reward_indexed(request)
         common: dict[str, Any] = {
             "experiment": request.experiment,
@@ -434,9 +462,9 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
             "scores": list(request.prediction_scores),
             "guardrails": self._guardrail_rows(request),
         }
-        if request.decision_ids:
+        if form == "decision_ids":
             statuses = self.app.reward(decision_ids=list(request.decision_ids), **common)
-        elif request.event_ids:
+        else:
             statuses = self.app.reward(
                 event_ids=list(request.event_ids),
                 variants=list(request.variants),
@@ -444,8 +472,6 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
                 field="event_ids",
                 **common,
             )
-        else:
-            raise InvalidArgument("decision_ids", "send decision_ids, batch_token or event_ids")
         return pb.RewardBatchResponse(
             accepted=statuses.count(ACCEPTED),
             duplicates=statuses.count(DUPLICATE),

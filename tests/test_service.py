@@ -724,6 +724,44 @@ def test_indexed_reward_errors_name_the_field_and_write_nothing(
     assert stub.RewardBatch(req()).accepted == 2
 
 
+def test_reward_batch_refuses_mixed_addressing_and_writes_nothing(
+    client: AllocatorClient, stub: pb_grpc.AllocatorStub, server: Running
+) -> None:
+    """The proto allows exactly one of three ways: the fields of another way were ignored
+    (decision_ids won over event_ids and indices, batch_token over variants)."""
+    client.create_experiment(_spec())
+    d = client.assign("exp")
+    b = client.assign_batch("exp", 2)
+    ids = {"decision_ids": [d.decision_id]}
+    token = {"batch_token": b.batch_token, "indices": [0]}
+    events = {"event_ids": ["e0"], "variants": ["a"]}
+    for kw, field, named in [
+        ({**ids, "event_ids": ["e0"]}, "event_ids", "decision_ids"),
+        ({**ids, "variants": ["a"]}, "variants", "decision_ids"),
+        ({**ids, "variant_indices": [0]}, "variant_indices", "decision_ids"),
+        ({**ids, **events}, "event_ids", "decision_ids"),
+        ({**ids, "indices": [0]}, "indices", "decision_ids"),
+        ({**ids, **token}, "batch_token", "decision_ids"),
+        ({**token, "variants": ["a"]}, "variants", "batch_token, indices"),
+        ({**token, "variant_indices": [0]}, "variant_indices", "batch_token, indices"),
+        ({**token, **events}, "event_ids", "batch_token, indices"),
+        ({"indices": [0], **events}, "event_ids", "indices"),
+        # A form's other fields without its first one.
+        ({"indices": [0]}, "batch_token", "indices"),
+        ({"variants": ["a"]}, "event_ids", "variants"),
+    ]:
+        req = pb.RewardBatchRequest(experiment="exp", values=[1.0], **kw)
+        code, details = _code(stub.RewardBatch, req)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (kw, details)
+        assert details.startswith(f"{field}: ") and named in details, (kw, details)
+        stream = stub.RewardStream(iter([pb.RewardStreamRequest(request_id=1, batch=req)]))
+        assert _code(list, stream)[0] == grpc.StatusCode.INVALID_ARGUMENT
+    assert sum(server.app.engine.counts("exp").values()) == 0
+    for kw in (ids, token, events):
+        assert stub.RewardBatch(pb.RewardBatchRequest(experiment="exp", values=[1.0], **kw))
+    assert sum(server.app.engine.counts("exp").values()) == 3
+
+
 def test_indexed_rewards_of_an_expired_batch_are_expired(
     client: AllocatorClient, stub: pb_grpc.AllocatorStub, server: Running
 ) -> None:
