@@ -305,9 +305,8 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
         recs = self.app.experiments(states)
         if request.page_token:
             recs = [r for r in recs if r.name > request.page_token]
-        size = request.page_size or 100
-        if size > 1000:
-            raise InvalidArgument("page_size", "must be at most 1000")
+        # uint32 on the wire, so never negative; "capped at 1000" (the proto): not refused.
+        size = min(request.page_size or 100, 1000)
         page = recs[:size]
         return pb.ListExperimentsResponse(
             experiments=[self._experiment(r) for r in page],

@@ -67,6 +67,16 @@ def test_create_get_list_archive(client: AllocatorClient, stub: pb_grpc.Allocato
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "archived" in details
 
 
+def test_list_page_size_is_capped_not_refused(stub: pb_grpc.AllocatorStub) -> None:
+    """The proto says "capped at 1000"; 5000 was INVALID_ARGUMENT."""
+    for i in range(3):
+        stub.CreateExperiment(pb.CreateExperimentRequest(spec=_spec(f"e{i}")))
+    for size in (5000, 1001, 2**32 - 1):
+        page = stub.ListExperiments(pb.ListExperimentsRequest(page_size=size))
+        assert [e.spec.name for e in page.experiments] == ["e0", "e1", "e2"]
+        assert not page.next_page_token
+
+
 def test_create_errors_name_the_field(client: AllocatorClient, stub: pb_grpc.AllocatorStub) -> None:
     client.create_experiment(_spec())
     code, details = _code(stub.CreateExperiment, pb.CreateExperimentRequest(spec=_spec()))
