@@ -262,7 +262,11 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
         scheme, _, token = sent.partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise Unauthenticated("admin RPC: authorization must be 'Bearer <token>'")
-        if not self.admin_token or not hmac.compare_digest(token, self.admin_token):
+        # As bytes: compare_digest refuses str with non-ASCII characters (a TypeError, so
+        # INTERNAL), and either side may have them.
+        if not self.admin_token or not hmac.compare_digest(
+            token.encode(), self.admin_token.encode()
+        ):
             raise PermissionDenied("admin token is not valid")
         return "admin"
 

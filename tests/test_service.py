@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -538,6 +539,99 @@ def test_admin_needs_token_and_transitions(server: Running, stub: pb_grpc.Alloca
         "ROLLBACK",
         "ADD_VARIANT",
     ]
+
+
+def _raw_unary(port: int, method: str, request: Any, authorization: bytes) -> None:
+    """Send one unary call over a bare HTTP/2 connection, with header bytes the Python
+    client refuses to send (it allows only ASCII metadata values; other clients and
+    proxies need not), and wait for the server to end it. The outcome is read from the
+    server's metrics: the response is HPACK-encoded."""
+
+    def frame(kind: int, flags: int, payload: bytes) -> bytes:
+        return (
+            len(payload).to_bytes(3, "big")
+            + bytes([kind, flags])
+            + (1).to_bytes(4, "big")
+            + payload
+        )
+
+    def literal(name: bytes, value: bytes) -> bytes:  # HPACK: literal, new name, no Huffman
+        return b"\x00" + bytes([len(name)]) + name + bytes([len(value)]) + value
+
+    headers = b"".join(
+        literal(k, v)
+        for k, v in [
+            (b":method", b"POST"),
+            (b":scheme", b"http"),
+            (b":path", f"/allocator.v1.Allocator/{method}".encode()),
+            (b":authority", b"localhost"),
+            (b"content-type", b"application/grpc"),
+            (b"te", b"trailers"),
+            (b"authorization", authorization),
+        ]
+    )
+    body = request.SerializeToString()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+            + (0).to_bytes(3, "big")
+            + b"\x04\x00"
+            + (0).to_bytes(4, "big")  # SETTINGS
+            + frame(1, 0x4, headers)  # HEADERS, END_HEADERS
+            + frame(0, 0x1, b"\x00" + len(body).to_bytes(4, "big") + body)  # DATA, END_STREAM
+        )
+        # Read until the server's trailers (end of stream) have had time to go out.
+        sock.settimeout(1.0)
+        with contextlib.suppress(TimeoutError):
+            while sock.recv(65536):
+                pass
+
+
+def _admin_codes(registry: CollectorRegistry, rpc: str) -> dict[str, float]:
+    codes = ("OK", "PERMISSION_DENIED", "UNAUTHENTICATED", "INTERNAL")
+    out = {
+        c: registry.get_sample_value("allocator_requests_total", {"rpc": rpc, "code": c})
+        for c in codes
+    }
+    return {c: v for c, v in out.items() if v}
+
+
+def test_a_non_ascii_admin_token_is_compared_not_an_internal_error(
+    tmp_path: Path, registry: CollectorRegistry
+) -> None:
+    """hmac.compare_digest raises TypeError on str with non-ASCII characters: with such a
+    --admin-token every admin call was INTERNAL."""
+    token = "jeton-\u00e9t\u00e9"
+    running = create_server(
+        server_config(f"sqlite:///{tmp_path / 'a.sqlite'}", admin_token=token), registry=registry
+    )
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            stub = pb_grpc.AllocatorStub(ch)
+            stub.CreateExperiment(pb.CreateExperimentRequest(spec=_spec()))
+            req = pb.PauseRequest(experiment="exp")
+            for sent in ("Bearer wrong", "Bearer jeton-t"):
+                code, details = _code(stub.Pause, req, metadata=(("authorization", sent),))
+                assert code == grpc.StatusCode.PERMISSION_DENIED, details
+            assert running.app.records["exp"].lifecycle.state.value == "RUNNING"
+            # The token itself, as UTF-8 (which the Python client cannot send).
+            _raw_unary(running.port, "Pause", req, f"Bearer {token}".encode())
+            wait_until(lambda: "OK" in _admin_codes(registry, "Pause"), 5, "Pause to finish")
+        assert running.app.records["exp"].lifecycle.state.value == "PAUSED"
+        assert "INTERNAL" not in _admin_codes(registry, "Pause")
+    finally:
+        running.stop(1.0)
+
+
+def test_a_non_ascii_bearer_is_permission_denied(
+    server: Running, stub: pb_grpc.AllocatorStub, registry: CollectorRegistry
+) -> None:
+    stub.CreateExperiment(pb.CreateExperimentRequest(spec=_spec()))
+    req = pb.PauseRequest(experiment="exp")
+    _raw_unary(server.port, "Pause", req, "Bearer t\u00f6ken".encode())
+    wait_until(lambda: bool(_admin_codes(registry, "Pause")), 5, "Pause to finish")
+    assert _admin_codes(registry, "Pause") == {"PERMISSION_DENIED": 1.0}
+    assert server.app.records["exp"].lifecycle.state.value == "RUNNING"
 
 
 def test_watch_events_live_and_replay(server: Running, stub: pb_grpc.AllocatorStub) -> None:
