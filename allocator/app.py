@@ -14,6 +14,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import queue
 import threading
 import time
@@ -49,7 +50,7 @@ from allocator.errors import (
 from allocator.guardrails import MAX_METRIC_NAME
 from allocator.lifecycle import Action, Event, EventType, IllegalTransition, Lifecycle, State
 from allocator.metrics import Metrics
-from allocator.policies import RewardKind
+from allocator.policies import PolicyKind, RewardKind
 from allocator.report import (
     RANK_SAMPLE_PER_REPLICA,
     common_window,
@@ -542,11 +543,22 @@ class Allocator:
             self._publish(rec, seq, event)
         return rec
 
-    def add_variant(self, name: str, variant: str, *, actor: str, reason: str) -> Record:
-        """Add a variant; a promoted experiment starts a new round (REOPENED)."""
+    def add_variant(
+        self, name: str, variant: str, *, actor: str, reason: str, weight: float | None = None
+    ) -> Record:
+        """Add a variant; a promoted experiment starts a new round (REOPENED).
+
+        ``weight``: the new variant's relative weight, for POLICY_FIXED_SPLIT only (0, like
+        None, is no weight for the other policies).
+        """
         rec = self.get(name)
         if not variant:
             raise InvalidArgument("variant", "is required")
+        if weight is not None:
+            if not (math.isfinite(weight) and weight >= 0):
+                raise InvalidArgument("weight", f"must be a finite number >= 0, got {weight!r}")
+            if weight and rec.config.policy.kind != PolicyKind.FIXED_SPLIT:
+                raise InvalidArgument("weight", "only POLICY_FIXED_SPLIT experiments take weights")
         with rec.lock:
             if rec.lifecycle.state in (State.ARCHIVED, State.PAUSED):
                 raise WrongState(name, rec.lifecycle.state.value, "add a variant")

@@ -338,7 +338,11 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
         self, request: pb.AddVariantRequest, context: grpc.aio.ServicerContext
     ) -> pb.AddVariantResponse:
         rec = self.app.add_variant(
-            request.experiment, request.variant, actor="api", reason=request.reason
+            request.experiment,
+            request.variant,
+            actor="api",
+            reason=request.reason,
+            weight=request.weight if request.HasField("weight") else None,
         )
         return pb.AddVariantResponse(experiment=self._experiment(rec))
 

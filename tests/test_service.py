@@ -634,6 +634,32 @@ def test_a_non_ascii_bearer_is_permission_denied(
     assert server.app.records["exp"].lifecycle.state.value == "RUNNING"
 
 
+def test_add_variant_refuses_a_weight_it_cannot_use_and_changes_nothing(
+    server: Running, stub: pb_grpc.AllocatorStub
+) -> None:
+    """AddVariantRequest.weight was never read: any value was accepted and dropped."""
+    stub.CreateExperiment(pb.CreateExperimentRequest(spec=_spec()))
+    fixed = _spec("fixed", policy=pb.POLICY_FIXED_SPLIT, weights=[1.0, 2.0, 3.0])
+    stub.CreateExperiment(pb.CreateExperimentRequest(spec=fixed))
+    before = {n: (r.version, r.config.variants) for n, r in server.app.records.items()}
+    for experiment, weight, says in [
+        ("exp", 2.0, "only POLICY_FIXED_SPLIT"),  # a Thompson experiment
+        ("exp", -1.0, "finite number >= 0"),
+        ("fixed", -1.0, "finite number >= 0"),
+        ("fixed", float("nan"), "finite number >= 0"),
+        ("fixed", float("inf"), "finite number >= 0"),
+    ]:
+        req = pb.AddVariantRequest(experiment=experiment, variant="d", weight=weight)
+        code, details = _code(stub.AddVariant, req)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+        assert details.startswith("weight: ") and says in details, details
+    assert {n: (r.version, r.config.variants) for n, r in server.app.records.items()} == before
+    # 0 is no weight, for a policy without weights as when it is unset.
+    added = stub.AddVariant(pb.AddVariantRequest(experiment="exp", variant="d", weight=0.0))
+    assert list(added.experiment.spec.variants) == ["a", "b", "c", "d"]
+    assert not added.experiment.spec.weights
+
+
 def test_watch_events_live_and_replay(server: Running, stub: pb_grpc.AllocatorStub) -> None:
     stub.CreateExperiment(pb.CreateExperimentRequest(spec=_spec()))
     # Two events first, so the replay below starts after a real sequence number (0 = live).
