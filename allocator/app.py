@@ -31,6 +31,7 @@ from allocator_client.v1 import allocator_pb2 as pb
 from allocator.config import ServerConfig
 from allocator.convert import (
     check_monitoring,
+    check_policy,
     check_promotion,
     spec_from_json,
     spec_to_config,
@@ -39,10 +40,18 @@ from allocator.convert import (
 from allocator.defaults import DefaultRewards, Pending
 from allocator.drift import ScoreWindows, score_spans
 from allocator.durable import Recovery, RewardWriter, replay_new_experiment
-from allocator.engine import BatchDecision, Decision, Engine, ExperimentConfig, finite_rewards
+from allocator.engine import (
+    MAX_ABS_REWARD,
+    BatchDecision,
+    Decision,
+    Engine,
+    ExperimentConfig,
+    finite_rewards,
+)
 from allocator.errors import (
     ExperimentExists,
     InvalidArgument,
+    NotLoadedYet,
     Overloaded,
     UnknownExperiment,
     WrongState,
@@ -95,6 +104,7 @@ _LEADER_LOCK_KEY = 0x616C6C6F63  # "alloc": one promoter at a time across replic
 # defaults it takes over once they were gone on two looks.
 _REPLICA_LOCK_WAIT_S = 30.0
 _ADOPT_INTERVAL_S = 30.0
+_EVENT_PAGE = 1000  # stored events read per query when handing them to the hub
 
 
 def _check_extras(
@@ -131,6 +141,10 @@ def _check_extras(
                 )
             if not np.isfinite(value):
                 raise InvalidArgument(f"guardrails[{i}].{metric}", "must be a finite number")
+            if abs(value) > MAX_ABS_REWARD:  # summed with its square, as rewards are
+                raise InvalidArgument(
+                    f"guardrails[{i}].{metric}", f"must be within +-{MAX_ABS_REWARD:g}"
+                )
     return checked
 
 
@@ -274,7 +288,9 @@ class Allocator:
         self.by_id: dict[int, Record] = {}
         self._records_lock = threading.Lock()
         self.events = EventHub()
-        self._last_event_seq = 0
+        # The hub's cursor over the store: the last event it was given (see _deliver_events).
+        self._hub_seq = 0
+        self._hub_lock = threading.Lock()
         self.hooks: list[Callable[[Record, np.ndarray, np.ndarray], None]] = []
         self.tick_hooks: list[Callable[[], None]] = []
         self.last_decisions: dict[str, pb.PromotionStatus] = {}
@@ -332,7 +348,7 @@ class Allocator:
         for rec in self.records.values():
             self._apply_state(rec)
             self._load_scores(rec)
-        self._last_event_seq = self._max_event_seq()
+        self._hub_seq = self._max_event_seq()
 
     def _load_scores(self, rec: Record) -> None:
         """Rebuild the prediction-score windows from the log applied so far (the rows
@@ -408,13 +424,17 @@ class Allocator:
     def create(self, spec: pb.ExperimentSpec, actor: str = "api") -> Record:
         """Validate, persist and start serving a new experiment."""
         config = spec_to_config(spec)
+        check_policy(config)
         check_promotion(spec)
         if spec.HasField("default_reward"):
             d = spec.default_reward
             bernoulli = config.policy.reward.value == "bernoulli"
-            if not np.isfinite(d) or (bernoulli and not 0.0 <= d <= 1.0):
+            if not (np.isfinite(d) and abs(d) <= MAX_ABS_REWARD) or (
+                bernoulli and not 0.0 <= d <= 1.0
+            ):
                 raise InvalidArgument(
-                    "spec.default_reward", "must be finite (and in [0, 1] for bernoulli)"
+                    "spec.default_reward",
+                    f"must be finite, within +-{MAX_ABS_REWARD:g} (and in [0, 1] for bernoulli)",
                 )
         if spec.HasField("attribution_window_seconds") and spec.attribution_window_seconds < 1:
             raise InvalidArgument("spec.attribution_window_seconds", "must be >= 1")
@@ -461,6 +481,7 @@ class Allocator:
                 reason="created",
             )
         )
+        self._record_event(rec, Event(EventType.CREATED, rec.name, None, now, "created"))
         return rec
 
     def experiments(self, states: Sequence[State] = ()) -> list[Record]:
@@ -479,11 +500,14 @@ class Allocator:
         reason: str,
         variant: str = "",
         if_version: int | None = None,
+        events: Sequence[Event] = (),
     ) -> Record:
         """Apply a lifecycle action, persist it, and change the allocation to match.
 
         ``if_version``: only if the experiment is still at that version (else
         :class:`VersionConflict`, nothing changed), for a caller that judged its state.
+        ``events``: recorded before the transition's own, in its transaction (what led to
+        it, e.g. FUTILITY_STOPPED): stored and published if and only if it is made.
         """
         rec = self.get(name)
         with rec.lock:
@@ -502,7 +526,7 @@ class Allocator:
             # The action runs on a copy that replaces the live lifecycle only once the
             # commit succeeded: nobody reads a state that may still fail to persist.
             candidate = Lifecycle.from_dict(rec.lifecycle.to_dict())
-            pending: list[Event] = []
+            pending: list[Event] = list(events)
             unsubscribe = candidate.subscribe(pending.append)
             try:
                 audit = candidate.apply(
@@ -705,10 +729,15 @@ class Allocator:
         self._publish(rec, self.store.append_event(self._event_row(rec, event)), event)
 
     def _publish(self, rec: Record, seq: int, event: Event) -> None:
-        """Tell watchers, metrics and listeners (webhooks) about a stored event."""
+        """Tell watchers, metrics and listeners (webhooks) about an event we stored."""
         self.metrics.events.labels(type=event.type.value).inc()
-        self._last_event_seq = max(self._last_event_seq, seq)
-        self.events.publish(StoredEvent(seq, event))
+        # Watchers get it through the store, with whatever committed before it (another
+        # thread's, another replica's): at once, not at the next sync.
+        if seq > self._hub_seq:
+            try:
+                self._deliver_events()
+            except StoreUnavailable:
+                log.warning("store unavailable: event %d reaches watchers at the next sync", seq)
         for listener in self.event_listeners:
             try:
                 listener(rec, event)
@@ -985,7 +1014,7 @@ class Allocator:
                         prefix, current = body + ".", None
                         out.append(None)
                         continue
-                    if not index.isdigit():
+                    if not (index.isascii() and index.isdigit()):
                         raise InvalidToken("batch item index must be a decimal number")
                     d = batch.decision(int(index))
                 else:
@@ -995,9 +1024,7 @@ class Allocator:
                 continue
             except InvalidToken as err:
                 raise InvalidArgument(where, str(err)) from None
-            owner = self.by_id.get(int(d.experiment)) if isinstance(d.experiment, int) else None
-            if owner is None:
-                raise InvalidArgument(where, "decision id names an unknown experiment")
+            owner = self._owner(where, d.experiment, d.variant)
             if rec is None:
                 rec = owner
             elif owner is not rec:
@@ -1015,6 +1042,24 @@ class Allocator:
             if batch is not None and batch is not current:
                 prefix, current, arms = body + ".", batch, batch.variants.tolist()
         return rec, out
+
+    def _owner(self, where: str, experiment: int | str, variant: int) -> Record:
+        """The experiment a verified decision id names (its signature is ours, so it
+        exists: unknown here means another replica made it and we have not loaded it)."""
+        if not isinstance(experiment, int):
+            raise InvalidArgument(where, "decision id names an experiment by name, not id")
+        owner = self.by_id.get(experiment)
+        if owner is None:
+            raise NotLoadedYet(
+                f"decision id names experiment id {experiment!r}, which this replica has not "
+                "loaded yet; retry"
+            )
+        if variant >= len(owner.config.variants):
+            raise NotLoadedYet(
+                f"decision id names variant {variant} of {owner.name!r}, which has "
+                f"{len(owner.config.variants)} here (added on another replica); retry"
+            )
+        return owner
 
     def reward(
         self,
@@ -1141,9 +1186,7 @@ class Allocator:
         except InvalidToken as err:
             raise InvalidArgument("batch_token", str(err)) from None
         if batch is not None:
-            owner = self.by_id.get(batch.experiment) if isinstance(batch.experiment, int) else None
-            if owner is None:
-                raise InvalidArgument("batch_token", "decision id names an unknown experiment")
+            owner = self._owner("batch_token", batch.experiment, int(batch.variants.max(initial=0)))
             if rec is None:
                 rec = owner
             elif owner is not rec:
@@ -1248,9 +1291,11 @@ class Allocator:
                 rec.scores.add_received(scored, rec.lifecycle.audit)
 
     def _tick(self) -> None:
-        """Writer-thread housekeeping: pick up experiments other replicas changed."""
+        """Writer-thread housekeeping: pick up experiments and events other replicas
+        stored (and our own events a failed delivery left behind)."""
         if self.store.shared:
             self._sync_experiments()
+        self._deliver_events()
         for hook in self.tick_hooks:
             hook()
 
@@ -1275,9 +1320,31 @@ class Allocator:
             elif row.version > rec.version:
                 with rec.lock:
                     self._adopt_row(rec, row)
-        for e in self.store.events_after(self._last_event_seq, limit=1000):
-            self._last_event_seq = max(self._last_event_seq, e.seq or 0)
-            self.events.publish(self._stored_event(e))
+
+    def _deliver_events(self) -> None:
+        """Give the hub every stored event after the last one it was given, in order.
+
+        The hub is fed from the store only, never straight from a commit: appends to the
+        events table are serialized (``SqlStore._serialize_appends``), so sequence order
+        is commit order and a read that sees event n sees every event before it. One
+        cursor over the store thus hands over each event once and in sequence order,
+        whichever thread or replica stored it, and WatchEvents may skip any sequence at
+        or below the last it sent. (A cursor that local commits moved on would skip
+        another replica's event stored just before ours but not pulled yet.)
+        """
+        # One reader at a time: two could otherwise hand over their batches interleaved.
+        with self._hub_lock:
+            while True:
+                batch = self.store.events_after(self._hub_seq, limit=_EVENT_PAGE)
+                for e in batch:
+                    if e.experiment_id is not None and e.experiment_id not in self.by_id:
+                        # Another replica's new experiment: the next sync adopts it first,
+                        # or its events would reach no watcher of that experiment.
+                        return
+                    self.events.publish(self._stored_event(e))
+                    self._hub_seq = max(self._hub_seq, e.seq or 0)
+                if len(batch) < _EVENT_PAGE:
+                    return
 
     def _stored_event(self, e: EventRecord) -> StoredEvent:
         """A stored event row as the hub and WatchEvents carry it."""
@@ -1304,6 +1371,14 @@ class Allocator:
         self._wire_lifecycle(rec)
         rec.version, rec.updated_at = row.version, row.updated_at
         self._apply_state(rec)
+
+    def promotion_candidate(self, name: str) -> str:
+        """The variant a Promote without one promotes: the highest posterior P(best)."""
+        self.get(name)
+        if not self.engine.view(name).reward_counts.any():
+            raise InvalidArgument("variant", "no rewards yet, so no candidate: name the variant")
+        p_best, _, _ = self.engine.prob_best(name)
+        return self.engine.config(name).variants[int(np.argmax(p_best))]
 
     def promotion_status(self, rec: Record) -> pb.PromotionStatus | None:
         """Where the promotion rule stands for ``rec`` (None until evaluated)."""

@@ -26,7 +26,7 @@ from allocator.monitor import (
     Reaction,
     cusum_threshold_for_arl,
 )
-from allocator.policies import PolicyConfig, PolicyKind, RewardKind
+from allocator.policies import PolicyConfig, PolicyKind, RewardKind, check_new
 from allocator.promotion import GuardrailCheck, PromotionSettings
 from allocator.report import MAX_BERNOULLI_MIN_EFFECT
 
@@ -106,6 +106,7 @@ _SPEC_FIELDS = {
         )
     },
     # The policy does not fit the reward type.
+    "policy": "spec.policy",
     "kl_ucb": "spec.policy",
     "ucb_normal": "spec.policy",
     "every variant name": "spec.variants",
@@ -187,6 +188,18 @@ def spec_to_config(spec: pb.ExperimentSpec) -> ExperimentConfig:
             seed=int(spec.seed),
             shaping=shaping,
         )
+    except ValueError as err:
+        raise _settings_error(err, _SPEC_FIELDS, "spec") from None
+
+
+def check_policy(config: ExperimentConfig) -> None:
+    """Reject a policy a new experiment could not learn with, naming the field.
+
+    Checked when an experiment is created (not when a stored one is loaded), as
+    :func:`check_promotion`.
+    """
+    try:
+        check_new(config.policy)
     except ValueError as err:
         raise _settings_error(err, _SPEC_FIELDS, "spec") from None
 

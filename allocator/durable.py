@@ -37,13 +37,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from allocator.engine import Engine, ExperimentConfig, ExperimentSnapshot
-from allocator.errors import Overloaded
+from allocator.errors import InvalidArgument, Overloaded
 from allocator.metrics import Metrics
 from allocator.store import (
     AllocationEpoch,
     AssignmentCount,
     LoggedReward,
     LoggedValues,
+    ReplicaConflict,
     RewardColumns,
     RewardRow,
     Store,
@@ -100,6 +101,10 @@ class Recovery:
             else:
                 restored = ExperimentSnapshot.from_bytes(snap.payload)
                 self.engine.restore({name: restored})
+                # Variants added after the snapshot was taken (the record has them, and the
+                # log may hold their rewards): added again, in order, before the replay.
+                for variant in config.variants[len(restored.config.variants) :]:
+                    self.engine.add_variant(name, variant)
                 positions_by_exp[name] = dict(snap.positions)
         self.skip_until = {n: p for n, p in positions_by_exp.items() if p}
         # Replay from the smallest position any experiment needs, filtering per experiment.
@@ -169,6 +174,27 @@ def replay_new_experiment(
             return done
 
 
+def _apply_one_by_one(
+    engine: Engine,
+    name: str,
+    arms: Sequence[int],
+    values: Sequence[float],
+    epochs: Sequence[int],
+    guards: Sequence[str | None],
+) -> int:
+    """Apply logged rows singly, skipping those the engine now refuses (a value beyond
+    today's bound, logged by an earlier version or another replica's): one bad row must
+    not keep the server from starting, nor the pull from moving on. Returns how many."""
+    applied = 0
+    for arm, value, epoch, guard in zip(arms, values, epochs, guards, strict=True):
+        try:
+            engine.reward_batch(name, [arm], [value], [epoch], guardrail_items([guard]))
+            applied += 1
+        except InvalidArgument as err:
+            log.error("experiment %s: logged reward %r not applied: %s", name, value, err)
+    return applied
+
+
 def known_prefix(
     rows: Sequence[LoggedReward], names_by_id: dict[int, str]
 ) -> Sequence[LoggedReward]:
@@ -206,8 +232,11 @@ def apply_logged(
     def flush() -> None:
         nonlocal applied
         if run_name is not None and arms and run_name in engine:
-            engine.reward_batch(run_name, arms, values, epochs, guardrail_items(guards))
-            applied += len(arms)
+            try:
+                engine.reward_batch(run_name, arms, values, epochs, guardrail_items(guards))
+                applied += len(arms)
+            except InvalidArgument:
+                applied += _apply_one_by_one(engine, run_name, arms, values, epochs, guards)
         arms.clear()
         values.clear()
         epochs.clear()
@@ -321,6 +350,7 @@ class RewardWriter:
         # dedup_key -> (experiment, columns, position) of rows of commits that failed and
         # may have landed anyway.
         self._doubtful: dict[str, tuple[str, RewardColumns, int]] = {}
+        self.unapplied = False  # a committed row failed to reach the engine (see _commit)
         self.healthy = True
         self.last_error = ""
         self.positions.pop(replica_id, None)
@@ -346,6 +376,10 @@ class RewardWriter:
             return fut
         if not isinstance(rows, RewardColumns):
             rows = RewardColumns.from_rows(rows)
+        if len(rows) > self.max_queue:  # would never fit: not worth a retry
+            raise InvalidArgument(
+                "values", f"{len(rows)} rewards in one request; at most {self.max_queue}"
+            )
         if self._stop.is_set():
             raise StoreUnavailable("submit", "server is shutting down")
         with self._count_lock:
@@ -429,16 +463,24 @@ class RewardWriter:
         try:
             with self.metrics.flush_seconds.time():
                 flags = self.store.append_rewards(self.replica_id, rows, logged)
-        except Exception as err:
+        except StoreUnavailable as err:
             self._mark_down(err)
-            if isinstance(err, StoreUnavailable):
-                self._doubt(jobs)
+            self._doubt(jobs)
             for job in jobs:
-                job.future.set_exception(
-                    err
-                    if isinstance(err, StoreUnavailable)
-                    else StoreUnavailable("commit", str(err))
-                )
+                job.future.set_exception(err)
+            return False
+        except Exception as err:
+            # Not the database being away: nothing was written (one transaction). One job's
+            # rows must not fail the others', so each is committed alone to find it.
+            if len(jobs) > 1:
+                return all([self._commit([job]) for job in jobs])
+            if isinstance(err, ReplicaConflict):  # this replica can't write: try another
+                self._mark_down(err)
+                jobs[0].future.set_exception(StoreUnavailable("commit", str(err)))
+                return False
+            # The message may quote SQL and other clients' values: it goes to the log only.
+            log.error("commit of %d rewards of %r failed", len(rows), jobs[0].name, exc_info=err)
+            jobs[0].future.set_exception(RuntimeError("reward commit failed"))
             return False
         self._mark_up()
         if self._doubtful:
@@ -463,9 +505,20 @@ class RewardWriter:
                     arms, values, epochs, guardrails = _as_logged(
                         mask, arms, values, epochs, guardrails, fixes
                     )
-                self.engine.reward_batch(job.name, arms, values, epochs, guardrails)
-                if self.on_applied is not None:
-                    self.on_applied(job.name, arms, values)
+                try:
+                    self.engine.reward_batch(job.name, arms, values, epochs, guardrails)
+                    if self.on_applied is not None:
+                        self.on_applied(job.name, arms, values)
+                except Exception:
+                    # A bug, not bad input (that is refused before it is queued). The rows
+                    # are durable and a restart replays them; this thread must live on, or
+                    # every later reward would time out.
+                    log.exception(
+                        "committed rewards of %r could not be applied; no snapshot is taken"
+                        " from now on, so a restart replays them",
+                        job.name,
+                    )
+                    self.unapplied = True
             job.future.set_result(mine)
         return True
 
@@ -623,8 +676,10 @@ class RewardWriter:
     def applied_positions(self) -> dict[str, int] | None:
         """The log positions, per replica, of every row applied so far (writer thread only):
         what a snapshot, or a monitor's saved state, includes. None while a failed commit is
-        in doubt: our highest position may cover a landed-but-unapplied row."""
-        if self._doubtful:
+        in doubt: our highest position may cover a landed-but-unapplied row; and for good
+        once a committed row could not be applied (the posterior lacks it: a restart from an
+        earlier snapshot replays it)."""
+        if self._doubtful or self.unapplied:
             return None
         # Between commits on the only thread that writes our rows, every row of ours in the
         # log has been applied, except rows of a commit that reported failure but happened,

@@ -57,6 +57,13 @@ from allocator.stats import srm_e_step
 
 MAX_VARIANTS = 1000
 MAX_BATCH = 100_000
+# Largest |reward| (and guardrail value) taken. Statistics keep running sums of squares,
+# and the report's Welch degrees of freedom square a variance again: at 1e50 a square is
+# at most 1e100, so sums of squares stay finite up to ~1e208 rewards, and a squared
+# variance up to ~1e200. A finite 1e200 would make the sum of squares inf (a NaN
+# posterior, logged and replayed for ever); no real reward (revenue, latency, a score)
+# comes within dozens of orders of magnitude of the bound.
+MAX_ABS_REWARD = 1e50
 _NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
 
@@ -289,7 +296,13 @@ class _Experiment:
     # -- allocation ------------------------------------------------------------------
     def exploring(self) -> bool:
         need = self.config.shaping.exploration_samples
-        return need > 0 and bool((self.stats[:, 0] < need).any())
+        if need <= 0:
+            return False
+        # Rewards received, undiscounted (as promotion's min_samples): with a discount the
+        # weight in ``stats`` levels off below 1 / (1 - gamma) in total, so a warm-up
+        # measured on it might never end.
+        received = self.epoch_stats[: self.epoch + 1, :, 0].sum(axis=0)
+        return bool((received < need).any())
 
     def needs_estimate(self) -> bool:
         """Whether the next refresh needs the policy's (possibly Monte Carlo) allocation."""
@@ -603,11 +616,17 @@ def _unit_uniform(experiment: str, unit_id: str, epoch: int) -> float:
 
 
 def finite_rewards(values: Sequence[float] | np.ndarray) -> np.ndarray:
-    """Reward values as contiguous float64, refusing NaN and infinities (any reward kind)."""
+    """Reward values as contiguous float64, refusing NaN, infinities and values beyond
+    +-``MAX_ABS_REWARD`` (any reward kind)."""
     v = np.ascontiguousarray(np.asarray(values, dtype=np.float64))
     if v.size and not np.isfinite(v).all():
         bad = int(np.flatnonzero(~np.isfinite(v))[0])
         raise InvalidArgument("values", f"reward {bad} is not a finite number: {float(v[bad])!r}")
+    if v.size and np.abs(v).max() > MAX_ABS_REWARD:
+        bad = int(np.flatnonzero(np.abs(v) > MAX_ABS_REWARD)[0])
+        raise InvalidArgument(
+            "values", f"reward {bad} is {float(v[bad])!r}, beyond +-{MAX_ABS_REWARD:g}"
+        )
     return v
 
 
@@ -867,12 +886,19 @@ class Engine:
         exp = self._get(name)
         with exp.refresh_lock, exp.lock:
             if shares is None:
+                if exp.override is None:
+                    return
                 exp.override = None
             else:
                 s = np.asarray(shares, dtype=np.float64)
                 if s.shape != (exp.config.n_arms,) or (s < 0).any() or s.sum() <= 0:
                     raise InvalidArgument("shares", "must be one non-negative share per variant")
-                exp.override = s / s.sum()
+                s = s / s.sum()
+                # Unchanged (a restart, or adopting another replica's version, applies the
+                # state again): no new epoch, so units keep their arms.
+                if exp.override is not None and np.array_equal(s, exp.override):
+                    return
+                exp.override = s
             exp.refresh(self._clock(), force_epoch=True)
 
     # -- reading -------------------------------------------------------------------------

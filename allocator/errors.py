@@ -60,6 +60,11 @@ class ShuttingDown(RuntimeError):
     """The server is stopping; try again, here or on another replica (UNAVAILABLE)."""
 
 
+class NotLoadedYet(RuntimeError):
+    """A signed decision id names an experiment or variant another replica created and
+    this one has not loaded yet (UNAVAILABLE: retry, it is loaded within a sync interval)."""
+
+
 class Unauthenticated(PermissionError):
     """No admin credentials were sent (UNAUTHENTICATED)."""
 

@@ -18,15 +18,15 @@ Transition table (anything absent raises :class:`IllegalTransition`)
 from          action        to
 ============  ============  =============================================================
 RUNNING       PROMOTE       PROMOTED     (``variant`` required)
-RUNNING       ROLLBACK      ROLLED_BACK  (kill switch: champion := control)
+RUNNING       ROLLBACK      ROLLED_BACK  (kill switch: champion := control, or ``variant``)
 RUNNING       PAUSE         PAUSED
 RUNNING       ADD_VARIANT   RUNNING      (a new arm joins the running round)
-PROMOTED      ROLLBACK      ROLLED_BACK  (champion := previous champion)
+PROMOTED      ROLLBACK      ROLLED_BACK  (champion := previous champion, or ``variant``)
 PROMOTED      REOPEN        REOPENED     (regression, or an operator wants a new round)
 PROMOTED      ADD_VARIANT   REOPENED     (a challenger starts a new round)
 PROMOTED      PAUSE         PAUSED       (e.g. silence the monitor during an incident)
 REOPENED      PROMOTE       PROMOTED     (``variant`` required; may be the champion again)
-REOPENED      ROLLBACK      ROLLED_BACK  (champion := previous champion)
+REOPENED      ROLLBACK      ROLLED_BACK  (champion := previous champion, or ``variant``)
 REOPENED      PAUSE         PAUSED
 REOPENED      ADD_VARIANT   REOPENED
 ROLLED_BACK   REOPEN        REOPENED
@@ -41,13 +41,15 @@ new winner is always chosen by a round with data); ``PAUSED`` accepts only ``RES
 behind the pause); no ``REOPEN`` from ``RUNNING``/``REOPENED`` (already adaptive).
 
 Guards, also raising :class:`IllegalTransition`: ``PROMOTE`` needs a known ``variant``;
-``ROLLBACK`` needs a restore target different from the current champion; ``ADD_VARIANT``
-takes the next index (``variant`` may be omitted or must equal ``n_variants``).
+``ROLLBACK`` needs a restore target (``variant`` if given, which must be known) different
+from the current champion; ``ADD_VARIANT`` takes the next index (``variant`` may be omitted
+or must equal ``n_variants``).
 
 Champion bookkeeping: ``PROMOTE v`` sets ``previous_champion`` to the old champion (the
 control on the first promotion; unchanged when ``v`` is already the champion) and
 ``champion := v``. ``ROLLBACK`` sets ``champion := previous_champion`` (or the control from
-``RUNNING``) and clears ``previous_champion`` so one regression cannot roll back twice.
+``RUNNING``), or the ``variant`` an operator names (e.g. a champion from before the previous
+one), and clears ``previous_champion`` so one regression cannot roll back twice.
 
 Every legal :meth:`Lifecycle.apply` appends exactly one :class:`AuditRecord` and emits the
 matching :class:`Event` (``ADD_VARIANT`` that moves into ``REOPENED`` emits
@@ -117,6 +119,7 @@ class Action(enum.Enum):
 class EventType(enum.Enum):
     """Event kinds fanned out to WatchEvents subscribers and webhooks."""
 
+    CREATED = "CREATED"
     PROMOTED = "PROMOTED"
     ROLLED_BACK = "ROLLED_BACK"
     REOPENED = "REOPENED"
@@ -421,6 +424,12 @@ class Lifecycle:
                 previous = champion
             return to, variant, previous, None, n, variant
         if action is Action.ROLLBACK:
+            if variant is not None:
+                if not 0 <= variant < n:
+                    raise IllegalTransition(frm, action, f"variant {variant} not in [0, {n})")
+                if variant == champion:
+                    raise IllegalTransition(frm, action, f"variant {variant} is the champion")
+                return to, variant, None, None, n, variant
             target = previous if champion is not None else self._control
             if target is None or target == champion:
                 raise IllegalTransition(frm, action, "no earlier champion to restore")

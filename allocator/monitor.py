@@ -9,10 +9,14 @@ detect, in sd units; ``h`` sets the false-alarm rate. The in-control mean and sd
 or estimated from a burn-in of ``burn_in`` samples.
 
 :class:`PageHinkley` (Hinkley 1971, in its data-stream form) is the same reflected walk on
-raw values centred on the *running* mean, ``S = max(0, S + xbar_t - x_t - delta)`` for a
-drop. With a fixed mean it would be exactly CUSUM with ``k = delta/sd``, ``h = lambda/sd``;
-the running mean lets it work without a reference, at the price of slowing down after a
-change (the mean drifts toward the new level).
+the same standardised ``z`` centred on their *running* mean,
+``S = max(0, S + zbar_t - z_t - delta)`` for a drop, so ``delta`` and ``lambda`` are in sd
+units too. Its sd (and the centre, which the running mean makes immaterial) comes from a
+burn-in exactly as CUSUM's does. (Read raw, an allowance of half a sd would be 0.5 reward
+units, more than a conversion rate of 11% can fall: the walk would never move.) With a
+fixed mean it is exactly CUSUM with ``k = delta``, ``h = lambda``; the running mean lets it
+do without a reference mean, at the price of slowing down after a change (the mean drifts
+toward the new level).
 
 Choosing ``h`` from a target in-control average run length (ARL0)
 -----------------------------------------------------------------
@@ -41,6 +45,13 @@ CLT; independent rewards). Looking after every reward would inflate the error ra
 (Johari et al. 2017), so the monitor looks only when ``min(n_p, n_h)`` first reaches
 ``min_samples * 2**j`` and spends ``alpha * 2**-(j+1)`` at look ``j``: by the union bound the
 probability of a false regression over the whole (unbounded) watch is at most ``alpha``.
+
+``margin`` should be the promotion rule's indifference margin. The rule promotes a variant
+within that margin of the best, so a right promotion can leave the champion up to the
+margin below the previous one. With ``margin = 0`` such a champion is in H1: its expected
+z falls like ``sqrt(n)`` while the critical values fall only like ``sqrt(log n)``, so the
+unbounded watch rolls it back with probability approaching 1. Unset, the margin is the
+rule's default, 1% of the champion's mean (its mean since promotion here).
 
 Score drift
 -----------
@@ -211,7 +222,7 @@ def _scan_fixed(
 
 @njit(cache=True, nogil=True)
 def _scan_running(
-    x: FloatArray,
+    z: FloatArray,
     s_lo: float,
     s_hi: float,
     total: float,
@@ -221,11 +232,12 @@ def _scan_running(
     lo: bool,
     hi: bool,
 ) -> tuple[float, float, float, float, int]:
-    """Page-Hinkley walks centred on the running mean; (s_lo, s_hi, total, n, index or -1)."""
-    for i in range(x.shape[0]):
-        total += x[i]
+    """Page-Hinkley walks on z centred on their running mean; (s_lo, s_hi, total, n, index
+    or -1)."""
+    for i in range(z.shape[0]):
+        total += z[i]
         n += 1.0
-        d = x[i] - total / n
+        d = z[i] - total / n
         if hi:
             s_hi = max(0.0, s_hi + (d - delta))
         if lo:
@@ -361,16 +373,20 @@ class CusumSettings:
 
 @dataclass(frozen=True)
 class PageHinkleySettings:
-    """Page-Hinkley parameters in raw units: allowance ``delta``, threshold ``lam``.
+    """Page-Hinkley parameters in sd units: allowance ``delta``, threshold ``lam``.
 
-    >>> PageHinkleySettings(delta=0.01, lam=5.0, burn_in=100).direction
-    <Direction.DOWN: 'down'>
+    ``sd`` None means estimate it from the first ``burn_in`` samples, which also start the
+    running mean (the walk begins after them).
+
+    >>> PageHinkleySettings(delta=0.5, lam=8.0, burn_in=100).sd is None
+    True
     """
 
-    delta: float = 0.005
+    delta: float = 0.5
     lam: float = 50.0
     direction: Direction = Direction.DOWN
     burn_in: int = 30
+    sd: float | None = None
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.delta) or self.delta < 0:
@@ -379,10 +395,14 @@ class PageHinkleySettings:
             raise ValueError(f"lam must be finite and > 0, got {self.lam}")
         if not isinstance(self.direction, Direction):
             raise TypeError("direction must be a Direction")
+        if self.sd is not None and not (math.isfinite(self.sd) and self.sd > 0):
+            raise ValueError(f"sd must be finite and > 0, got {self.sd}")
         if isinstance(self.burn_in, bool) or not isinstance(self.burn_in, int):
             raise TypeError("burn_in must be an int")
         if self.burn_in < 0:
             raise ValueError(f"burn_in must be >= 0, got {self.burn_in}")
+        if self.sd is None and self.burn_in < 2:
+            raise ValueError("burn_in must be >= 2 when sd is to be estimated")
 
 
 class Detector(Protocol):
@@ -406,12 +426,23 @@ class Detector(Protocol):
 
 
 class _Reflected:
-    """Shared alarm bookkeeping for the two reflected-walk detectors."""
+    """Shared by the two reflected-walk detectors: the alarm bookkeeping and the reference
+    (mean, sd) that standardises their input, given or estimated from a burn-in of
+    ``burn_in`` samples (0: none, the reference is given; a missing mean is then 0)."""
 
-    def __init__(self, direction: Direction, threshold: float) -> None:
+    def __init__(
+        self,
+        direction: Direction,
+        threshold: float,
+        mean: float | None,
+        sd: float | None,
+        burn_in: int,
+    ) -> None:
         self._lo = direction in (Direction.DOWN, Direction.BOTH)
         self._hi = direction in (Direction.UP, Direction.BOTH)
         self._threshold = threshold
+        self._given = (mean, sd)
+        self._burn_in = burn_in
         self.reset()
 
     def reset(self) -> None:
@@ -420,10 +451,25 @@ class _Reflected:
         self._s_lo = 0.0
         self._s_hi = 0.0
         self._alarm_at: int | None = None
+        self._burn = RunningStats()
+        self._mean, self._sd = self._given
+        self._ready = False
+        if self._burn_in == 0:
+            self._finish_burn_in()
 
     def state(self) -> dict[str, Any]:
-        """The walk, for :meth:`load_state`: the detector continues exactly where it was."""
-        return {"n": self._n, "lo": self._s_lo, "hi": self._s_hi, "alarm_at": self._alarm_at}
+        """The walk plus the burn-in and the reference it set, for :meth:`load_state`: the
+        detector continues exactly where it was."""
+        return {
+            "n": self._n,
+            "lo": self._s_lo,
+            "hi": self._s_hi,
+            "alarm_at": self._alarm_at,
+            "burn": self._burn.state(),
+            "mean": self._mean,
+            "sd": self._sd,
+            "ready": self._ready,
+        }
 
     def load_state(self, state: Mapping[str, Any]) -> None:
         """Continue from :meth:`state`."""
@@ -431,6 +477,44 @@ class _Reflected:
         self._s_lo = float(state["lo"])
         self._s_hi = float(state["hi"])
         self._alarm_at = None if state["alarm_at"] is None else int(state["alarm_at"])
+        self._burn.load_state(state["burn"])
+        self._mean = None if state["mean"] is None else float(state["mean"])
+        self._sd = None if state["sd"] is None else float(state["sd"])
+        self._ready = bool(state["ready"])
+
+    @property
+    def reference(self) -> tuple[float, float] | None:
+        """(mean, sd) in use, None while the burn-in is still running."""
+        if not self._ready:
+            return None
+        assert self._mean is not None and self._sd is not None
+        return self._mean, self._sd
+
+    def _finish_burn_in(self) -> None:
+        if self._mean is None:
+            self._mean = self._burn.mean
+        if self._sd is None:
+            self._sd = max(math.sqrt(self._burn.variance), _SD_FLOOR)
+        self._ready = True
+
+    def _burn_one(self, x: float) -> bool:
+        """Feed ``x`` to the burn-in if it is still running; True if it took it."""
+        if self._ready:
+            return False
+        self._burn.add(x)
+        if self._burn.n >= self._burn_in:
+            self._finish_burn_in()
+        return True
+
+    def _burn_many(self, arr: FloatArray) -> int | None:
+        """Feed the burn-in from the front of ``arr``: how many it took, None if it took
+        all and still runs. One by one, as :meth:`_burn_one`, so both round alike."""
+        if self._ready:
+            return 0
+        take = min(arr.size, self._burn_in - self._burn.n)
+        for v in arr[:take]:
+            self._burn_one(float(v))
+        return take if self._ready else None
 
     @property
     def n(self) -> int:
@@ -470,48 +554,9 @@ class Cusum(_Reflected):
         if not isinstance(settings, CusumSettings):
             raise TypeError("settings must be CusumSettings")
         self.settings = settings
-        super().__init__(settings.direction, settings.h)
-
-    def reset(self) -> None:
-        """Forget everything, including the burn-in estimates."""
-        super().reset()
-        self._burn = RunningStats()
-        self._mean = self.settings.mean
-        self._sd = self.settings.sd
-        self._ready = self._mean is not None and self._sd is not None
-
-    def state(self) -> dict[str, Any]:
-        """The walk plus the burn-in and the reference it set."""
-        return {
-            **super().state(),
-            "burn": self._burn.state(),
-            "mean": self._mean,
-            "sd": self._sd,
-            "ready": self._ready,
-        }
-
-    def load_state(self, state: Mapping[str, Any]) -> None:
-        """Continue from :meth:`state`."""
-        super().load_state(state)
-        self._burn.load_state(state["burn"])
-        self._mean = None if state["mean"] is None else float(state["mean"])
-        self._sd = None if state["sd"] is None else float(state["sd"])
-        self._ready = bool(state["ready"])
-
-    @property
-    def reference(self) -> tuple[float, float] | None:
-        """(mean, sd) in use, None while the burn-in is still running."""
-        if not self._ready:
-            return None
-        assert self._mean is not None and self._sd is not None
-        return self._mean, self._sd
-
-    def _finish_burn_in(self) -> None:
-        if self._mean is None:
-            self._mean = self._burn.mean
-        if self._sd is None:
-            self._sd = max(math.sqrt(self._burn.variance), _SD_FLOOR)
-        self._ready = True
+        s = settings
+        burn_in = 0 if s.mean is not None and s.sd is not None else s.burn_in
+        super().__init__(s.direction, s.h, s.mean, s.sd, burn_in)
 
     def update(self, x: float) -> bool:
         """Consume one observation; True if the detector is (now or already) in alarm."""
@@ -519,10 +564,7 @@ class Cusum(_Reflected):
         self._n += 1
         if self._alarm_at is not None:
             return True
-        if not self._ready:
-            self._burn.add(xf)
-            if self._burn.n >= self.settings.burn_in:
-                self._finish_burn_in()
+        if self._burn_one(xf):
             return False
         assert self._mean is not None and self._sd is not None
         z = (xf - self._mean) / self._sd
@@ -546,16 +588,9 @@ class Cusum(_Reflected):
         self._n += arr.size
         if self._alarm_at is not None:
             return 0 if arr.size else None
-        i = 0
-        if not self._ready:
-            take = min(arr.size, self.settings.burn_in - self._burn.n)
-            for v in arr[:take]:
-                self._burn.add(float(v))
-            i = take
-            if self._burn.n >= self.settings.burn_in:
-                self._finish_burn_in()
-            else:
-                return None
+        i = self._burn_many(arr)
+        if i is None:
+            return None
         assert self._mean is not None and self._sd is not None
         z = (arr[i:] - self._mean) / self._sd
         self._s_lo, self._s_hi, j = _scan_fixed(
@@ -568,31 +603,42 @@ class Cusum(_Reflected):
 
 
 class PageHinkley(_Reflected):
-    """Page-Hinkley test around the running mean (raw units).
+    """Page-Hinkley test around the running mean, on observations standardised like CUSUM's.
 
-    >>> det = PageHinkley(PageHinkleySettings(delta=0.0, lam=1.5, burn_in=3))
-    >>> det.update_many([1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0])
-    6
+    >>> det = PageHinkley(PageHinkleySettings(delta=0.0, lam=1.0, burn_in=4))
+    >>> det.update_many([1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0])
+    5
     """
 
     def __init__(self, settings: PageHinkleySettings) -> None:
         if not isinstance(settings, PageHinkleySettings):
             raise TypeError("settings must be PageHinkleySettings")
         self.settings = settings
-        super().__init__(settings.direction, settings.lam)
+        # No given mean: the running mean does the centring (the burn-in's mean, which
+        # starts it, only keeps z small).
+        super().__init__(settings.direction, settings.lam, None, settings.sd, settings.burn_in)
 
     def reset(self) -> None:
         """Forget everything, including the running mean."""
-        super().reset()
-        self._total = 0.0
+        self._total = 0.0  # sum and count of z (the burn-in's z sum to 0 about their mean)
         self._count = 0.0
+        super().reset()
+
+    def _finish_burn_in(self) -> None:
+        super()._finish_burn_in()
+        self._total = 0.0
+        self._count = float(self._burn.n)
 
     def state(self) -> dict[str, Any]:
-        """The walk plus the running mean's sums."""
+        """The walk, the reference, and the running mean's sums (of z)."""
         return {**super().state(), "total": self._total, "count": self._count}
 
     def load_state(self, state: Mapping[str, Any]) -> None:
         """Continue from :meth:`state`."""
+        if "ready" not in state:
+            # Saved by an earlier version, which walked on raw values: its sums and walk
+            # have no reference to be continued in sd units.
+            raise ValueError("Page-Hinkley state in raw units, from an earlier version")
         super().load_state(state)
         self._total = float(state["total"])
         self._count = float(state["count"])
@@ -600,7 +646,10 @@ class PageHinkley(_Reflected):
     @property
     def running_mean(self) -> float:
         """Mean of everything consumed before the alarm (0 before the first sample)."""
-        return self._total / self._count if self._count else 0.0
+        if not self._ready:
+            return self._burn.mean
+        assert self._mean is not None and self._sd is not None
+        return self._mean + self._sd * (self._total / self._count if self._count else 0.0)
 
     def update(self, x: float) -> bool:
         """Consume one observation; True if the detector is (now or already) in alarm."""
@@ -608,11 +657,13 @@ class PageHinkley(_Reflected):
         self._n += 1
         if self._alarm_at is not None:
             return True
-        self._total += xf
-        self._count += 1.0
-        if self._n <= self.settings.burn_in:
+        if self._burn_one(xf):
             return False
-        d = xf - self._total / self._count
+        assert self._mean is not None and self._sd is not None
+        z = (xf - self._mean) / self._sd
+        self._total += z
+        self._count += 1.0
+        d = z - self._total / self._count
         delta = self.settings.delta
         if self._hi:
             self._s_hi = max(0.0, self._s_hi + (d - delta))
@@ -633,13 +684,13 @@ class PageHinkley(_Reflected):
         self._n += arr.size
         if self._alarm_at is not None:
             return 0 if arr.size else None
-        take = max(0, min(arr.size, self.settings.burn_in - start))
-        for v in arr[:take]:
-            # Sequential adds, as in update(), so both paths round identically.
-            self._total += float(v)
-            self._count += 1.0
+        i = self._burn_many(arr)
+        if i is None:
+            return None
+        assert self._mean is not None and self._sd is not None
+        z = (arr[i:] - self._mean) / self._sd
         self._s_lo, self._s_hi, self._total, self._count, j = _scan_running(
-            arr[take:],
+            z,
             self._s_lo,
             self._s_hi,
             self._total,
@@ -651,8 +702,8 @@ class PageHinkley(_Reflected):
         )
         if j < 0:
             return None
-        self._alarm_at = start + take + j + 1
-        return take + j
+        self._alarm_at = start + i + j + 1
+        return i + j
 
 
 def make_detector(settings: CusumSettings | PageHinkleySettings) -> Cusum | PageHinkley:
@@ -732,6 +783,8 @@ class MonitorSettings:
 
     The detector sees means of ``batch_size`` rewards (CLT makes skewed rewards closer to
     normal, which the ARL approximation assumes); its ``k``/``h``/``burn_in`` are in batches.
+    ``holdout_margin`` is the promotion's indifference margin in reward units; None: the
+    promotion rule's default, 1% of the champion's mean.
 
     >>> MonitorSettings(batch_size=200, reaction=Reaction.ROLLBACK).holdout_alpha
     0.01
@@ -740,7 +793,7 @@ class MonitorSettings:
     detector: CusumSettings | PageHinkleySettings = field(default_factory=_default_detector)
     batch_size: int = 100
     reaction: Reaction = Reaction.REOPEN
-    holdout_margin: float = 0.0
+    holdout_margin: float | None = None
     holdout_alpha: float = 0.01
     holdout_min_samples: int = 1000
 
@@ -753,8 +806,9 @@ class MonitorSettings:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if not isinstance(self.reaction, Reaction):
             raise TypeError("reaction must be a Reaction")
-        if not math.isfinite(self.holdout_margin) or self.holdout_margin < 0:
-            raise ValueError(f"holdout_margin must be finite and >= 0, got {self.holdout_margin}")
+        m = self.holdout_margin
+        if m is not None and not (math.isfinite(m) and m >= 0):
+            raise ValueError(f"holdout_margin must be finite and >= 0 or None, got {m}")
         if not 0 < self.holdout_alpha < 1:
             raise ValueError(f"holdout_alpha must be in (0, 1), got {self.holdout_alpha}")
         if isinstance(self.holdout_min_samples, bool) or not isinstance(
@@ -999,9 +1053,12 @@ class PromotionMonitor:
         alpha = s.holdout_alpha * 2.0 ** -(self._look + 1)
         while info >= s.holdout_min_samples * 2**self._look:
             self._look += 1
-        test = holdout_z_test(
-            self.promoted_stats, self.holdout_stats, margin=s.holdout_margin, alpha=alpha
-        )
+        margin = s.holdout_margin
+        if margin is None:
+            # The rule's default margin. Estimating it adds 1% of the champion's noise to the
+            # numerator: z's sd is then at most 1.01, which the test ignores.
+            margin = 0.01 * abs(self._promoted.stats.mean)
+        test = holdout_z_test(self.promoted_stats, self.holdout_stats, margin=margin, alpha=alpha)
         self._last_test = test
         if not test.regressed:
             return None
@@ -1011,7 +1068,7 @@ class PromotionMonitor:
             reason=(
                 f"variant {self.variant} mean {self._promoted.stats.mean:.4g} below holdout "
                 f"{self.holdout_variant} mean {self._holdout.stats.mean:.4g} by more than "
-                f"{s.holdout_margin:.4g} (z={test.z:.3g}, p={test.p_value:.3g} < {alpha:.3g})"
+                f"{margin:.4g} (z={test.z:.3g}, p={test.p_value:.3g} < {alpha:.3g})"
             ),
             statistic=test.z,
             threshold=float(sps.norm.ppf(alpha)),

@@ -103,10 +103,36 @@ class PolicyConfig:
             raise ValueError(f"weights must be finite and >= 0, got {self.weights!r}")
         if self.weights and sum(self.weights) <= 0:
             raise ValueError("weights must not all be 0")
+        # Messages start with the setting at fault: the service names it as the bad field.
         if self.kind == PolicyKind.KL_UCB and self.reward != RewardKind.BERNOULLI:
-            raise ValueError("kl_ucb needs rewards in [0, 1] (reward=bernoulli)")
+            raise ValueError("policy kl_ucb needs rewards in [0, 1] (reward=bernoulli)")
         if self.kind == PolicyKind.UCB_NORMAL and self.reward != RewardKind.NORMAL:
-            raise ValueError("ucb_normal is for continuous rewards (reward=normal)")
+            raise ValueError("policy ucb_normal is for continuous rewards (reward=normal)")
+
+
+def check_new(config: PolicyConfig) -> None:
+    """Refuse settings a new experiment would run with but not learn from (``ValueError``).
+
+    Apart from :class:`PolicyConfig`'s own checks because these came later: they are made
+    when an experiment is created, not when a stored one is loaded (as the promotion
+    settings' checks), so a server holding an experiment created before still starts.
+    """
+    if config.kind == PolicyKind.UCB1 and config.reward != RewardKind.BERNOULLI:
+        # Its confidence bonus assumes rewards in [0, 1] (Auer et al. 2002); on another
+        # scale it is mis-sized (all but greedy on large rewards).
+        raise ValueError(
+            "policy ucb1 needs rewards in [0, 1] (reward=bernoulli); "
+            "for continuous rewards use ucb_normal or thompson"
+        )
+    if config.kind == PolicyKind.UCB_NORMAL and config.discount < 1.0:
+        # Its forcing rule plays every arm with fewer than ceil(8 ln t) pulls. Discounting
+        # keeps t below 1 / (1 - gamma), so the arms' n average under t / K: at 0.99 with
+        # three arms (n ~ 33 < 37), or 0.9 with two, every arm stays forced, an equal
+        # split; at 0.99 with two the worse arm is still forced back to n ~ 37 of ~100.
+        raise ValueError(
+            f"discount must be 1 for ucb_normal, got {config.discount!r}: discounted counts "
+            "never meet its rule of playing each arm ceil(8 ln t) times"
+        )
 
 
 class Policy(Protocol):

@@ -9,8 +9,10 @@ The leader (highest posterior mean) is promoted when every condition holds:
 ``min_samples``    every variant has ``min_samples_per_variant`` rewards;
 ``min_duration``   the experiment is ``min_duration_seconds`` old;
 ``p_best``         P(leader within the margin of the best) >= ``p_best_threshold``;
-``expected_loss``  E[max_k theta_k - theta_leader] <= the tolerance (Scott 2015's "value
-                   remaining"; default 1% of the leader's posterior mean);
+``expected_loss``  E[max_k theta_k - theta_leader] <= the tolerance (default 1% of
+                   |E theta_leader|): an expected-loss threshold in the spirit of Scott
+                   2015's "value remaining", whose rule is instead that the 95th
+                   percentile of (theta_max - theta_leader) / theta_leader is below 1%;
 ``always_valid``   the leader beats every other arm up to the margin at an always-valid
                    level (below);
 ``guardrail:<m>``  each guardrail metric of the leader is no worse than control's by more
@@ -146,9 +148,11 @@ class PromotionSettings:
     """When to promote, and when to give up; validates itself when built.
 
     ``expected_loss_tolerance`` and ``indifference_margin`` are absolute, in reward units;
-    None means 1% of the leader's posterior mean (Scott 2015), and the margin defaults to
-    the tolerance. ``cs_prior_samples`` tunes the always-valid bound: it is tightest when
-    arms have about 4-5 times that many rewards (Howard et al. 2021, section 3.5).
+    None means 1% of the absolute value of the leader's posterior mean (after Scott 2015's
+    1% of value remaining, there a bound on a percentile of the relative loss, here on the
+    expected loss), and the margin defaults to the tolerance. ``cs_prior_samples`` tunes
+    the always-valid bound: it is tightest when arms have about 4-5 times that many
+    rewards (Howard et al. 2021, section 3.5).
 
     >>> round(PromotionSettings(p_best_threshold=0.99).error_rate, 6)
     0.01

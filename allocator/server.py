@@ -16,6 +16,7 @@ import errno
 import json
 import logging
 import signal
+import ssl
 import sys
 import threading
 import time
@@ -133,7 +134,11 @@ class Running:
             # commit) finish before the writer is flushed and stopped.
             self.pool.shutdown(wait=True)
             self.supervisor.stop()
-            self.app.stop()
+            try:
+                self.app.stop()
+            finally:
+                # After the app: its final drain can still find a regression to send.
+                self.supervisor.close()
             if self.http is not None:
                 self.http.shutdown()
                 self.http.server_close()
@@ -142,6 +147,26 @@ class Running:
 def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     if not config.tls_cert:
         return None
+    # grpc reports a bad certificate or key only as a failure to bind: check them here,
+    # with the same OpenSSL, to say which it is.
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        ctx.load_cert_chain(config.tls_cert, config.tls_key)
+    except ssl.SSLError as err:
+        raise OSError(
+            errno.EINVAL,
+            f"--tls-cert {config.tls_cert} / --tls-key {config.tls_key}: not a PEM "
+            f"certificate chain and its private key ({err.reason or err})",
+        ) from None
+    if config.tls_client_ca:
+        try:
+            ctx.load_verify_locations(config.tls_client_ca)
+        except ssl.SSLError as err:
+            raise OSError(
+                errno.EINVAL,
+                f"--tls-client-ca {config.tls_client_ca}: not PEM CA certificates "
+                f"({err.reason or err})",
+            ) from None
     chain = Path(config.tls_cert).read_bytes()
     key = Path(config.tls_key).read_bytes()
     if config.tls_client_ca:
@@ -222,6 +247,7 @@ def create_server(
         pool.shutdown()
         supervisor.stop()
         app.stop()
+        supervisor.close()
         raise
     http = None
     if config.http_port >= 0:  # -1: off
@@ -232,6 +258,7 @@ def create_server(
             pool.shutdown()
             supervisor.stop()
             app.stop()
+            supervisor.close()
             raise OSError(
                 err.errno, f"--http-port {config.http_port} on {config.http_host}: {err.strerror}"
             ) from err

@@ -46,6 +46,7 @@ from allocator.errors import (
     Busy,
     ExperimentExists,
     InvalidArgument,
+    NotLoadedYet,
     Overloaded,
     PermissionDenied,
     ShuttingDown,
@@ -80,6 +81,7 @@ _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (StoreUnavailable, grpc.StatusCode.UNAVAILABLE),
     (ShuttingDown, grpc.StatusCode.UNAVAILABLE),
+    (NotLoadedYet, grpc.StatusCode.UNAVAILABLE),
     # Another replica changed the experiment between our read and our write.
     (VersionConflict, grpc.StatusCode.ABORTED),
 )
@@ -569,10 +571,9 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
     def Promote(
         self, request: pb.PromoteRequest, context: grpc.aio.ServicerContext
     ) -> pb.PromoteResponse:
-        if not request.variant:
-            self._admin(context)
-            raise InvalidArgument("variant", "name the variant to promote")
-        exp = self._admin_transition(Action.PROMOTE, request, context, request.variant)
+        self._admin(context)  # before the candidate is looked up: it reveals the leader
+        variant = request.variant or self.app.promotion_candidate(request.experiment)
+        exp = self._admin_transition(Action.PROMOTE, request, context, variant)
         return pb.PromoteResponse(experiment=exp)
 
     @_rpc()
@@ -631,6 +632,9 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
                     continue
                 if isinstance(live, Ended):
                     raise _watch_ended(live, last)
+                # The hub hands over events once each, in sequence order, and commit order
+                # is sequence order (Allocator._deliver_events): anything at or below the
+                # last sequence sent was sent already, by the replay or live.
                 if live.seq <= last:
                     continue
                 if self._wanted(live.event, request.experiment, types):

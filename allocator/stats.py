@@ -750,8 +750,9 @@ def stratified_difference(
     out: their difference is not estimable (a positivity gap, as after a promotion or
     before a variant was added). Variance: sum_e w_e^2 (v_arm/n_arm + v_control/n_control);
     for 0/1 rewards (``sums_sq`` None) the test's uses the pooled rate of each epoch and
-    the interval's the plus-two proportions (see the code). The interval is NaN when the
-    rewards have no spread at all.
+    the interval's the plus-two proportions, which also centre it (Agresti-Caffo, as
+    :func:`proportion_difference`; the estimate stays the observed difference). The
+    interval is NaN when the rewards have no spread at all.
     Under an allocation that moves between epochs the pooled tests compare arms over
     different mixes of epochs; this one does not (a within-epoch allocation that still
     adapts to the data keeps it from being exact).
@@ -781,26 +782,34 @@ def stratified_difference(
         # 0/1 rewards. A small cell often has no success, and its plug-in variance is then
         # 0: a starved arm's late epochs would carry weight with no spread, and the test
         # would reject far too often. The test takes each epoch's variance under its null,
-        # the two arms' pooled rate (as Cochran-Mantel-Haenszel); the interval, the
-        # plus-two proportions of each cell (Agresti-Caffo), so no cell is without spread.
+        # the two arms' pooled rate (as Cochran-Mantel-Haenszel), on the raw difference.
+        # The interval is Agresti-Caffo's in each cell: plus-two proportions for both its
+        # centre and its variance (as proportion_difference), so no cell is without spread
+        # and, with a single epoch, the two functions give the same interval.
         pooled = (m1 * n1 + m0 * n0) / (n1 + n0)
         var_test = float((w**2 * pooled * (1 - pooled) * (1 / n1 + 1 / n0)).sum())
         t1, t0 = (m1 * n1 + 1) / (n1 + 2), (m0 * n0 + 1) / (n0 + 2)
+        centre = float((w * (t1 - t0)).sum())
         var_ci = float((w**2 * (t1 * (1 - t1) / (n1 + 2) + t0 * (1 - t0) / (n0 + 2))).sum())
         bounds = (-1.0, 1.0)
     else:
+        centre = diff
         var_test = var_ci = float(
             (w**2 * (cell_var[both, arm] / n1 + cell_var[both, control] / n0)).sum()
         )
         bounds = (-math.inf, math.inf)
     if not (math.isfinite(var_test) and math.isfinite(var_ci)):
         return nan
-    # No spread at all (constant rewards): no interval to give; a difference is certain.
-    half = float(_st.norm.isf(alpha / 2)) * math.sqrt(var_ci) if var_ci > 0 else _NAN
     se = math.sqrt(var_test)
     z = diff / se if se > 0 else (math.copysign(math.inf, diff) if diff else _NAN)
     p = float(2 * _st.norm.sf(abs(z))) if not math.isnan(z) else _NAN
-    lower, upper = max(bounds[0], diff - half), min(bounds[1], diff + half)
+    if var_ci > 0:
+        half = float(_st.norm.isf(alpha / 2)) * math.sqrt(var_ci)
+        lower, upper = max(bounds[0], centre - half), min(bounds[1], centre + half)
+    else:
+        # No spread at all (constant rewards): no interval to give; a difference is certain.
+        # Set explicitly: max(-inf, nan) is -inf, which would pass for an infinite interval.
+        lower = upper = _NAN
     return StratifiedDifference(
         Interval(diff, lower, upper, level),
         TestResult(float(z), p, None, "stratified_z"),
@@ -834,11 +843,15 @@ def ipw_means(arms: ArrayLike, rewards: ArrayLike, propensities: ArrayLike, k: i
         raise ValueError("propensities must be in (0, 1]")
     n = a.size
     z = r / p
+    # An arm never played has no data: HT's sum is empty, and its 0 +- 0 would read as a
+    # certain value of 0 (ArmEstimates promises NaN there, as Hajek's 0/0 gives).
+    played = np.bincount(a, minlength=k) > 0
     with np.errstate(invalid="ignore", divide="ignore"):
         ht = np.bincount(a, weights=z, minlength=k) / n
         # Terms are z_i on the arm's rows and 0 elsewhere: variance about ht over all n rows.
         ht_var = (np.bincount(a, weights=z * z, minlength=k) - n * ht**2) / (n - 1)
         ht_se = np.sqrt(np.maximum(ht_var, 0.0) / n) if n > 1 else np.full(k, _NAN)
+        ht, ht_se = np.where(played, ht, _NAN), np.where(played, ht_se, _NAN)
         den = np.bincount(a, weights=1.0 / p, minlength=k) / n
         hj = np.where(den > 0, ht / den, _NAN)
         # Linearization of a ratio estimator: residuals (r_i - hajek) / p_i on the arm's rows,

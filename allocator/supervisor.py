@@ -27,7 +27,7 @@ from allocator import stats
 from allocator.app import Allocator, Record
 from allocator.convert import promotion_settings
 from allocator.durable import advance
-from allocator.engine import mc_seed
+from allocator.engine import ExperimentView, mc_seed
 from allocator.lifecycle import Action, Event, EventType, Lifecycle, State
 from allocator.monitor import (
     CusumSettings,
@@ -63,35 +63,61 @@ def monitor_settings(spec: pb.ExperimentSpec) -> MonitorSettings | None:
     the selection itself. The burn-in is 200 batches and the default ARL0 1e6 batches: with
     20 batches and ARL0 1e4, 37% of 2,000-batch Bernoulli(0.11) streams with nothing wrong
     raised an alarm (the estimated sd is noisy and Bernoulli batch means are skewed); with
-    these, 0.3%, and a drop from 0.11 to 0.08 is still caught in ~23 batches.
+    these, 0.3%, and a drop from 0.11 to 0.08 is still caught in ~23 batches. Both
+    detectors (CUSUM k and h, Page-Hinkley delta and lambda) read them in those units.
+
+    The holdout test allows the promotion's indifference margin: the rule promoted a
+    champion within it of the best, so one that much below the previous champion is no
+    regression (with no margin the unbounded watch would roll it back sooner or later).
     """
     m = spec.monitoring
     if m.detector == pb.DRIFT_DETECTOR_NONE:
         return None
     k = m.detector_slack if m.HasField("detector_slack") else 0.5
+    # Page-Hinkley on standardised batch means is a CUSUM centred on the running mean
+    # instead of the burn-in's; at CUSUM's threshold it alarms no more often in control
+    # (a check, not a committed test: 6 of 100 runs of 20,000 N(0, 1) batches, CUSUM 11),
+    # where the old default of 50 sd caught the drop above in 9 of 40 runs.
+    h = (
+        m.detector_threshold
+        if m.HasField("detector_threshold")
+        else cusum_threshold_for_arl(1e6, k)
+    )
+    detector: CusumSettings | PageHinkleySettings
     if m.detector == pb.DRIFT_DETECTOR_PAGE_HINKLEY:
-        lam = m.detector_threshold if m.HasField("detector_threshold") else 50.0
-        detector: CusumSettings | PageHinkleySettings = PageHinkleySettings(
-            delta=k, lam=lam, burn_in=200
-        )
+        detector = PageHinkleySettings(delta=k, lam=h, burn_in=200)
     else:
-        h = (
-            m.detector_threshold
-            if m.HasField("detector_threshold")
-            else cusum_threshold_for_arl(1e6, k)
-        )
         detector = CusumSettings(k=k, h=h, burn_in=200)
     reaction = _REACTION.get(m.on_regression, Reaction.NOTIFY_ONLY)
-    return MonitorSettings(detector=detector, batch_size=100, reaction=reaction)
+    # Without a holdout the margin is read by nothing: 0.0, the value in the keys of
+    # monitors saved before it was passed, so those are still restored.
+    margin = _promotion_margin(spec) if m.holdout_share > 0 else 0.0
+    return MonitorSettings(
+        detector=detector, batch_size=100, reaction=reaction, holdout_margin=margin
+    )
 
 
-def _guardrails(app: Allocator, rec: Record) -> tuple[dict[str, GuardrailCheck], list[str]]:
+def _promotion_margin(spec: pb.ExperimentSpec) -> float | None:
+    """The promotion rule's indifference margin, reward units (None: its default, 1% of the
+    leader's mean). Unset, the margin is the expected-loss tolerance (see the proto)."""
+    try:
+        settings = promotion_settings(spec)
+    except (TypeError, ValueError):
+        return None  # a stored spec the rule cannot use (it was checked at creation)
+    if settings.indifference_margin is not None:
+        return settings.indifference_margin
+    return settings.expected_loss_tolerance
+
+
+def _guardrails(
+    app: Allocator, name: str, spec: pb.ExperimentSpec, n_arms: int
+) -> tuple[dict[str, GuardrailCheck], list[str]]:
     """Guardrail checks with data for every variant, and the metrics still without."""
-    stats = app.engine.guardrail_stats(rec.name)
+    stats = app.engine.guardrail_stats(name)
     checks: dict[str, GuardrailCheck] = {}
     missing: list[str] = []
-    k = rec.config.n_arms
-    for g in rec.spec.promotion.guardrails:
+    k = n_arms
+    for g in spec.promotion.guardrails:
         s = stats.get(g.metric)
         if s is None or s.shape[0] < k or (s[:k, 0] == 0).any():
             missing.append(g.metric)
@@ -104,33 +130,72 @@ def _guardrails(app: Allocator, rec: Record) -> tuple[dict[str, GuardrailCheck],
     return checks, missing
 
 
+def _round_start(lc: Lifecycle) -> float | None:
+    """When the REOPENED round under way opened (the move into REOPENED from PROMOTED or
+    ROLLED_BACK; a PAUSE and RESUME within it continue it); None outside one."""
+    if lc.state != State.REOPENED:
+        return None
+    for a in reversed(lc.audit):
+        if a.to_state == State.REOPENED and a.from_state in (State.PROMOTED, State.ROLLED_BACK):
+            return a.at
+    return None
+
+
+def _round_stats(view: ExperimentView, start: float) -> tuple[np.ndarray, np.ndarray]:
+    """(Posterior statistics, rewards per arm) of the rewards of decisions made since
+    ``start``: the allocation epochs opened since (a reopen opens one, at its commit).
+
+    A reopened round is judged on its own rewards: the pooled history is dominated by
+    the champion's, from before the regression that reopened it, and would promote it
+    again at once. Undiscounted, the epochs' sums are exactly that posterior; a discount
+    already forgets the old rewards at the rate chosen, so its posterior is kept and only
+    the counts (for min_samples) are the round's.
+    """
+    es = view.epoch_stats[view.epoch_started >= start].sum(axis=0)
+    counts = es[:, 0].copy()
+    if view.config.policy.discount < 1.0:
+        return view.stats, counts
+    return es, counts
+
+
 def evaluate_promotion(app: Allocator, rec: Record) -> pb.PromotionStatus | None:
     """Apply the calibrated rule; promote or stop for futility when it says so.
 
     The Monte Carlo is seeded from the experiment's seed and its reward count, so the same
-    reward stream gives the same decision (reproducible promotion).
+    reward stream gives the same decision (reproducible promotion). The transition it calls
+    for is made only onto the version judged: an operator's action or a new variant since
+    raises :class:`VersionConflict` and nothing changes (the caller judges again).
     """
-    view = app.engine.view(rec.name)
+    with rec.lock:  # lifecycle, spec, version and the arms' stats, as one
+        lc, spec, config, version = rec.lifecycle, rec.spec, rec.config, rec.version
+        updated_at = rec.updated_at
+        view = app.engine.view(rec.name)
+    if not lc.state.adaptive:
+        return None  # promoted, paused, ... since the pass read the state
     total = int(view.reward_counts.sum())
     if total == 0:
         return None
     try:
-        settings = promotion_settings(rec.spec)
+        settings = promotion_settings(spec)
     except (TypeError, ValueError) as err:
         return pb.PromotionStatus(decision="invalid settings", reasons=[str(err)])
-    checks, missing = _guardrails(app, rec)
-    since = rec.updated_at if rec.lifecycle.state == State.REOPENED else rec.created_at
+    checks, missing = _guardrails(app, rec.name, spec, config.n_arms)
+    since = updated_at if lc.state == State.REOPENED else rec.created_at
     age = max(0.0, app.clock() - since)
-    seed = mc_seed(rec.config.seed, total)
+    seed = mc_seed(config.seed, total)
+    start = _round_start(lc)
+    posterior, counts = (
+        (view.stats, view.reward_counts) if start is None else _round_stats(view, start)
+    )
     decision = evaluate(
         settings,
-        view.stats,
-        rec.config.policy,
+        posterior,
+        config.policy,
         age,
         seed,
         guardrails=checks,
-        variants=rec.config.variants,
-        reward_counts=view.reward_counts,
+        variants=config.variants,
+        reward_counts=counts,
     )
     reasons = list(decision.reasons) + [
         f"guardrail {m}: no data for every variant yet" for m in missing
@@ -138,9 +203,9 @@ def evaluate_promotion(app: Allocator, rec: Record) -> pb.PromotionStatus | None
     action = decision.action
     if action == "promote" and missing:
         action = "continue"
-    candidate = rec.config.variants[decision.candidate] if decision.candidate is not None else ""
+    candidate = config.variants[decision.candidate] if decision.candidate is not None else ""
     status = pb.PromotionStatus(decision=action, candidate=candidate, reasons=reasons)
-    auto = rec.spec.promotion.auto_promote if rec.spec.promotion.HasField("auto_promote") else True
+    auto = spec.promotion.auto_promote if spec.promotion.HasField("auto_promote") else True
     if not auto or decision.candidate is None:
         return status
     summary = "; ".join(r for r in decision.reasons[:3])
@@ -151,19 +216,29 @@ def evaluate_promotion(app: Allocator, rec: Record) -> pb.PromotionStatus | None
             actor="promoter",
             variant=candidate,
             reason=f"promotion rule met: {summary}",
+            if_version=version,
         )
     elif action == "futility_stop":
-        app.emit(
-            rec,
+        # Keep the control: all traffic to it. A rollback (to it, not to the previous
+        # champion, which after two promotions is not the control) unless it is the
+        # champion on record already (REOPENED after the control itself was promoted):
+        # then the round ends with it promoted again.
+        keep = Action.PROMOTE if lc.champion == decision.candidate else Action.ROLLBACK
+        stopped = Event(
             EventType.FUTILITY_STOPPED,
-            "no variant can plausibly beat control by the minimum effect",
+            rec.name,
             decision.candidate,
+            app.clock(),
+            "no variant can plausibly beat control by the minimum effect",
         )
         app.transition(
             rec.name,
-            Action.ROLLBACK,
+            keep,
             actor="promoter",
+            variant=candidate,
             reason="futility: keep the control",
+            if_version=version,
+            events=[stopped],  # with the transition, or (a failed one) not at all
         )
     return status
 
@@ -240,6 +315,10 @@ class Supervisor:
         self._ended: list[tuple[int, dict[str, object] | None]] = []
         self._states: dict[str, State] = {}  # each experiment's state at the last pass
         self._webhooks: dict[str, WebhookNotifier] = {}
+        # Events come from RPC, writer and supervisor threads: one notifier per URL, and
+        # none made once closed (it would never be closed, its queue never flushed).
+        self._webhooks_lock = threading.Lock()
+        self._webhooks_closed = False
         self._srm_flagged: set[str] = set()
         self._evaluated: dict[str, tuple[int, float]] = {}
         self._lock = threading.Lock()
@@ -256,12 +335,20 @@ class Supervisor:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop the loop and flush webhooks."""
+        """Stop the loop. The monitors are still fed (and report) until the app stops:
+        :meth:`close` the webhooks after that."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
-        for hook in self._webhooks.values():
-            hook.close(2.0)
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Flush and close the webhooks. Call it after ``app.stop()``: the final drain of
+        the reward queue feeds the monitors, and a regression found there is sent too."""
+        with self._webhooks_lock:
+            self._webhooks_closed = True
+            hooks = list(self._webhooks.values())
+        for hook in hooks:
+            hook.close(timeout)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -316,7 +403,14 @@ class Supervisor:
         if state.adaptive:
             self._check_srm(rec)
             if self.evaluate is not None and self._due(rec):
-                status = self.evaluate(self.app, rec)
+                try:
+                    status = self.evaluate(self.app, rec)
+                except VersionConflict as err:
+                    # Judged on a state that is gone (an operator's promotion, a new
+                    # variant): nothing changed; judged again, on the new one, next pass.
+                    log.info("experiment %s: promotion decision dropped: %s", rec.name, err)
+                    self._evaluated.pop(rec.name, None)
+                    return
                 if status is not None:
                     self.app.last_decisions[rec.name] = status
         elif state == State.PROMOTED:
@@ -656,12 +750,18 @@ class Supervisor:
         url = rec.spec.monitoring.webhook_url
         if not url:
             return
-        hook = self._webhooks.get(url)
-        if hook is None:
-            try:
-                hook = WebhookNotifier(url, event_types=None)
-            except ValueError:
-                log.warning("experiment %s: ignoring invalid webhook_url %r", rec.name, url)
-                return
-            self._webhooks[url] = hook
-        hook(event)
+        with self._webhooks_lock:
+            hook = self._webhooks.get(url)
+            if hook is None:
+                if self._webhooks_closed:
+                    log.error(
+                        "experiment %s: %s not sent, webhooks closed", rec.name, event.type.value
+                    )
+                    return
+                try:
+                    hook = WebhookNotifier(url, event_types=None)
+                except ValueError:
+                    log.warning("experiment %s: ignoring invalid webhook_url %r", rec.name, url)
+                    return
+                self._webhooks[url] = hook
+        hook(event)  # a closed one drops it, with a log line

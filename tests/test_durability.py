@@ -25,6 +25,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,11 +41,12 @@ from prometheus_client import CollectorRegistry
 
 from allocator.app import Allocator
 from allocator.config import ServerConfig
-from allocator.durable import apply_logged
-from allocator.engine import Engine
+from allocator.durable import RewardWriter, _Job, apply_logged
+from allocator.engine import Engine, ExperimentConfig
+from allocator.lifecycle import Action
 from allocator.metrics import Metrics
 from allocator.server import STORE_HEALTH, Running, create_server
-from allocator.store import SqlStore, StoreLocked, StoreUnavailable
+from allocator.store import RewardColumns, RewardRow, SqlStore, StoreLocked, StoreUnavailable
 from allocator.tokens import event_key
 from tests.conftest import ADMIN_TOKEN, server_config, wait_until
 
@@ -858,6 +860,178 @@ def test_resubmission_of_a_landed_reward_applies_the_logged_values(tmp_path: Pat
         np.testing.assert_array_equal(
             again.app.engine.guardrail_stats(EXPERIMENT)["lat"][1], [1, 2, 4]
         )
+    finally:
+        again.stop(grace=1.0)
+
+
+def test_restart_from_a_snapshot_older_than_an_added_variant(tmp_path: Path) -> None:
+    """A crash after AddVariant and before the next snapshot: the restart restores the
+    snapshot (without the variant), adds the variant the record has, and replays its
+    logged rewards, instead of failing on them (or forgetting the variant for good)."""
+    url = f"sqlite:///{tmp_path / 'added.sqlite'}"
+    config = server_config(url, http_port=-1, snapshot_interval_s=3600.0)
+    first = create_server(config)
+    try:
+        first.app.create(pb.ExperimentSpec(name=EXPERIMENT, variants=list(VARIANTS), seed=1))
+        assert _reward_events(first.app, ["a0", "a1"], 0) == ["accepted"] * 2
+    finally:
+        first.stop(grace=1.0)  # its last snapshot has the three variants
+    taken_before = time.time()
+    second = create_server(config)
+    try:
+        second.app.add_variant(EXPERIMENT, "retrained", actor="test", reason="retrained")
+        assert _reward_events(second.app, ["n0", "n1", "n2"], 3) == ["accepted"] * 3
+    finally:
+        second.stop(grace=1.0)
+    # The crash: the snapshot the clean stop took after the AddVariant never happened.
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("DELETE FROM snapshots WHERE created_at > :t"), {"t": taken_before})
+    engine.dispose()
+    third = create_server(config)
+    try:
+        view = third.app.engine.view(EXPERIMENT)
+        assert view.config.variants == (*VARIANTS, "retrained")
+        np.testing.assert_array_equal(view.stats[:, 0], [2, 0, 0, 3])
+        # Served again and rewardable: the variant is not lost.
+        arms = third.app.assign_batch(EXPERIMENT, 2_000)[1].arms
+        assert (arms == 3).any()
+        assert _reward_events(third.app, ["n3"], 3) == ["accepted"]
+    finally:
+        third.stop(grace=1.0)
+
+
+def test_writer_survives_a_failure_to_apply_committed_rewards(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error applying committed rows (a bug) is logged; the rows stay acknowledged (they
+    are durable) and the writer goes on committing later rewards."""
+    url = f"sqlite:///{tmp_path / 'apply.sqlite'}"
+    running = create_server(server_config(url, http_port=-1))
+    try:
+        app = running.app
+        app.create(pb.ExperimentSpec(name=EXPERIMENT, variants=list(VARIANTS), seed=1))
+        original = app.engine.reward_batch
+        calls = {"n": 0}
+
+        def broken_once(*args: object, **kwargs: object) -> None:
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("injected")
+            original(*args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(app.engine, "reward_batch", broken_once)
+        assert _reward_events(app, ["x0"], 0) == ["accepted"]
+        assert _reward_events(app, ["x1"], 1) == ["accepted"]
+        np.testing.assert_array_equal(app.engine.view(EXPERIMENT).stats[:, 0], [0, 1, 0])
+    finally:
+        running.stop(grace=1.0)
+    again = create_server(server_config(url, http_port=-1))
+    try:  # the log has both: the replay restores the one the engine missed
+        np.testing.assert_array_equal(again.app.engine.view(EXPERIMENT).stats[:, 0], [1, 1, 0])
+    finally:
+        again.stop(grace=1.0)
+
+
+def test_restart_of_a_promoted_experiment_keeps_its_epoch_and_sticky_units(
+    tmp_path: Path,
+) -> None:
+    """Applying the same promoted split again at start-up opens no new epoch, so a unit
+    keeps its arm across restarts (holdout: units split between champion and holdout)."""
+    url = f"sqlite:///{tmp_path / 'sticky.sqlite'}"
+    config = server_config(url, http_port=-1)
+    units = [f"user-{i}" for i in range(200)]
+    spec = pb.ExperimentSpec(
+        name=EXPERIMENT,
+        variants=list(VARIANTS),
+        seed=1,
+        monitoring=pb.MonitoringSettings(holdout_share=0.2),
+    )
+    seen: list[tuple[int, list[int]]] = []
+    for run in range(3):
+        running = create_server(config)
+        try:
+            app = running.app
+            if run == 0:
+                app.create(spec)
+                # Champion VARIANTS[2], its predecessor VARIANTS[1] kept as the holdout.
+                for action, variant in (
+                    (Action.PROMOTE, VARIANTS[1]),
+                    (Action.REOPEN, ""),
+                    (Action.PROMOTE, VARIANTS[2]),
+                ):
+                    app.transition(EXPERIMENT, action, actor="t", reason="t", variant=variant)
+            arms = [app.assign(EXPERIMENT, u)[1].arm for u in units]
+            seen.append((app.engine.view(EXPERIMENT).epoch, arms))
+        finally:
+            running.stop(grace=1.0)
+    assert set(seen[0][1]) == {1, 2}
+    assert seen[1] == seen[0] and seen[2] == seen[0]
+
+
+def test_a_commit_error_fails_only_its_own_job_and_keeps_sql_out_of_the_answer(
+    tmp_path: Path,
+) -> None:
+    """A group commit that fails for another reason than the database being away (here a
+    row naming no experiment) is retried job by job: the good job is committed and
+    applied; the bad one gets an error whose message quotes no SQL or values."""
+    store = SqlStore.open(f"sqlite:///{tmp_path / 'jobs.sqlite'}")
+    try:
+        engine = Engine()
+        engine.create(ExperimentConfig(name=EXPERIMENT, variants=VARIANTS))
+        exp_id = store.create_experiment(EXPERIMENT, "{}", "RUNNING", now=1.0).id
+        writer = RewardWriter(
+            store, engine, "r1", Metrics(CollectorRegistry()), ids=lambda: {}, positions={}
+        )
+
+        def job(experiment_id: int, key: str) -> _Job:
+            rows = RewardColumns.of(experiment_id, [key], [1], [1.0], [0], received_at=1.0)
+            return _Job(EXPERIMENT, rows, Future())
+
+        good, bad = job(exp_id, "good"), job(exp_id + 1, "secret-key")
+        assert writer._commit([good, bad]) is False
+        assert good.future.result(0) == [True]
+        with pytest.raises(RuntimeError) as err:
+            bad.future.result(0)
+        assert "secret-key" not in str(err.value) and "INSERT" not in str(err.value)
+        np.testing.assert_array_equal(engine.view(EXPERIMENT).stats[:, 0], [0, 1, 0])
+    finally:
+        store.close()
+
+
+def test_a_logged_reward_refused_today_does_not_stop_recovery(tmp_path: Path) -> None:
+    """A value an earlier version accepted and logged (here 1e60, beyond today's 1e50) is
+    skipped, with an error in the log, when the log is replayed: the server starts and the
+    other rows are applied."""
+    url = f"sqlite:///{tmp_path / 'old.sqlite'}"
+    config = server_config(url, http_port=-1)
+    first = create_server(config)
+    try:
+        first.app.create(_normal_spec(EXPERIMENT))
+        exp_id = first.app.records[EXPERIMENT].id
+    finally:
+        first.stop(grace=1.0)
+    store = SqlStore.open(url)
+    try:
+        store.append_rewards(
+            "old-version",
+            [
+                RewardRow(
+                    dedup_key=f"k{i}",
+                    experiment_id=exp_id,
+                    arm=1,
+                    value=v,
+                    epoch=0,
+                    received_at=1.0,
+                )
+                for i, v in enumerate([2.0, 1e60, 3.0])
+            ],
+        )
+    finally:
+        store.close()
+    again = create_server(config)
+    try:
+        np.testing.assert_array_equal(again.app.engine.view(EXPERIMENT).stats[1], [2, 5, 13])
     finally:
         again.stop(grace=1.0)
 

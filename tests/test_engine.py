@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from allocator.engine import (
+    MAX_ABS_REWARD,
     AllocationMode,
     Engine,
     ExperimentConfig,
@@ -16,7 +17,7 @@ from allocator.engine import (
     config_from_mapping,
 )
 from allocator.errors import ExperimentExists, InvalidArgument, UnknownExperiment, WrongState
-from allocator.policies import PolicyConfig, PolicyKind, RewardKind
+from allocator.policies import PolicyConfig, PolicyKind, RewardKind, check_new
 from allocator.stats import srm_against
 
 
@@ -81,6 +82,30 @@ def test_policy_config_validation(kwargs: dict[str, object], message: str) -> No
         PolicyConfig(**kwargs)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"kind": "ucb1", "reward": "normal"}, "^policy ucb1 needs rewards in \\[0, 1\\]"),
+        ({"kind": "ucb_normal", "reward": "normal", "discount": 0.99}, "^discount must be 1"),
+    ],
+)
+def test_new_experiments_refuse_policies_that_cannot_learn(
+    kwargs: dict[str, object], message: str
+) -> None:
+    """Valid settings (a stored experiment with them still loads) that a new experiment is
+    refused; the message starts with the setting the service names as the bad field."""
+    config = PolicyConfig(**kwargs)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=message):
+        check_new(config)
+    for fine in (
+        PolicyConfig(kind=PolicyKind.UCB1),
+        PolicyConfig(kind=PolicyKind.UCB1, discount=0.99),
+        PolicyConfig(kind=PolicyKind.UCB_NORMAL, reward=RewardKind.NORMAL),
+        PolicyConfig(reward=RewardKind.NORMAL, discount=0.99),
+    ):
+        check_new(fine)
+
+
 def test_config_from_mapping_maps_errors_to_invalid_argument() -> None:
     cfg = config_from_mapping(
         {"name": "m", "variants": ["a", "b"], "policy": {"kind": "ucb1"}, "shaping": {"floor": 0.1}}
@@ -90,6 +115,29 @@ def test_config_from_mapping_maps_errors_to_invalid_argument() -> None:
         config_from_mapping({"name": "m", "variants": ["a", "b"], "policy": {"epsilon": 2}})
     assert err.value.field == "spec"
     assert ExperimentConfig.from_json(cfg.to_json()) == cfg
+
+
+def test_huge_rewards_are_refused_and_change_nothing() -> None:
+    """A finite 1e200 squares to inf: the posterior's sum of squares, and so the expected
+    loss, would be poisoned for good (the reward is logged and replayed). Refused like a
+    NaN, naming the item; at the bound itself the statistics, P(best) and expected loss
+    stay finite (1e50 squared is 1e100, far from overflowing)."""
+    engine = Engine(clock=FakeClock())
+    policy = PolicyConfig(reward=RewardKind.NORMAL)
+    engine.create(ExperimentConfig(name="n", variants=("a", "b"), seed=2, policy=policy))
+    engine.reward_batch("n", [0, 1, 0, 1], [1.0, 2.0, 1.5, 2.5])
+    before = engine.view("n")
+    for value in (1e200, -1e200, np.nextafter(MAX_ABS_REWARD, np.inf)):
+        with pytest.raises(InvalidArgument, match=r"reward 1 is .*beyond") as err:
+            engine.reward_batch("n", [0, 1], [1.0, value])
+        assert err.value.field == "values"
+    after = engine.view("n")
+    np.testing.assert_array_equal(after.stats, before.stats)
+    np.testing.assert_array_equal(after.epoch_stats, before.epoch_stats)
+    engine.reward_batch("n", [0, 1, 1], [MAX_ABS_REWARD, -MAX_ABS_REWARD, 1.0])
+    p_best, loss, _ = engine.prob_best("n")
+    assert np.isfinite(engine.view("n").stats).all()
+    assert np.isfinite(p_best).all() and np.isfinite(loss).all()
 
 
 def test_bad_rewards_raise_and_change_nothing() -> None:
@@ -341,6 +389,35 @@ def test_exploration_period_is_an_equal_split() -> None:
     engine.reward_batch("exp", [1] * 100, [1.0] * 100)
     engine.refresh("exp")
     np.testing.assert_allclose(engine.view("exp").alloc, 1 / 3)
+
+
+def test_exploration_ends_with_a_discount() -> None:
+    """Discount 0.99: the discounted weight over all arms stays below 1 / (1 - 0.99) = 100,
+    so a warm-up of 100 rewards per arm counted on it would never end. Counted on rewards
+    received, it ends after ~200 (equal split), and Thompson then moves traffic to the 0.9
+    arm. Its posterior weight settles near 100 while the 0.1 arm keeps only a few rewards'
+    weight: a Beta(~1.2, ~2.8) draw beats a Beta(~90, ~10) one with probability ~1%, so
+    the refreshed share of the better arm is far above the 0.8 asserted (the warm-up split
+    would be exactly 0.5)."""
+    engine = Engine(clock=FakeClock())
+    engine.create(
+        ExperimentConfig(
+            name="d",
+            variants=("a", "b"),
+            seed=11,
+            policy=PolicyConfig(discount=0.99),
+            shaping=Shaping(exploration_samples=100),
+        )
+    )
+    rng = np.random.default_rng(12)
+    rates = np.array([0.1, 0.9])
+    for _ in range(40):
+        b = engine.assign_batch("d", 100)
+        engine.reward_batch("d", b.arms, (rng.random(b.arms.size) < rates[b.arms]).astype(float))
+        engine.refresh("d")
+    assert min(engine.counts("d").values()) >= 100
+    assert engine.view("d").alloc[1] > 0.8
+    assert (engine.assign_batch("d", 1000).arms == 1).mean() > 0.8
 
 
 @pytest.mark.parametrize("kind", [k for k in PolicyKind])

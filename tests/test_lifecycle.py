@@ -134,6 +134,37 @@ def test_rollback_from_running_restores_the_control() -> None:
     assert (rec.variant, lc.champion, lc.state) == (1, 1, State.ROLLED_BACK)
 
 
+def test_rollback_to_a_named_variant() -> None:
+    """control -> 1 -> 2: rolling back to 0 (not the previous champion 1) returns traffic
+    there and leaves nothing to roll back to."""
+    lc = _lc(n=3)
+    _drive(lc, (Action.PROMOTE, 1), (Action.REOPEN, None), (Action.PROMOTE, 2))
+    rb = lc.apply(Action.ROLLBACK, variant=0, **KW)
+    assert (rb.variant, lc.state, lc.champion, lc.previous_champion) == (
+        0,
+        State.ROLLED_BACK,
+        0,
+        None,
+    )
+
+
+@pytest.mark.parametrize(("variant", "detail"), [(-1, "not in"), (3, "not in"), (1, "champion")])
+def test_rollback_to_a_named_variant_needs_a_known_one_other_than_the_champion(
+    variant: int, detail: str
+) -> None:
+    lc = _to(State.PROMOTED)  # champion 1
+    before = lc.to_dict()
+    with pytest.raises(IllegalTransition, match=detail):
+        lc.apply(Action.ROLLBACK, variant=variant, **KW)
+    assert lc.to_dict() == before
+
+
+def test_rollback_from_running_to_a_named_variant() -> None:
+    lc = _lc(n=3, control=None)  # no control: only a named variant can be restored
+    rec = lc.apply(Action.ROLLBACK, variant=2, **KW)
+    assert (rec.variant, lc.champion, lc.state) == (2, 2, State.ROLLED_BACK)
+
+
 def test_rollback_without_control_is_refused() -> None:
     lc = _lc(control=None)
     with pytest.raises(IllegalTransition) as info:

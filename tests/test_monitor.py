@@ -174,22 +174,120 @@ def test_cusum_detects_bernoulli_drop_within_bound() -> None:
 
 def test_page_hinkley_detects_bernoulli_drop_within_bound() -> None:
     sd = math.sqrt(P0 * (1 - P0))
-    delta = 0.005
-    lam = cusum_threshold_for_arl(1e5, delta / sd) * sd  # ~36.6, ARL0 ~ 1e5 samples
+    delta = 0.005 / sd  # in sd units, as the detector reads it
+    lam = cusum_threshold_for_arl(1e5, delta)  # ~122 sd, ARL0 ~ 1e5 samples
     n0 = 5000
     det = PageHinkley(PageHinkleySettings(delta=delta, lam=lam, burn_in=1000))
     idx = det.update_many(_bernoulli_drop(2024, n0, 8000))
     assert idx is not None and idx >= n0
     delay = idx - n0 + 1
-    # The running mean lags: during the first n0 post-change samples it stays above
-    # (P0 + P1)/2 = 0.075 in expectation, so the drift of xbar - x - delta is at least
-    # mu = 0.075 - 0.05 - 0.005 = 0.02 with variance p1(1-p1) = 0.0475. Mean delay
-    # <= lam/mu ~ 1830, sd ~ sqrt(lam var / mu^3) ~ 466; mean + 5 sd ~ 4160 < n0 keeps
-    # the lower bound on the running mean valid throughout.
-    mu, var = (P0 + P1) / 2 - P1 - delta, P1 * (1 - P1)
+    # In the units of the burn-in's sd s (~0.3): the running mean lags, so during the
+    # first n0 post-change samples it stays above (P0 + P1)/2 = 0.075 in expectation, and
+    # the drift of zbar - z - delta is at least mu = (0.075 - 0.05)/s - delta ~ 0.067 with
+    # variance p1(1-p1)/s^2 ~ 0.53. Mean delay <= lam/mu ~ 1830, sd ~ sqrt(lam var / mu^3)
+    # ~ 466; mean + 5 sd ~ 4160 < n0 keeps the lower bound on the running mean valid.
+    assert det.reference is not None
+    s = det.reference[1]
+    mu, var = ((P0 + P1) / 2 - P1) / s - delta, P1 * (1 - P1) / s**2
     bound = lam / mu + 5 * math.sqrt(lam * var / mu**3)
     assert bound < n0
     assert delay <= bound
+
+
+# The supervisor's Page-Hinkley: delta 0.5 and lambda 50 batch-sd, burn-in 200 batches of
+# 100 rewards, on a champion converting at 11% (batch-mean sd 0.0313).
+PH_RATE, PH_BATCH, PH_BURN = 0.11, 100, 200
+PH_SETTINGS = MonitorSettings(
+    detector=PageHinkleySettings(delta=0.5, lam=50.0, burn_in=PH_BURN), batch_size=PH_BATCH
+)
+
+
+def _ph_monitor(rng: np.random.Generator, batches: int) -> PromotionMonitor:
+    """A monitor with the supervisor's Page-Hinkley, fed ``batches`` batches at PH_RATE."""
+    mon = PromotionMonitor("exp", 1, settings=PH_SETTINGS)
+    assert mon.observe_many(rng.random(batches * PH_BATCH) < PH_RATE, now=1.0) is None
+    return mon
+
+
+def test_page_hinkley_detects_drop_of_bernoulli_rewards_in_batch_sd() -> None:
+    """Rewards falling from 11% to 0: flagged within the delay the walk's algebra gives.
+
+    Once the rewards are all 0 every batch mean is 0 and z = -D exactly, D = m0/s from the
+    burn-in reference (m0, s). With T the sum of z and tau their count at the change (the
+    burn-in's z sum to 0), after j batches the running mean is (T - jD)/(tau + j), so the
+    walk's increment zbar - z - delta is exactly (D tau + T)/(tau + j) - delta: no noise.
+    While those are positive the walk (started at S >= 0) is at least their sum, so the
+    alarm comes by the first m whose sum over j <= m exceeds lambda. A priori D ~ 0.11/0.0313
+    = 3.5 (s is within 20% of the batch sd but with probability ~1e-4), |T|/tau is a few
+    hundredths, so m ~ lambda / (D - delta) ~ 17 batches and surely under 30.
+    In raw reward units (what the detector used to read) the increments were at most
+    0.11 - 0.5 < 0: it never fired, however long the drop.
+    """
+    mon = _ph_monitor(np.random.default_rng(31), 2 * PH_BURN)
+    det = mon.detector
+    assert isinstance(det, PageHinkley) and det.reference is not None
+    m0, s = det.reference
+    state = det.state()
+    big_d, total, tau = m0 / s, state["total"], state["count"]
+    assert tau == 2 * PH_BURN
+    walk, m = 0.0, 0
+    while walk <= 50.0:
+        m += 1
+        step = (big_d * tau + total) / (tau + m) - 0.5
+        assert step > 0
+        walk += step
+    assert m <= 30
+    reg = None
+    sent = 0
+    while reg is None and sent < 500_000:
+        reg = mon.observe_many(np.zeros(PH_BATCH), now=2.0)
+        sent += PH_BATCH
+    assert reg is not None and reg.kind == "drift"
+    assert det.alarm_at is not None and det.alarm_at - 2 * PH_BURN <= m
+
+
+def test_page_hinkley_stays_quiet_on_stationary_bernoulli_rewards() -> None:
+    """500,000 rewards at a steady 11% after the burn-in: no alarm.
+
+    Given the burn-in reference (m0, s), write r = s/sigma, eps = (m0 - mu)/sigma for the
+    batch means' true mean mu and sd sigma, u_t their standardised values and U_t the sum
+    of u over the watched batches. The walk's increment zbar_t - z_t - delta is then
+    exactly (-u_t - k_t)/r with k_t = r delta - eps B/t - U_t/t, threshold lambda: in
+    sigma units, a CUSUM on -u with allowance k_t and h = r lambda. Where |U_t| <= c t for
+    every t it is below the CUSUM with the constant k = r delta - |eps| - c, whose run
+    length is close to geometric with Siegmund's ARL0, so its alarm chance over n batches
+    is about n / ARL0 at most (the batch means of a Bernoulli(0.11) have a lighter lower
+    tail than the normal, so a downward walk alarms even less often). A Brownian motion
+    crosses c (B + n) with probability exp(-2 c^2 B), hence
+    P(false alarm) <~ 2 exp(-2 c^2 B) + n / ARL0(r lambda, k), computed below.
+    """
+    rng = np.random.default_rng(32)
+    mon = _ph_monitor(rng, PH_BURN)
+    det = mon.detector
+    assert isinstance(det, PageHinkley) and det.reference is not None
+    mu, sigma = PH_RATE, math.sqrt(PH_RATE * (1 - PH_RATE) / PH_BATCH)
+    r, eps = det.reference[1] / sigma, (det.reference[0] - mu) / sigma
+    c, n = 0.2, 5000
+    k = r * 0.5 - abs(eps) - c
+    bound = 2 * math.exp(-2 * c * c * PH_BURN) + n / cusum_arl(r * 50.0, k)
+    assert bound < 1e-5
+    for _ in range(n // 100):
+        assert mon.observe_many(rng.random(100 * PH_BATCH) < PH_RATE, now=2.0) is None
+    assert det.n == PH_BURN + n and not det.alarm
+
+
+def test_page_hinkley_refuses_a_state_saved_in_raw_units() -> None:
+    """An earlier version's state (a walk on raw values, no reference) cannot be continued
+    in sd units: loading it raises, and the supervisor then starts a new burn-in."""
+    det = PageHinkley(PageHinkleySettings())
+    old = {"n": 500, "lo": 0.2, "hi": 0.0, "alarm_at": None, "total": 55.0, "count": 500.0}
+    with pytest.raises(ValueError, match="raw units"):
+        det.load_state(old)
+    mon = PromotionMonitor("exp", 1, settings=PH_SETTINGS)
+    state = mon.state()
+    state["promoted"]["detector"] = old
+    with pytest.raises(ValueError, match="raw units"):
+        PromotionMonitor("exp", 1, settings=PH_SETTINGS).load_state(state)
 
 
 # ---- detector mechanics --------------------------------------------------------------
@@ -229,7 +327,9 @@ def test_constant_burn_in_does_not_divide_by_zero() -> None:
 )
 def test_directions(direction: Direction, step: float, alarms: bool) -> None:
     cu = Cusum(CusumSettings(k=0.5, h=4.0, direction=direction, mean=0.0, sd=1.0))
-    ph = PageHinkley(PageHinkleySettings(delta=0.5, lam=4.0, direction=direction, burn_in=0))
+    ph = PageHinkley(
+        PageHinkleySettings(delta=0.5, lam=4.0, direction=direction, burn_in=0, sd=1.0)
+    )
     ph.update_many(np.zeros(1000))
     for det in (cu, ph):
         assert (det.update_many(np.full(20, step)) is not None) is alarms
@@ -325,6 +425,9 @@ def test_cusum_settings_types(kwargs: dict[str, Any], exc: type) -> None:
         ({"delta": -1.0}, ValueError),
         ({"lam": 0.0}, ValueError),
         ({"burn_in": -1}, ValueError),
+        ({"burn_in": 1}, ValueError),
+        ({"sd": 0.0}, ValueError),
+        ({"sd": math.inf, "burn_in": 0}, ValueError),
         ({"burn_in": True}, TypeError),
         ({"direction": "up"}, TypeError),
     ],
@@ -449,7 +552,7 @@ def test_monitor_detects_drop_on_batched_bernoulli_rewards() -> None:
     "detector",
     [
         CusumSettings(k=0.5, h=6.0, direction=Direction.DOWN, burn_in=30),
-        PageHinkleySettings(delta=0.05, lam=1.0, burn_in=30),
+        PageHinkleySettings(delta=0.25, lam=5.0, burn_in=30),
     ],
     ids=["cusum", "page_hinkley"],
 )
@@ -534,6 +637,27 @@ def test_monitor_holdout_no_false_regression_on_equal_streams() -> None:
     # 7 looks (1000 ... 64,000) spending 0.01 * (1/2 + ... + 1/128) < 0.01 in total: by the
     # union bound P(any false regression) <= 1% (fixed seed).
     assert not mon.triggered
+
+
+def test_monitor_holdout_margin_defaults_to_the_promotion_rules() -> None:
+    """Unset, the margin is the promotion rule's default, 1% of the champion's mean: with
+    none, a right promotion (within the margin, below the old champion) is rolled back
+    sooner or later. A given margin is used as it is."""
+    rng = np.random.default_rng(10)
+    quiet = CusumSettings(k=0.5, h=50.0, mean=0.1, sd=0.3)
+    for margin, expected in ((None, None), (0.002, 0.002)):
+        mon = PromotionMonitor(
+            "exp",
+            1,
+            holdout_variant=0,
+            settings=MonitorSettings(detector=quiet, holdout_margin=margin),
+        )
+        mon.observe_many(rng.random(1000) < 0.1, now=1.0)
+        mon.observe_many(rng.random(1000) < 0.1, now=1.0, holdout=True)
+        test = mon.last_holdout_test
+        assert test is not None
+        want = 0.01 * mon.promoted_stats.mean if expected is None else expected
+        assert test.margin == pytest.approx(want) and test.margin > 0
 
 
 def test_monitor_look_schedule_spends_alpha() -> None:
@@ -628,6 +752,7 @@ def test_monitor_validation() -> None:
         ({"batch_size": 1.0}, TypeError),
         ({"reaction": "rollback"}, TypeError),
         ({"holdout_margin": -1.0}, ValueError),
+        ({"holdout_margin": math.nan}, ValueError),
         ({"holdout_alpha": 1.5}, ValueError),
         ({"holdout_min_samples": 1}, ValueError),
         ({"holdout_min_samples": 10.0}, TypeError),

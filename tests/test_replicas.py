@@ -7,6 +7,7 @@ have seen the same rewards must hold bit-identical arrays whatever the order.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import threading
@@ -28,7 +29,7 @@ from allocator.app import _LEADER_LOCK_KEY
 from allocator.durable import Recovery, RewardWriter, replay_new_experiment
 from allocator.engine import Engine, ExperimentConfig
 from allocator.errors import WrongState
-from allocator.lifecycle import Action, State
+from allocator.lifecycle import Action, EventType, State
 from allocator.metrics import Metrics
 from allocator.server import Running, create_server
 from allocator.store import (
@@ -264,6 +265,78 @@ def test_concurrent_promotions_on_two_replicas_happen_once(
             assert rec.config.variants[rec.lifecycle.champion or 0] == winner
     promoted = [e for e in r1.app.store.events_after(0, limit=10_000) if e.type == "PROMOTED"]
     assert len(promoted) == len(names), [(e.experiment_id, e.type) for e in promoted]
+
+
+@contextlib.contextmanager
+def _watching(r: Running, n: int, experiment: str = "") -> Iterator[list[pb.Event]]:
+    """Collect up to ``n`` events of a live WatchEvents call on ``r`` while the body runs,
+    then up to 10 s more for the rest; cancelled after that (a lost event shows as one
+    too few)."""
+    got: list[pb.Event] = []
+    with grpc.insecure_channel(_target(r)) as ch:
+        call = pb_grpc.AllocatorStub(ch).WatchEvents(pb.WatchEventsRequest(experiment=experiment))
+
+        def read() -> None:
+            with contextlib.suppress(grpc.RpcError):  # the cancel below
+                for resp in call:
+                    got.append(resp.event)
+                    if len(got) == n:
+                        return
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        try:
+            wait_until(lambda: bool(r.app.events._subs), 10, "the watcher's subscription")
+            yield got
+            reader.join(10)
+        finally:
+            call.cancel()
+            reader.join(10)
+
+
+def test_another_replicas_event_between_two_of_ours_reaches_our_watcher(pg_url: str) -> None:
+    """r2 commits an event, then r1 commits and publishes its own, all before r1's next
+    pull of the store: r1's watcher still gets r2's event, and every event once, in
+    sequence order. (r1 pulls only at start, so nothing but its own publish can bring it.)"""
+    r1 = _replica(pg_url, "r1", sync_interval_s=3600.0)
+    r2 = _replica(pg_url, "r2")
+    try:
+        create_experiment(_target(r1))
+        wait_until(lambda: EXPERIMENT in r2.app.records, 5, "r2 to learn the experiment")
+        ours, theirs = r1.app.get(EXPERIMENT), r2.app.get(EXPERIMENT)
+        with _watching(r1, 3, EXPERIMENT) as got:
+            r1.app.emit(ours, EventType.DRIFT_DETECTED, "r1 first")
+            r2.app.emit(theirs, EventType.DRIFT_DETECTED, "r2 between")
+            r1.app.emit(ours, EventType.DRIFT_DETECTED, "r1 last")
+        assert [e.reason for e in got] == ["r1 first", "r2 between", "r1 last"]
+        assert [e.sequence for e in got] == sorted({e.sequence for e in got})
+    finally:
+        r2.stop(grace=1.0)
+        r1.stop(grace=1.0)
+
+
+def test_events_of_an_experiment_not_yet_adopted_wait_for_it(pg_url: str) -> None:
+    """r2 creates an experiment and stores an event of it, then r1 stores one of its own
+    before it has heard of the new experiment: both wait for r1's sync, so r1's watchers
+    get r2's event under its experiment's name, and in sequence order."""
+    r1 = _replica(pg_url, "r1", sync_interval_s=3600.0)
+    r2 = _replica(pg_url, "r2")
+    try:
+        create_experiment(_target(r1))
+        with _watching(r1, 2) as got:
+            create_experiment(_target(r2), name="late")
+            r2.app.emit(r2.app.get("late"), EventType.DRIFT_DETECTED, "r2 late")
+            r1.app.emit(r1.app.get(EXPERIMENT), EventType.DRIFT_DETECTED, "r1 after")
+            time.sleep(0.3)
+            assert not got, "an event went out before the experiment it names was known"
+            r1.app._tick()  # the sync r1's interval would make
+        assert [(e.experiment, e.reason) for e in got] == [
+            ("late", "r2 late"),
+            (EXPERIMENT, "r1 after"),
+        ]
+    finally:
+        r2.stop(grace=1.0)
+        r1.stop(grace=1.0)
 
 
 def _race_promote(name: str, who: list[tuple[Running, str]]) -> dict[str, grpc.StatusCode]:

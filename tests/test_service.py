@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from allocator import app as app_module
 from allocator import stats
 from allocator.app import Ended, EventHub, StoredEvent
 from allocator.config import ServerConfig
@@ -90,6 +91,16 @@ def test_create_errors_name_the_field(client: AllocatorClient, stub: pb_grpc.All
         (_spec("x", policy=pb.POLICY_EPSILON_GREEDY, epsilon=3.0), "spec.epsilon"),
         (_spec("x", weights=[1.0, 2.0, 3.0]), "spec.weights"),
         (_spec("x", prior_alpha=-1.0), "spec.prior_alpha"),
+        (_spec("x", policy=pb.POLICY_KL_UCB, reward_type=pb.REWARD_TYPE_NORMAL), "spec.policy"),
+        # Accepted before: UCB1's bonus assumes rewards in [0, 1]; UCB1-Normal discounted
+        # never leaves its forcing rule (an equal split).
+        (_spec("x", policy=pb.POLICY_UCB1, reward_type=pb.REWARD_TYPE_NORMAL), "spec.policy"),
+        (
+            _spec(
+                "x", policy=pb.POLICY_UCB_NORMAL, reward_type=pb.REWARD_TYPE_NORMAL, discount=0.99
+            ),
+            "spec.discount",
+        ),
         (_spec("x", traffic=pb.TrafficSettings(floor=0.5)), "spec.traffic"),
         # Accepted before, then every GetReport failed INTERNAL / the rule never ran.
         (_spec("x", promotion=pb.PromotionSettings(alpha=2.0)), "spec.promotion.alpha"),
@@ -245,6 +256,32 @@ def test_spec_errors_name_the_field_not_a_word_of_the_message(
             ),
         ],
     )
+
+
+def test_a_stored_experiment_the_policy_check_now_refuses_still_loads(
+    tmp_path: Path, registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """UCB1 with NORMAL rewards was accepted before check_policy: a server whose store holds
+    such an experiment starts and serves it (the check is made at creation only), while a
+    new one is refused."""
+    config = server_config(f"sqlite:///{tmp_path / 's.sqlite'}")
+    ucb1_normal = {"policy": pb.POLICY_UCB1, "reward_type": pb.REWARD_TYPE_NORMAL}
+    monkeypatch.setattr(app_module, "check_policy", lambda config: None)  # an older server
+    running = create_server(config, registry=registry)
+    try:
+        with AllocatorClient(f"127.0.0.1:{running.port}", admin_token=ADMIN_TOKEN) as c:
+            c.create_experiment(_spec(**ucb1_normal))
+    finally:
+        running.stop(1.0)
+    monkeypatch.undo()
+    running = create_server(config, registry=CollectorRegistry())
+    try:
+        with AllocatorClient(f"127.0.0.1:{running.port}", admin_token=ADMIN_TOKEN) as c:
+            assert c.assign("exp").variant in ("a", "b", "c")
+            code, details = _code(c.create_experiment, _spec("new", **ucb1_normal))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and "spec.policy" in details
+    finally:
+        running.stop(1.0)
 
 
 def test_report_of_a_stored_spec_with_an_impossible_min_effect_still_answers(
@@ -660,6 +697,77 @@ def test_add_variant_refuses_a_weight_it_cannot_use_and_changes_nothing(
     assert not added.experiment.spec.weights
 
 
+def test_promote_without_a_variant_promotes_the_highest_p_best(
+    server: Running, stub: pb_grpc.AllocatorStub
+) -> None:
+    """The proto's "empty means the rule's candidate": the variant of highest P(best);
+    refused while there are no rewards to pick one by, and only for the admin."""
+    stub.CreateExperiment(pb.CreateExperimentRequest(spec=_spec()))
+    req = pb.PromoteRequest(experiment="exp", reason="clear winner")
+    code, _ = _code(stub.Promote, req)
+    assert code == grpc.StatusCode.UNAUTHENTICATED
+    code, details = _code(stub.Promote, req, metadata=ADMIN)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("variant:"), details
+    n = 60  # c: 60/60 successes, a and b 0/60: P(best) of c is 1 to many decimals
+    for variant, value in (("a", 0.0), ("b", 0.0), ("c", 1.0)):
+        stub.RewardBatch(
+            pb.RewardBatchRequest(
+                experiment="exp",
+                event_ids=[f"{variant}{i}" for i in range(n)],
+                variants=[variant] * n,
+                values=[value] * n,
+            )
+        )
+    promoted = stub.Promote(req, metadata=ADMIN).experiment
+    assert promoted.state == pb.EXPERIMENT_STATE_PROMOTED and promoted.champion == "c"
+
+
+def test_creating_an_experiment_emits_created(server: Running, stub: pb_grpc.AllocatorStub) -> None:
+    """EVENT_TYPE_CREATED is sent (and filterable) like every other event type."""
+    stub.CreateExperiment(pb.CreateExperimentRequest(spec=_spec("first")))
+    stub.Pause(pb.PauseRequest(experiment="first"), metadata=ADMIN)  # filtered out
+    stub.CreateExperiment(pb.CreateExperimentRequest(spec=_spec("second")))
+    call = stub.WatchEvents(
+        pb.WatchEventsRequest(after_sequence=1, types=[pb.EVENT_TYPE_CREATED]), timeout=10
+    )
+    got = []
+    for resp in call:
+        got.append((resp.event.type, resp.event.experiment))
+        if len(got) == 1:  # the replay is done: this one is live
+            stub.CreateExperiment(pb.CreateExperimentRequest(spec=_spec("third")))
+        if len(got) == 2:
+            call.cancel()
+            break
+    assert got == [(pb.EVENT_TYPE_CREATED, "second"), (pb.EVENT_TYPE_CREATED, "third")]
+
+
+def test_rollback_returns_traffic_to_the_variant_named(
+    server: Running, stub: pb_grpc.AllocatorStub
+) -> None:
+    """RollbackRequest.variant is where traffic goes (here not the previous champion a);
+    an unknown one is INVALID_ARGUMENT naming the field, the champion itself is refused."""
+    stub.CreateExperiment(pb.CreateExperimentRequest(spec=_spec()))
+    stub.Promote(pb.PromoteRequest(experiment="exp", variant="c"), metadata=ADMIN)
+    version = server.app.records["exp"].version
+    code, details = _code(
+        stub.Rollback, pb.RollbackRequest(experiment="exp", variant="zz"), metadata=ADMIN
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "variant" in details
+    code, details = _code(
+        stub.Rollback, pb.RollbackRequest(experiment="exp", variant="c"), metadata=ADMIN
+    )
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "PROMOTED" in details
+    assert server.app.records["exp"].version == version  # neither changed anything
+    back = stub.Rollback(
+        pb.RollbackRequest(experiment="exp", variant="b", reason="b is safe"), metadata=ADMIN
+    ).experiment
+    assert (back.state, back.champion) == (pb.EXPERIMENT_STATE_ROLLED_BACK, "b")
+    batch = stub.AssignBatch(pb.AssignBatchRequest(experiment="exp", count=200))
+    assert set(batch.variant_indices) == {1}
+    rollback = server.app.store.list_audit(server.app.records["exp"].id)[-1]
+    assert (rollback.action, rollback.reason) == ("ROLLBACK", "b is safe")
+
+
 def test_watch_events_live_and_replay(server: Running, stub: pb_grpc.AllocatorStub) -> None:
     stub.CreateExperiment(pb.CreateExperimentRequest(spec=_spec()))
     # Two events first, so the replay below starts after a real sequence number (0 = live).
@@ -758,6 +866,59 @@ def test_metrics_endpoint_parses_and_has_documented_series(
     assert samples[("allocator_reward_items_total", (("status", "accepted"),))] == 1
     health = urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/healthz", timeout=5)
     assert health.status == 200
+
+
+def test_huge_rewards_are_refused_and_leave_state_untouched(
+    client: AllocatorClient, stub: pb_grpc.AllocatorStub, server: Running
+) -> None:
+    """1e200 is finite, but its square is inf: accepted, it made the posterior's sum of
+    squares inf and the expected loss NaN, and was logged and replayed for ever. Every
+    reward form refuses it (and a guardrail value, and a default reward) naming the item;
+    nothing is applied or logged, so the same event ids are still free."""
+    client.create_experiment(_spec("n", ("a", "b"), reward_type=pb.REWARD_TYPE_NORMAL))
+    engine = server.app.engine
+    assert client.reward_event("n", "a", "e0", 1.5) == pb.REWARD_STATUS_ACCEPTED
+    before = engine.view("n")
+    b = client.assign_batch("n", 2)
+    huge = [
+        (
+            pb.RewardBatchRequest(
+                experiment="n", event_ids=["e1", "e2"], variants=["a", "b"], values=[2.0, 1e200]
+            ),
+            "reward 1 is 1e+200",
+        ),
+        (
+            pb.RewardBatchRequest(
+                experiment="n", batch_token=b.batch_token, indices=[0, 1], values=[-1e200, 1.0]
+            ),
+            "reward 0 is -1e+200",
+        ),
+        (
+            pb.RewardBatchRequest(
+                experiment="n",
+                event_ids=["e1"],
+                variants=["a"],
+                values=[1.0],
+                guardrails=[pb.GuardrailColumn(metric="latency_ms", values=[1e200])],
+            ),
+            "guardrails[0].latency_ms",
+        ),
+    ]
+    for req, what in huge:
+        code, details = _code(stub.RewardBatch, req)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and what in details, details
+    target = pb.EventTarget(experiment="n", variant="b", event_id="e2")
+    code, details = _code(stub.Reward, pb.RewardRequest(event=target, value=1e200))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("value:"), details
+    after = engine.view("n")
+    np.testing.assert_array_equal(after.stats, before.stats)
+    np.testing.assert_array_equal(after.epoch_stats, before.epoch_stats)
+    assert engine.guardrail_stats("n") == {}
+    ok = client.reward_batch("n", [2.0, 3.0], event_ids=["e1", "e2"], variants=["a", "b"])
+    assert ok.accepted == 2  # not DUPLICATE: the refused requests logged nothing
+    spec = _spec("d", ("a", "b"), reward_type=pb.REWARD_TYPE_NORMAL, default_reward=1e200)
+    code, details = _code(stub.CreateExperiment, pb.CreateExperimentRequest(spec=spec))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "spec.default_reward" in details
 
 
 def test_guardrail_columns_are_tracked_and_validated(
@@ -892,6 +1053,62 @@ def test_reward_batch_refuses_mixed_addressing_and_writes_nothing(
     assert sum(server.app.engine.counts("exp").values()) == 3
 
 
+def test_decision_ids_this_replica_has_not_loaded_are_unavailable_not_invalid(
+    client: AllocatorClient, stub: pb_grpc.AllocatorStub, server: Running
+) -> None:
+    """Our signature on a decision id naming an experiment or variant we don't know means
+    another replica made it and ours has not synced it yet: UNAVAILABLE (clients retry),
+    not INVALID_ARGUMENT (they would drop the reward). A malformed index is bad input."""
+    client.create_experiment(_spec())
+    rec = server.app.get("exp")
+    now = server.app.clock()
+    sign, sign_batch = server.app.signer.issue, server.app.signer.issue_batch
+    unloaded = [
+        pb.RewardRequest(decision_id=sign(rec.id + 1, 0, 0, now), value=1),
+        pb.RewardRequest(decision_id=sign(rec.id, 3, 0, now), value=1),  # a 4th variant
+        pb.RewardRequest(decision_id=sign_batch(rec.id + 1, [0, 1], 0, now) + ".1", value=1),
+    ]
+    for req in unloaded:
+        code, details = _code(stub.Reward, req)
+        assert code == grpc.StatusCode.UNAVAILABLE and "retry" in details, details
+    code, details = _code(
+        stub.RewardBatch,
+        pb.RewardBatchRequest(
+            batch_token=sign_batch(rec.id, [0, 3], 0, now), indices=[0], values=[1]
+        ),
+    )
+    assert code == grpc.StatusCode.UNAVAILABLE and "variant 3" in details, details
+    b = client.assign_batch("exp", 3)
+    code, details = _code(stub.Reward, pb.RewardRequest(decision_id=b.batch_token + ".\u00b2"))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "decimal" in details, details
+    assert sum(server.app.engine.counts("exp").values()) == 0
+
+
+def test_a_reward_batch_larger_than_the_queue_is_invalid_not_overload(tmp_path: Path) -> None:
+    """A batch that could never fit the reward queue is refused as bad input: answering
+    RESOURCE_EXHAUSTED would have the client retry it forever."""
+    config = server_config(f"sqlite:///{tmp_path / 'q.sqlite'}", flush_max_rows=2, max_queue=4)
+    running = create_server(config, registry=CollectorRegistry())
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            stub = pb_grpc.AllocatorStub(ch)
+            stub.CreateExperiment(pb.CreateExperimentRequest(spec=_spec()))
+
+            def batch(n: int) -> pb.RewardBatchRequest:
+                ids = [f"e{i}" for i in range(n)]
+                return pb.RewardBatchRequest(
+                    experiment="exp", event_ids=ids, variants=["a"] * n, values=[1.0] * n
+                )
+
+            code, details = _code(stub.RewardBatch, batch(5))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+            assert details.startswith("values:") and "at most 4" in details, details
+            assert sum(running.app.engine.counts("exp").values()) == 0
+            assert stub.RewardBatch(batch(4)).accepted == 4
+    finally:
+        running.stop(grace=1.0)
+
+
 def test_indexed_rewards_of_an_expired_batch_are_expired(
     client: AllocatorClient, stub: pb_grpc.AllocatorStub, server: Running
 ) -> None:
@@ -950,13 +1167,14 @@ def test_failed_transition_writes_nothing_and_changes_nothing(
     assert rec.lifecycle.state.value == "RUNNING" and rec.config.n_arms == 3
     assert server.app.engine.view("exp").stats.shape == (3, 3)
     assert server.app.engine.view("exp").override is None
-    assert server.app.store.events_after(0, experiment_id=rec.id) == []
+    stored = server.app.store.events_after(0, experiment_id=rec.id)
+    assert [e.type for e in stored] == ["CREATED"]  # nothing of the failed transitions
     monkeypatch.setattr(server.app.store, "update_state", real)
     stub.Promote(pb.PromoteRequest(experiment="exp", variant="b"), metadata=ADMIN)
     stub.AddVariant(pb.AddVariantRequest(experiment="exp", variant="d"))
     # Each transition's event was committed with its state change and audit row.
     kinds = [e.type for e in server.app.store.events_after(0, experiment_id=rec.id)]
-    assert kinds == ["PROMOTED", "VARIANT_ADDED", "REOPENED"]
+    assert kinds == ["CREATED", "PROMOTED", "VARIANT_ADDED", "REOPENED"]
     actions = [a.action for a in server.app.store.list_audit(rec.id)]
     assert actions == ["CREATE", "PROMOTE", "ADD_VARIANT"]
 
@@ -1131,6 +1349,54 @@ def test_watchers_end_with_unavailable_when_the_server_stops(
         assert f"after_sequence={first[-1].sequence}" in ended[0].details()
         stopper.join(60)
         assert not stopper.is_alive()
+
+
+def test_events_published_out_of_order_reach_a_watcher_once_each_in_order(
+    server: Running, stub: pb_grpc.AllocatorStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two threads commit events 1 and 2 and publish them in the order 2, 1 (the first
+    is held between its commit and its publish): the watcher still gets both, once each,
+    in sequence order, so resuming after the last sequence seen skips nothing."""
+    stub.CreateExperiment(pb.CreateExperimentRequest(spec=_spec()))
+    app = server.app
+    rec = app.records["exp"]
+    first_committed, second_published = threading.Event(), threading.Event()
+    append = app.store.append_event
+
+    def held_append(record: Any) -> int:
+        seq = append(record)
+        if record.reason == "first":
+            first_committed.set()
+            second_published.wait(10)
+        return seq
+
+    monkeypatch.setattr(app.store, "append_event", held_append)
+    app.event_listeners.append(
+        lambda _rec, e: second_published.set() if e.reason == "second" else None
+    )
+    call = stub.WatchEvents(pb.WatchEventsRequest(experiment="exp"))
+    got: list[pb.Event] = []
+
+    def read() -> None:
+        with contextlib.suppress(grpc.RpcError):  # cancelled below if events are lost
+            for resp in call:
+                got.append(resp.event)
+                if len(got) == 3:
+                    return
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    wait_until(lambda: len(app.events._subs) == 1, 10, "the watcher's subscription")
+    first = threading.Thread(target=app.emit, args=(rec, EventType.DRIFT_DETECTED, "first"))
+    first.start()
+    assert first_committed.wait(10)
+    app.emit(rec, EventType.DRIFT_DETECTED, "second")
+    first.join(10)
+    app.emit(rec, EventType.DRIFT_DETECTED, "third")  # a repeat of either would come first
+    reader.join(10)
+    call.cancel()
+    assert [e.reason for e in got] == ["first", "second", "third"]
+    assert [e.sequence for e in got] == sorted({e.sequence for e in got})
 
 
 def test_a_slow_watcher_is_dropped_without_blocking_the_publisher() -> None:

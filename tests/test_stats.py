@@ -781,6 +781,33 @@ def test_stratified_interval_of_binary_rewards_keeps_spread_and_bounds() -> None
     assert full.test.p_value < 0.01
 
 
+@pytest.mark.parametrize(
+    ("wins", "n"),
+    [((3.0, 9.0), (10, 10)), ((0.0, 0.0), (50, 50)), ((12.0, 10.0), (100, 80)), ((0, 5), (5, 5))],
+)
+@pytest.mark.parametrize("alpha", [0.05, 0.2])
+def test_stratified_interval_of_one_epoch_is_agresti_caffo(
+    wins: tuple[float, float], n: tuple[int, int], alpha: float
+) -> None:
+    """One epoch has weight 1, so the stratified 0/1 interval is exactly the Agresti-Caffo
+    one of proportion_difference (centred on the plus-two difference, not the raw one:
+    3/10 vs 9/10 differ by 0.6 raw but 0.5 plus-two)."""
+    d = stratified_difference([list(wins)], [list(n)], None, 1, 0, alpha).difference
+    want = proportion_difference(wins[1], n[1], wins[0], n[0], alpha)
+    assert d.estimate == pytest.approx(want.estimate, rel=1e-12, abs=1e-15)
+    assert (d.lower, d.upper) == pytest.approx((want.lower, want.upper), rel=1e-12, abs=1e-15)
+
+
+def test_stratified_interval_is_nan_when_rewards_have_no_spread() -> None:
+    """Constant rewards in every cell (1.0 vs 2.0): the variance is exactly 0, so there is
+    no interval to give (NaN, as the docstring says), not (-inf, inf); the difference
+    itself is certain and the z statistic infinite."""
+    d = stratified_difference([[10.0, 20.0]], [[10, 10]], [[10.0, 40.0]], 1, 0)
+    assert d.difference.estimate == 1.0
+    assert math.isnan(d.difference.lower) and math.isnan(d.difference.upper)
+    assert d.test.statistic == math.inf and d.test.p_value == 0.0
+
+
 def test_stratified_single_observation_cell_borrows_arm_variance() -> None:
     r = stratified_means([[1.0, 5.0], [0.0, 5.0]], [[1, 10], [9, 10]])
     # Arm 0 overall: 1 success in 10 -> sample variance (1 - 1/10) / 9 = 0.1.
@@ -897,8 +924,10 @@ def test_ipw_hand_example_and_unplayed_arm() -> None:
     # HT: (1/0.5 + 0 + ...)/3 for arm 0 = 2/3; Hajek: 2 / (2 + 4) = 1/3. Arm 1: 4/3 and 2.
     assert res.horvitz_thompson.mean[:2] == pytest.approx((2 / 3, 4 / 3))
     assert res.hajek.mean[:2] == pytest.approx((1 / 3, 2.0))
-    assert res.horvitz_thompson.mean[2] == 0.0
-    assert math.isnan(res.hajek.mean[2]) and math.isnan(res.hajek.se[2])
+    # Arm 2 was never played: no data, so NaN from both (not HT's empty-sum 0 +- 0).
+    for est in (res.horvitz_thompson, res.hajek):
+        assert math.isnan(est.mean[2]) and math.isnan(est.se[2])
+        assert all(math.isfinite(v) for v in est.mean[:2] + est.se[:2])
 
 
 def test_ipw_single_row_has_no_standard_error() -> None:

@@ -762,6 +762,23 @@ def test_audit_and_events(store: SqlStore) -> None:
     assert [a.action for a in store.list_audit(exp, limit=2)] == ["a1", "a2"]
 
 
+def test_events_commit_in_sequence_order(store: SqlStore) -> None:
+    """An append waits for one still open, so sequence order is commit order: a reader
+    that sees an event has seen every event before it (what WatchEvents relies on)."""
+    exp = _new_experiment(store)
+    record = EventRecord(experiment_id=exp, type="PROMOTED", at=0.0, details_json="{}")
+    later: list[int] = []
+    with store._tx(write=True) as conn:
+        first = store._insert_event(conn, record)
+        appender = threading.Thread(target=lambda: later.append(store.append_event(record)))
+        appender.start()
+        appender.join(0.5)
+        assert appender.is_alive() and store.events_after(0) == []
+    appender.join(10)
+    assert later and later[0] > first
+    assert [e.seq for e in store.events_after(0)] == [first, later[0]]
+
+
 def test_sql_store_implements_the_protocol(store: SqlStore) -> None:
     as_protocol: Store = store  # mypy checks the structural match here
     as_protocol.ping()

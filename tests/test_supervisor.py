@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import threading
@@ -16,13 +17,16 @@ import pytest
 from allocator_client import AllocatorClient
 from allocator_client.v1 import allocator_pb2 as pb
 from prometheus_client import CollectorRegistry
+from scipy import stats as sps
 
-from allocator import cli
+from allocator import cli, supervisor
 from allocator.app import Record
-from allocator.lifecycle import Action, State
-from allocator.monitor import Reaction, Regression
+from allocator.lifecycle import Action, Event, EventType, State
+from allocator.monitor import CusumSettings, PromotionMonitor, Reaction, Regression
+from allocator.promotion import PromotionDecision
 from allocator.server import Running, create_server
 from allocator.store import RewardRow, SqlStore, StoreUnavailable, VersionConflict
+from allocator.supervisor import monitor_settings
 from tests.conftest import ADMIN_TOKEN, server_config
 
 
@@ -125,6 +129,32 @@ def test_regression_after_promotion_rolls_back_and_calls_webhook(
     audit = fast_server.app.store.list_audit(fast_server.app.records["m"].id)
     rollback = [a for a in audit if a.action == "ROLLBACK"]
     assert len(rollback) == 1 and rollback[0].actor == "monitor"
+
+
+def test_page_hinkley_regression_rolls_back(fast_server: Running) -> None:
+    """The Page-Hinkley detector reads its delta (0.5) and lambda (50) in batch-sd units,
+    as the proto says. Burn-in at 50%, then a drop to 20%: 6 batch-sd, so each batch adds
+    about 6 * 250/(250 + j) - 0.5 ~ 5.4 to the walk, and it crosses 50 in ~10 batches. Read
+    in reward units the drop (0.3) is below delta and the walk would never move."""
+    spec = pb.ExperimentSpec(
+        name="m",
+        variants=["a", "b"],
+        monitoring=pb.MonitoringSettings(
+            detector=pb.DRIFT_DETECTOR_PAGE_HINKLEY, on_regression=pb.REGRESSION_ACTION_ROLLBACK
+        ),
+    )
+    rng = np.random.default_rng(6)
+    with AllocatorClient(f"127.0.0.1:{fast_server.port}", admin_token=ADMIN_TOKEN) as c:
+        c.create_experiment(spec)
+        c.promote("m", "b", reason="test")
+        _wait(lambda: _watching(fast_server, "m"))
+        _send_rate(c, rng, "before", 0.5, 25)
+        assert fast_server.app.records["m"].lifecycle.state.value == "PROMOTED"
+        _send_rate(c, rng, "drop", 0.2, 5)
+        _wait(lambda: fast_server.app.records["m"].lifecycle.state.value == "ROLLED_BACK")
+    audit = fast_server.app.store.list_audit(fast_server.app.records["m"].id)
+    rollback = [a for a in audit if a.action == "ROLLBACK"]
+    assert len(rollback) == 1 and "PageHinkley" in rollback[0].reason
 
 
 def _watching(running: Running, name: str = "m") -> bool:
@@ -645,6 +675,85 @@ def test_stable_champion_is_not_rolled_back(fast_server: Running) -> None:
         assert c.get_experiment("s").state == pb.EXPERIMENT_STATE_PROMOTED
 
 
+def _holdout_spec(holdout_share: float, **promotion: float) -> pb.ExperimentSpec:
+    return pb.ExperimentSpec(
+        name="h",
+        variants=["a", "b"],
+        promotion=pb.PromotionSettings(**promotion),
+        monitoring=pb.MonitoringSettings(holdout_share=holdout_share),
+    )
+
+
+@pytest.mark.parametrize(
+    ("spec", "margin"),
+    [
+        pytest.param(_holdout_spec(0.1, indifference_margin=0.005), 0.005, id="margin"),
+        pytest.param(
+            _holdout_spec(0.1, indifference_margin=0.0, expected_loss_tolerance=0.004),
+            0.0,
+            id="margin-zero",
+        ),
+        pytest.param(_holdout_spec(0.1, expected_loss_tolerance=0.004), 0.004, id="tolerance"),
+        pytest.param(_holdout_spec(0.1), None, id="default-1pct-of-mean"),
+        pytest.param(_holdout_spec(0.0, indifference_margin=0.005), 0.0, id="no-holdout"),
+    ],
+)
+def test_holdout_margin_is_the_promotion_margin(
+    spec: pb.ExperimentSpec, margin: float | None
+) -> None:
+    """The holdout test allows what the promotion rule allowed: its indifference margin
+    (which defaults to the expected-loss tolerance, and that to 1% of the leader's mean)."""
+    settings = monitor_settings(spec)
+    assert settings is not None and settings.holdout_margin == margin
+
+
+def _holdout_run(champion_rate: float, margin: float, n_max: int) -> Regression | None:
+    """The supervisor's monitor for a promotion with indifference ``margin``, a holdout at
+    10% and the champion at ``champion_rate``, fed 1,000 rewards of each per step."""
+    settings = monitor_settings(_holdout_spec(0.1, indifference_margin=margin))
+    assert settings is not None
+    # A drift detector that cannot fire, so only the holdout test can.
+    quiet = dataclasses.replace(settings, detector=CusumSettings(k=0.5, h=50.0, burn_in=200))
+    mon = PromotionMonitor("h", 1, holdout_variant=0, settings=quiet)
+    rng = np.random.default_rng(17)
+    reg = None
+    for _ in range(n_max // 1000):
+        reg = mon.observe_many(rng.random(1000) < champion_rate, now=1.0)
+        reg = reg or mon.observe_many(rng.random(1000) < 0.10, now=1.0, holdout=True)
+        if reg is not None:
+            break
+    return reg
+
+
+def test_holdout_test_keeps_a_champion_within_the_promotion_margin() -> None:
+    """A champion half the margin (0.005) below the holdout is a right promotion: not
+    rolled back over 1,024,000 rewards each (11 looks).
+
+    The looks spend 0.01 * 2**-(j+1) at min(n) = 1000 * 2**j, so P(any false flag) <= 0.01
+    over an unbounded watch. At a true gap of -margin/2 it is smaller still: z has mean
+    (margin/2)/se_j, and the sum over looks of Phi(Phi^-1(alpha_j) - (margin/2)/se_j) is
+    ~0.004 (the first look's 0.003 dominates). With no margin (what the supervisor used
+    to pass) z's mean is -(margin/2)/se_j, -6.0 at the last look against a critical value
+    of -3.9: flagged with probability ~0.98 there alone.
+    """
+    se = [math.sqrt((0.0975 * 0.9025 + 0.09) / (1000 * 2**j)) for j in range(11)]
+    bound = sum(
+        sps.norm.cdf(sps.norm.ppf(0.01 * 2.0 ** -(j + 1)) - 0.0025 / se[j]) for j in range(11)
+    )
+    assert bound < 0.005
+    assert _holdout_run(0.0975, 0.005, 1_024_000) is None
+
+
+def test_holdout_test_flags_a_champion_worse_than_the_promotion_margin() -> None:
+    """A champion 3x the margin (0.015) below the holdout is a regression. Against the
+    margin the gap is -0.01, z's mean -0.01/se_j: at 64,000 each -6.2 against a critical
+    value of -3.8 (alpha_6 = 7.8e-5), power 0.99; by 128,000 (-8.7 vs -3.95) ~1."""
+    reg = _holdout_run(0.085, 0.005, 1_024_000)
+    assert reg is not None and reg.kind == "holdout"
+    assert reg.samples <= 128_000
+    assert reg.holdout_mean is not None and reg.holdout_mean > reg.promoted_mean
+
+
 def test_prediction_score_drift_is_reported(
     fast_server: Running, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -873,3 +982,309 @@ def test_srm_detected_by_the_sequential_test_and_reported(tmp_path: Path) -> Non
             assert srm_events() == ["SRM_DETECTED"]  # still once
     finally:
         restarted.stop(1.0)
+
+
+def _decision(action: str, candidate: int, k: int) -> PromotionDecision:
+    """What the promotion rule would say, whatever the data: a test picks the outcome."""
+    return PromotionDecision(
+        action=action,  # type: ignore[arg-type]
+        candidate=candidate,
+        p_best=np.zeros(k),
+        expected_loss=np.zeros(k),
+        reasons=("rule: test",),
+        unmet=(),
+        p_within_margin=np.zeros(k),
+        lower_bounds=np.full(k, np.nan),
+        tolerance=0.0,
+        margin=0.0,
+    )
+
+
+def _judged(
+    running: Running,
+    monkeypatch: pytest.MonkeyPatch,
+    action: str,
+    candidate: int,
+    meanwhile: Callable[[], object] = lambda: None,
+) -> list[int]:
+    """Make the rule say ``action`` (for ``candidate``) to every evaluation of "m", running
+    ``meanwhile`` (an operator's change) once, between the first one's look at the
+    experiment and its transition. Returns the evaluations' arm counts as they happen."""
+    calls: list[int] = []
+
+    def rule(*args: Any, **kwargs: Any) -> PromotionDecision:
+        k = len(kwargs["variants"])
+        calls.append(k)
+        if len(calls) == 1:
+            meanwhile()
+        return _decision(action, candidate, k)
+
+    monkeypatch.setattr(supervisor, "evaluate", rule)
+    return calls
+
+
+def _with_rewards(c: AllocatorClient, running: Running) -> None:
+    """Experiment "m" (a, b) with a few rewards for each, applied (the rule looks at any)."""
+    c.create_experiment(pb.ExperimentSpec(name="m", variants=["a", "b"]))
+    c.reward_batch(
+        "m", [1.0, 0.0] * 10, event_ids=[f"r{i}" for i in range(20)], variants=["a", "b"] * 10
+    )
+    _wait(lambda: running.app.engine.view("m").reward_counts.sum() == 20)
+
+
+def _actors(running: Running) -> list[tuple[str, str]]:
+    return [(a.action, a.actor) for a in running.app.store.list_audit(running.app.records["m"].id)]
+
+
+def test_a_futility_stop_is_not_made_over_an_operators_promotion(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pass judges "m" RUNNING and stops it for futility; meanwhile an operator
+    promotes b. The futility rollback (legal from PROMOTED too) must not undo that."""
+    running = _start_still(tmp_path)
+    try:
+        app, sup = running.app, running.supervisor
+        with AllocatorClient(f"127.0.0.1:{running.port}", admin_token=ADMIN_TOKEN) as c:
+            _with_rewards(c, running)
+            calls = _judged(
+                running, monkeypatch, "futility_stop", 0, lambda: c.promote("m", "b", reason="ship")
+            )
+            sup._pass(app.records["m"], True)
+        lc = app.records["m"].lifecycle
+        assert (lc.state, lc.champion, calls) == (State.PROMOTED, 1, [2])
+        assert _actors(running) == [("CREATE", "api"), ("PROMOTE", "admin")]
+        assert "FUTILITY_STOPPED" not in [t for t, _ in _events(running)]
+    finally:
+        running.stop(1.0)
+
+
+def test_a_promotion_is_not_made_onto_a_variant_added_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pass judges b the winner of (a, b); meanwhile an operator adds c. Promoting
+    then would end c's round at 0 samples: the decision is dropped, and the next pass
+    (not 30 s later: no reward came) judges the three arms."""
+    running = _start_still(tmp_path)
+    try:
+        app, sup = running.app, running.supervisor
+        with AllocatorClient(f"127.0.0.1:{running.port}", admin_token=ADMIN_TOKEN) as c:
+            _with_rewards(c, running)
+            calls = _judged(running, monkeypatch, "promote", 1, lambda: c.add_variant("m", "c"))
+            sup._pass(app.records["m"], True)
+            lc = app.records["m"].lifecycle
+            assert (lc.state, lc.n_variants, calls) == (State.RUNNING, 3, [2])
+            assert "m" not in app.last_decisions  # judged on a state that is gone
+            sup._pass(app.records["m"], True)
+        assert calls == [2, 3]
+        assert app.records["m"].lifecycle.state == State.PROMOTED  # what the rule said
+        assert _actors(running) == [
+            ("CREATE", "api"),
+            ("ADD_VARIANT", "api"),
+            ("PROMOTE", "promoter"),
+        ]
+    finally:
+        running.stop(1.0)
+
+
+def _events(running: Running) -> list[tuple[str, int | None]]:
+    """The stored events of experiment m after its CREATED."""
+    rec = running.app.records["m"]
+    stored = running.app.store.events_after(0, experiment_id=rec.id)
+    return [(e.type, e.variant) for e in stored if e.type != "CREATED"]
+
+
+@pytest.mark.parametrize(
+    ("promotions", "keep"),
+    [
+        # The control itself was promoted, then the round reopened: no earlier champion
+        # to roll back to (the old rollback failed, after its event, on every pass).
+        pytest.param(["a"], ("PROMOTE", "PROMOTED"), id="control-on-record"),
+        # a -> b -> c, reopened: the previous champion is b, and the control is a.
+        pytest.param(["b", "c"], ("ROLLBACK", "ROLLED_BACK"), id="after-two-promotions"),
+        pytest.param([], ("ROLLBACK", "ROLLED_BACK"), id="running"),
+    ],
+)
+def test_a_futility_stop_keeps_the_control_and_is_recorded_once(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    promotions: list[str],
+    keep: tuple[str, str],
+) -> None:
+    running = _start_still(tmp_path)
+    try:
+        app, sup = running.app, running.supervisor
+        with AllocatorClient(f"127.0.0.1:{running.port}", admin_token=ADMIN_TOKEN) as c:
+            c.create_experiment(pb.ExperimentSpec(name="m", variants=["a", "b", "c"]))
+            for v in promotions:
+                c.promote("m", v, reason="test")
+                app.transition("m", Action.REOPEN, actor="monitor", reason="regression")
+            c.reward_batch(
+                "m", [1.0, 0.0, 1.0], event_ids=["r0", "r1", "r2"], variants=["a", "b", "c"]
+            )
+            _wait(lambda: app.engine.view("m").reward_counts.sum() == 3)
+            before = len(_events(running))
+            calls = _judged(running, monkeypatch, "futility_stop", 0)
+            for _ in range(3):
+                sup._evaluated.clear()  # due every time, as if rewards kept coming
+                sup._pass(app.records["m"], True)
+            batch = c.assign_batch("m", 200)
+        lc = app.records["m"].lifecycle
+        assert (lc.state.value, lc.champion, len(calls)) == (keep[1], 0, 1)
+        assert set(batch.variant_indices) == {0}  # all traffic to the control
+        assert _events(running)[before:] == [("FUTILITY_STOPPED", 0), (keep[1], 0)]
+        assert _actors(running)[-1] == (keep[0], "promoter")
+    finally:
+        running.stop(1.0)
+
+
+def test_a_futility_stop_whose_transition_fails_records_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store refuses the rollback: no FUTILITY_STOPPED without it (it would be recorded
+    again by the retry); the next pass makes both."""
+    running = _start_still(tmp_path)
+    try:
+        app, sup = running.app, running.supervisor
+        with AllocatorClient(f"127.0.0.1:{running.port}", admin_token=ADMIN_TOKEN) as c:
+            _with_rewards(c, running)
+        _judged(running, monkeypatch, "futility_stop", 0)
+        real = app.store.update_state
+        refused: list[str] = []
+
+        def flaky(name: str, **kwargs: Any) -> Any:
+            if not refused:
+                refused.append(name)
+                raise StoreUnavailable("update_state", "connection refused")
+            return real(name, **kwargs)
+
+        monkeypatch.setattr(app.store, "update_state", flaky)
+        with pytest.raises(StoreUnavailable):
+            sup._pass(app.records["m"], True)
+        assert app.records["m"].lifecycle.state == State.RUNNING
+        assert [t for t, _ in _events(running)] == []
+        sup._evaluated.clear()
+        sup._pass(app.records["m"], True)
+        assert app.records["m"].lifecycle.state == State.ROLLED_BACK
+        assert _events(running) == [("FUTILITY_STOPPED", 0), ("ROLLED_BACK", 0)]
+    finally:
+        running.stop(1.0)
+
+
+def test_one_webhook_notifier_per_url_whatever_the_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Events of one URL reach the supervisor from RPC, writer and supervisor threads at
+    once: they share one notifier (another would never be closed)."""
+    made: list[Any] = []
+
+    class SlowNotifier:  # slow to build: the threads all look for it at once
+        def __init__(self, url: str, **kwargs: Any) -> None:
+            time.sleep(0.05)
+            made.append(self)
+            self.events: list[Event] = []
+
+        def __call__(self, event: Event) -> None:
+            self.events.append(event)
+
+        def close(self, timeout: float | None = None) -> None:
+            return
+
+    monkeypatch.setattr(supervisor, "WebhookNotifier", SlowNotifier)
+    running = _start_still(tmp_path)
+    try:
+        app, sup = running.app, running.supervisor
+        spec = pb.ExperimentSpec(
+            name="m",
+            variants=["a", "b"],
+            monitoring=pb.MonitoringSettings(webhook_url="http://127.0.0.1:9/hook"),
+        )
+        rec = app.create(spec)
+        with sup._webhooks_lock:  # CREATED made one: start again from none
+            sup._webhooks.clear()
+        made.clear()
+        start = threading.Barrier(8)
+
+        def publish(i: int) -> None:
+            start.wait()
+            sup._on_event(rec, Event(EventType.DRIFT_DETECTED, "m", 1, float(i), "test"))
+
+        threads = [threading.Thread(target=publish, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(made) == 1 and len(made[0].events) == 8
+    finally:
+        running.stop(1.0)
+
+
+def test_an_event_of_the_final_drain_still_reaches_the_webhook(
+    tmp_path: Path, webhook: tuple[str, list[dict[str, Any]]]
+) -> None:
+    """Stopping drains the reward queue into the monitors, which can still find a
+    regression there: its events are sent before the webhooks close. One after they
+    closed makes no new notifier (it would never be flushed)."""
+    url, received = webhook
+    running = _start_still(tmp_path)
+    app, sup = running.app, running.supervisor
+    with AllocatorClient(f"127.0.0.1:{running.port}", admin_token=ADMIN_TOKEN) as c:
+        c.create_experiment(
+            pb.ExperimentSpec(
+                name="m", variants=["a", "b"], monitoring=pb.MonitoringSettings(webhook_url=url)
+            )
+        )
+        c.promote("m", "b", reason="test")
+    _wait(lambda: [r["event"] for r in received] == ["CREATED", "PROMOTED"])
+    rec = app.records["m"]
+    drain = app.writer.stop
+
+    def draining() -> None:  # as a regression the monitor finds in the last rewards
+        app.emit(rec, EventType.DRIFT_DETECTED, "drift in the final drain", 1)
+        drain()
+
+    app.writer.stop = draining  # type: ignore[method-assign]
+    running.stop(1.0)
+    assert [r["event"] for r in received] == ["CREATED", "PROMOTED", "DRIFT_DETECTED"]
+    other = pb.ExperimentSpec()
+    other.CopyFrom(rec.spec)
+    other.monitoring.webhook_url = url + "/other"
+    late = Record(rec.id, other, rec.config, rec.lifecycle, 0.0, 0.0, rec.version)
+    sup._on_event(late, Event(EventType.DRIFT_DETECTED, "m", 1, 0.0, "after close"))
+    assert list(sup._webhooks) == [url]
+
+
+def test_a_reopened_round_is_judged_on_its_own_rewards(tmp_path: Path) -> None:
+    """b was promoted on 2,000 rewards at 0.5 (a: 0.1), regressed and was reopened. On
+    the pooled history the rule would promote b again at the next pass; on the round's
+    own rewards it waits for min_samples, then finds a (0.3) better than b (now 0.1)."""
+    running = _start_still(tmp_path)
+    rng = np.random.default_rng(12)
+
+    def send(c: AllocatorClient, tag: str, rates: dict[str, float], n: int) -> None:
+        variants = list(rates) * n
+        p = np.array([rates[v] for v in variants])
+        values = (rng.uniform(size=p.size) < p).astype(float).tolist()
+        c.reward_batch(
+            "m", values, event_ids=[f"{tag}{i}" for i in range(p.size)], variants=variants
+        )
+
+    try:
+        app, sup = running.app, running.supervisor
+        with AllocatorClient(f"127.0.0.1:{running.port}", admin_token=ADMIN_TOKEN) as c:
+            c.create_experiment(pb.ExperimentSpec(name="m", variants=["a", "b"], seed=3))
+            send(c, "before", {"a": 0.1, "b": 0.5}, 2000)
+            c.promote("m", "b", reason="test")
+            app.transition("m", Action.REOPEN, actor="monitor", reason="regression detected")
+            _wait(lambda: app.engine.view("m").reward_counts.sum() == 4000)
+            sup._pass(app.records["m"], True)
+            assert app.records["m"].lifecycle.state == State.REOPENED
+            status = app.last_decisions["m"]
+            assert status.decision == "continue"
+            assert any(r.startswith("min_samples: fewest rewards 0") for r in status.reasons)
+            send(c, "round", {"a": 0.3, "b": 0.1}, 1500)
+            _wait(lambda: app.engine.view("m").reward_counts.sum() == 7000)
+            sup._pass(app.records["m"], True)
+        lc = app.records["m"].lifecycle
+        assert (lc.state, lc.champion) == (State.PROMOTED, 0), app.last_decisions["m"].reasons
+    finally:
+        running.stop(1.0)

@@ -126,3 +126,24 @@ def test_tls_and_mutual_tls(tmp_path: Path) -> None:
                 fut.result(timeout=1.0)
     finally:
         running.stop(1.0)
+
+
+def test_a_bad_certificate_or_key_is_named_not_reported_as_a_bind_failure(
+    tmp_path: Path,
+) -> None:
+    """grpc says only 'cannot bind' for a key that doesn't match its certificate or a file
+    that isn't PEM; the server checks them first and names the flag."""
+    srv_key, srv_crt = _cert(tmp_path, "server")
+    other_key, _ = _cert(tmp_path, "other")
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    url = f"sqlite:///{tmp_path / 'bad.sqlite'}"
+    for cert, key, ca, flag in [
+        (srv_crt, other_key, "", "--tls-key"),
+        (garbage, srv_key, "", "--tls-cert"),
+        (srv_crt, srv_key, str(garbage), "--tls-client-ca"),
+    ]:
+        config = server_config(url, tls_cert=str(cert), tls_key=str(key), tls_client_ca=ca)
+        with pytest.raises(OSError) as err:
+            create_server(config, registry=CollectorRegistry())
+        assert flag in str(err.value) and "cannot bind" not in str(err.value), err.value
