@@ -296,6 +296,9 @@ class Allocator:
         self.last_decisions: dict[str, pb.PromotionStatus] = {}
         self.defaults = DefaultRewards()
         self.event_listeners: list[Callable[[Record, Event], None]] = []
+        # Makes an experiment's monitor settings as the supervisor will (the server wiring
+        # sets it), so create refuses settings the monitors could not run with.
+        self.monitor_settings: Callable[[pb.ExperimentSpec], object] | None = None
         # The lock first: the log of our id is final once no one else can write it.
         self._hold_replica_lock()
         self._load()
@@ -438,7 +441,7 @@ class Allocator:
                 )
         if spec.HasField("attribution_window_seconds") and spec.attribution_window_seconds < 1:
             raise InvalidArgument("spec.attribution_window_seconds", "must be >= 1")
-        check_monitoring(spec)
+        check_monitoring(spec, self.monitor_settings)
         if spec.name in self.records:
             raise ExperimentExists(spec.name)
         if len(self.records) >= self.config.max_experiments:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from allocator_client.v1 import allocator_pb2 as pb
@@ -19,13 +19,6 @@ from allocator.engine import AllocationMode, ExperimentConfig, Shaping
 from allocator.errors import InvalidArgument
 from allocator.guardrails import MAX_METRIC_NAME
 from allocator.lifecycle import EventType, State
-from allocator.monitor import (
-    CusumSettings,
-    MonitorSettings,
-    PageHinkleySettings,
-    Reaction,
-    cusum_threshold_for_arl,
-)
 from allocator.policies import PolicyConfig, PolicyKind, RewardKind, check_new
 from allocator.promotion import GuardrailCheck, PromotionSettings
 from allocator.report import MAX_BERNOULLI_MIN_EFFECT
@@ -60,19 +53,9 @@ STATE_TO_PB = {
 PB_TO_STATE = {v: k for k, v in STATE_TO_PB.items()}
 EVENT_TO_PB = {t: getattr(pb, f"EVENT_TYPE_{t.value}") for t in EventType}
 PB_TO_EVENT = {v: k for k, v in EVENT_TO_PB.items()}
-# Detector kind of a spec (None: detection off).
-_DETECTOR: dict[int, type[CusumSettings] | type[PageHinkleySettings] | None] = {
-    pb.DRIFT_DETECTOR_UNSPECIFIED: CusumSettings,
-    pb.DRIFT_DETECTOR_CUSUM: CusumSettings,
-    pb.DRIFT_DETECTOR_PAGE_HINKLEY: PageHinkleySettings,
-    pb.DRIFT_DETECTOR_NONE: None,
-}
-_REACTION = {
-    pb.REGRESSION_ACTION_UNSPECIFIED: Reaction.NOTIFY_ONLY,
-    pb.REGRESSION_ACTION_NOTIFY_ONLY: Reaction.NOTIFY_ONLY,
-    pb.REGRESSION_ACTION_ROLLBACK: Reaction.ROLLBACK,
-    pb.REGRESSION_ACTION_REOPEN: Reaction.REOPEN,
-}
+# Every value the proto defines (the supervisor maps them to detectors and reactions).
+_DETECTORS = {v: v for v in pb.DriftDetector.values()}
+_REACTIONS = {v: v for v in pb.RegressionAction.values()}
 
 
 def _opt(msg: Any, field: str, default: float) -> float:
@@ -279,11 +262,6 @@ def check_promotion(spec: pb.ExperimentSpec) -> None:
             raise InvalidArgument(f"{where}.tolerance", str(err)) from None
 
 
-# Post-promotion monitoring: CUSUM's default h is for this in-control average run length,
-# in batches of _MONITOR_BATCH rewards, after a burn-in of _MONITOR_BURN_IN batches.
-_CUSUM_ARL0 = 1e6
-_MONITOR_BATCH = 100
-_MONITOR_BURN_IN = 200
 # Which monitoring field a detector settings error is about (its message's first word).
 _DETECTOR_FIELDS = {
     "k": "spec.monitoring.detector_slack",
@@ -295,48 +273,29 @@ _DETECTOR_FIELDS = {
 }
 
 
-def monitor_settings(spec: pb.ExperimentSpec) -> MonitorSettings | None:
-    """Detector settings from a spec's monitoring block (None: detection off).
-
-    ``InvalidArgument`` names a field the detector cannot use. Thresholds are in standard
-    deviations of batch means; the reference mean and sd are estimated after promotion,
-    because the winner's pre-promotion mean is biased upwards by the selection itself. The
-    burn-in is 200 batches and the default ARL0 1e6 batches: with 20 batches and ARL0 1e4,
-    37% of 2,000-batch Bernoulli(0.11) streams with nothing wrong raised an alarm (the
-    estimated sd is noisy and Bernoulli batch means are skewed); with these, 0.3%, and a
-    drop from 0.11 to 0.08 is still caught in ~23 batches.
-    """
-    m = spec.monitoring
-    kind = _check_enum(m.detector, _DETECTOR, "spec.monitoring.detector")
-    reaction = _check_enum(m.on_regression, _REACTION, "spec.monitoring.on_regression")
-    if kind is None:
-        return None
-    slack = _opt(m, "detector_slack", 0.5)
-    threshold = float(m.detector_threshold) if m.HasField("detector_threshold") else None
-    try:
-        detector: CusumSettings | PageHinkleySettings
-        if kind is PageHinkleySettings:
-            lam = 50.0 if threshold is None else threshold
-            detector = PageHinkleySettings(delta=slack, lam=lam, burn_in=_MONITOR_BURN_IN)
-        else:
-            h = cusum_threshold_for_arl(_CUSUM_ARL0, slack) if threshold is None else threshold
-            detector = CusumSettings(k=slack, h=h, burn_in=_MONITOR_BURN_IN)
-    except ValueError as err:
-        raise _settings_error(err, _DETECTOR_FIELDS, "spec.monitoring") from None
-    return MonitorSettings(detector=detector, batch_size=_MONITOR_BATCH, reaction=reaction)
-
-
-def check_monitoring(spec: pb.ExperimentSpec) -> None:
+def check_monitoring(
+    spec: pb.ExperimentSpec, build: Callable[[pb.ExperimentSpec], object] | None = None
+) -> None:
     """Reject a monitoring block that promotion or the monitors could not use, naming the
     field: checked when an experiment is created, so no later Promote, supervisor pass or
-    restart is the first to find out."""
+    restart is the first to find out.
+
+    ``build``: what makes the monitor settings of a spec at run time (the supervisor's
+    ``monitor_settings``), run here so its settings records judge the detector's numbers.
+    """
     m = spec.monitoring
     # NaN fails both comparisons. 1 would leave the champion no traffic at all.
     if m.HasField("holdout_share") and not 0.0 <= m.holdout_share < 1.0:
         raise InvalidArgument("spec.monitoring.holdout_share", "must be in [0, 1)")
-    monitor_settings(spec)
+    _check_enum(m.detector, _DETECTORS, "spec.monitoring.detector")
+    _check_enum(m.on_regression, _REACTIONS, "spec.monitoring.on_regression")
     if m.webhook_url:
         _check_webhook_url(m.webhook_url)
+    if build is not None:
+        try:
+            build(spec)
+        except ValueError as err:
+            raise _settings_error(err, _DETECTOR_FIELDS, "spec.monitoring") from None
 
 
 def _check_webhook_url(url: str) -> None:

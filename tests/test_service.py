@@ -181,6 +181,7 @@ def test_monitoring_settings_the_supervisor_cannot_use_are_refused_at_create(
             (mon(detector=ph, detector_slack=-0.5), f"{m}.detector_slack"),
             # No default CUSUM threshold reaches the target run length with this slack.
             (mon(detector_slack=10.0), f"{m}.detector_slack"),
+            (mon(detector=ph, detector_slack=10.0), f"{m}.detector_slack"),
             (mon(webhook_url="http://"), f"{m}.webhook_url"),
             (mon(webhook_url="https:///path"), f"{m}.webhook_url"),
             (mon(webhook_url="hooks.example.com/retrain"), f"{m}.webhook_url"),
