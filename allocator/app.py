@@ -700,6 +700,11 @@ class Allocator:
         if state in (State.PROMOTED, State.ROLLED_BACK) and lc.champion is not None:
             shares = np.zeros(k)
             holdout = rec.spec.monitoring.holdout_share if state == State.PROMOTED else 0.0
+            if not 0.0 <= holdout < 1.0:
+                # Stored before create refused it: serve the champion alone rather than fail
+                # the promotion after its commit, or every start-up after.
+                log.warning("experiment %s: ignoring holdout_share %r", name, holdout)
+                holdout = 0.0
             prev = lc.previous_champion
             if holdout > 0 and prev is not None and prev != lc.champion:
                 shares[prev] = holdout

@@ -155,6 +155,41 @@ def test_a_holdout_share_promotion_cannot_use_is_refused_at_create(
     assert override is not None and override.tolist() == [0.0, 0.25, 0.75, 0.0]
 
 
+def test_a_stored_holdout_share_out_of_range_neither_breaks_promote_nor_start_up(
+    tmp_path: Path, registry: CollectorRegistry
+) -> None:
+    """An experiment created before holdout_share was checked: Promote failed "shares"
+    after committing PROMOTED, and every start-up failed after that."""
+    config = server_config(f"sqlite:///{tmp_path / 'h.sqlite'}")
+    running = create_server(config, registry=registry)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            stub = pb_grpc.AllocatorStub(ch)
+            stub.CreateExperiment(pb.CreateExperimentRequest(spec=_spec()))
+            stub.Promote(pb.PromoteRequest(experiment="exp", variant="b"), metadata=ADMIN)
+            stub.AddVariant(pb.AddVariantRequest(experiment="exp", variant="d"))
+            running.app.records["exp"].spec.monitoring.holdout_share = 2.0  # as once stored
+            # Promote stores the spec with the state: the bad share is in the store now.
+            out = stub.Promote(pb.PromoteRequest(experiment="exp", variant="c"), metadata=ADMIN)
+            assert (out.experiment.state, out.experiment.champion) == (
+                pb.EXPERIMENT_STATE_PROMOTED,
+                "c",
+            )
+            assert out.experiment.spec.monitoring.holdout_share == 2.0
+            override = running.app.engine.view("exp").override
+            assert override is not None and override.tolist() == [0.0, 0.0, 1.0, 0.0]
+    finally:
+        running.stop(1.0)
+    running = create_server(config, registry=CollectorRegistry())
+    try:
+        rec = running.app.records["exp"]
+        assert rec.lifecycle.state.value == "PROMOTED"
+        override = running.app.engine.view("exp").override
+        assert override is not None and override.tolist() == [0.0, 0.0, 1.0, 0.0]
+    finally:
+        running.stop(1.0)
+
+
 def test_monitoring_settings_the_supervisor_cannot_use_are_refused_at_create(
     stub: pb_grpc.AllocatorStub,
 ) -> None:
