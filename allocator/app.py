@@ -14,6 +14,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import queue
 import threading
 import time
@@ -29,6 +30,7 @@ from allocator_client.v1 import allocator_pb2 as pb
 
 from allocator.config import ServerConfig
 from allocator.convert import (
+    check_monitoring,
     check_policy,
     check_promotion,
     spec_from_json,
@@ -54,9 +56,10 @@ from allocator.errors import (
     UnknownExperiment,
     WrongState,
 )
+from allocator.guardrails import MAX_METRIC_NAME
 from allocator.lifecycle import Action, Event, EventType, IllegalTransition, Lifecycle, State
 from allocator.metrics import Metrics
-from allocator.policies import RewardKind
+from allocator.policies import PolicyKind, RewardKind
 from allocator.report import (
     RANK_SAMPLE_PER_REPLICA,
     common_window,
@@ -132,8 +135,10 @@ def _check_extras(
         raise InvalidArgument("guardrails", f"{len(guardrails)} items for {n} values")
     for i, g in enumerate(guardrails):
         for metric, value in g.items():
-            if not metric or len(metric) > 100:
-                raise InvalidArgument(f"guardrails[{i}]", "metric names are 1-100 characters")
+            if not metric or len(metric) > MAX_METRIC_NAME:
+                raise InvalidArgument(
+                    f"guardrails[{i}]", f"metric names are 1-{MAX_METRIC_NAME} characters"
+                )
             if not np.isfinite(value):
                 raise InvalidArgument(f"guardrails[{i}].{metric}", "must be a finite number")
             if abs(value) > MAX_ABS_REWARD:  # summed with its square, as rewards are
@@ -291,6 +296,9 @@ class Allocator:
         self.last_decisions: dict[str, pb.PromotionStatus] = {}
         self.defaults = DefaultRewards()
         self.event_listeners: list[Callable[[Record, Event], None]] = []
+        # Makes an experiment's monitor settings as the supervisor will (the server wiring
+        # sets it), so create refuses settings the monitors could not run with.
+        self.monitor_settings: Callable[[pb.ExperimentSpec], object] | None = None
         # The lock first: the log of our id is final once no one else can write it.
         self._hold_replica_lock()
         self._load()
@@ -433,9 +441,7 @@ class Allocator:
                 )
         if spec.HasField("attribution_window_seconds") and spec.attribution_window_seconds < 1:
             raise InvalidArgument("spec.attribution_window_seconds", "must be >= 1")
-        url = spec.monitoring.webhook_url
-        if url and not url.startswith(("http://", "https://")):
-            raise InvalidArgument("spec.monitoring.webhook_url", "must be an http(s) URL")
+        check_monitoring(spec, self.monitor_settings)
         if spec.name in self.records:
             raise ExperimentExists(spec.name)
         if len(self.records) >= self.config.max_experiments:
@@ -564,11 +570,22 @@ class Allocator:
             self._publish(rec, seq, event)
         return rec
 
-    def add_variant(self, name: str, variant: str, *, actor: str, reason: str) -> Record:
-        """Add a variant; a promoted experiment starts a new round (REOPENED)."""
+    def add_variant(
+        self, name: str, variant: str, *, actor: str, reason: str, weight: float | None = None
+    ) -> Record:
+        """Add a variant; a promoted experiment starts a new round (REOPENED).
+
+        ``weight``: the new variant's relative weight, for POLICY_FIXED_SPLIT only (0, like
+        None, is no weight for the other policies).
+        """
         rec = self.get(name)
         if not variant:
             raise InvalidArgument("variant", "is required")
+        if weight is not None:
+            if not (math.isfinite(weight) and weight >= 0):
+                raise InvalidArgument("weight", f"must be a finite number >= 0, got {weight!r}")
+            if weight and rec.config.policy.kind != PolicyKind.FIXED_SPLIT:
+                raise InvalidArgument("weight", "only POLICY_FIXED_SPLIT experiments take weights")
         with rec.lock:
             if rec.lifecycle.state in (State.ARCHIVED, State.PAUSED):
                 raise WrongState(name, rec.lifecycle.state.value, "add a variant")
@@ -683,6 +700,11 @@ class Allocator:
         if state in (State.PROMOTED, State.ROLLED_BACK) and lc.champion is not None:
             shares = np.zeros(k)
             holdout = rec.spec.monitoring.holdout_share if state == State.PROMOTED else 0.0
+            if not 0.0 <= holdout < 1.0:
+                # Stored before create refused it: serve the champion alone rather than fail
+                # the promotion after its commit, or every start-up after.
+                log.warning("experiment %s: ignoring holdout_share %r", name, holdout)
+                holdout = 0.0
             prev = lc.previous_champion
             if holdout > 0 and prev is not None and prev != lc.champion:
                 shares[prev] = holdout

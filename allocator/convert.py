@@ -7,7 +7,9 @@ servicer can answer INVALID_ARGUMENT with a message a caller can act on.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import re
+import urllib.parse
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from allocator_client.v1 import allocator_pb2 as pb
@@ -15,9 +17,10 @@ from google.protobuf import json_format
 
 from allocator.engine import AllocationMode, ExperimentConfig, Shaping
 from allocator.errors import InvalidArgument
+from allocator.guardrails import MAX_METRIC_NAME
 from allocator.lifecycle import EventType, State
 from allocator.policies import PolicyConfig, PolicyKind, RewardKind, check_new
-from allocator.promotion import PromotionSettings
+from allocator.promotion import GuardrailCheck, PromotionSettings
 from allocator.report import MAX_BERNOULLI_MIN_EFFECT
 
 _POLICY = {
@@ -50,6 +53,9 @@ STATE_TO_PB = {
 PB_TO_STATE = {v: k for k, v in STATE_TO_PB.items()}
 EVENT_TO_PB = {t: getattr(pb, f"EVENT_TYPE_{t.value}") for t in EventType}
 PB_TO_EVENT = {v: k for k, v in EVENT_TO_PB.items()}
+# Every value the proto defines (the supervisor maps them to detectors and reactions).
+_DETECTORS = {v: v for v in pb.DriftDetector.values()}
+_REACTIONS = {v: v for v in pb.RegressionAction.values()}
 
 
 def _opt(msg: Any, field: str, default: float) -> float:
@@ -60,6 +66,41 @@ def _check_enum(value: int, table: Mapping[Any, Any], field: str) -> Any:
     if value not in table:
         raise InvalidArgument(field, f"unknown value {value}")
     return table[value]
+
+
+# Which spec field an error of PolicyConfig, Shaping or ExperimentConfig is about, by the
+# longest opening of its message that is listed (see `_settings_error`).
+_SPEC_FIELDS = {
+    **{
+        f: f"spec.{f}"
+        for f in (
+            "prior_alpha",
+            "prior_beta",
+            "prior_mean",
+            "prior_kappa",
+            "prior_shape",
+            "prior_rate",
+            "epsilon",
+            "discount",
+            "weights",
+            "name",
+            "variants",
+            "seed",
+        )
+    },
+    # The policy does not fit the reward type.
+    "policy": "spec.policy",
+    "kl_ucb": "spec.policy",
+    "ucb_normal": "spec.policy",
+    "every variant name": "spec.variants",
+    "variant names": "spec.variants",
+    "at most": "spec.variants",
+    # Cross-field limits name the field that made them fail (control_share < 1 alone, and
+    # cap > 0, are checked first).
+    "control_share + floor * variants": "spec.traffic.floor",
+    "cap * variants": "spec.traffic.cap",
+    **{f: f"spec.traffic.{f}" for f in ("control_share", "floor", "cap", "exploration_samples")},
+}
 
 
 def spec_to_config(spec: pb.ExperimentSpec) -> ExperimentConfig:
@@ -85,6 +126,10 @@ def spec_to_config(spec: pb.ExperimentSpec) -> ExperimentConfig:
     ):
         if spec.HasField(field) and not math.isfinite(getattr(spec, field)):
             raise InvalidArgument(f"spec.{field}", "must be a finite number")
+    # The engine checks the two together; each is a uint32, so 0 is the one bad value.
+    for field in ("table_refresh_rewards", "table_refresh_ms"):
+        if spec.HasField(field) and getattr(spec, field) < 1:
+            raise InvalidArgument(f"spec.{field}", "must be >= 1")
     try:
         policy = PolicyConfig(
             kind=kind,
@@ -100,7 +145,7 @@ def spec_to_config(spec: pb.ExperimentSpec) -> ExperimentConfig:
             discount=_opt(spec, "discount", 1.0),
         )
     except ValueError as err:
-        raise InvalidArgument(f"spec.{_field_of(err)}", str(err)) from None
+        raise _settings_error(err, _SPEC_FIELDS, "spec") from None
     traffic = spec.traffic
     try:
         shaping = Shaping(
@@ -112,7 +157,7 @@ def spec_to_config(spec: pb.ExperimentSpec) -> ExperimentConfig:
             else 0,
         )
     except ValueError as err:
-        raise InvalidArgument(f"spec.{_field_of(err)}", str(err)) from None
+        raise _settings_error(err, _SPEC_FIELDS, "spec") from None
     try:
         return ExperimentConfig(
             name=spec.name,
@@ -127,7 +172,7 @@ def spec_to_config(spec: pb.ExperimentSpec) -> ExperimentConfig:
             shaping=shaping,
         )
     except ValueError as err:
-        raise InvalidArgument(f"spec.{_field_of(err)}", str(err)) from None
+        raise _settings_error(err, _SPEC_FIELDS, "spec") from None
 
 
 def check_policy(config: ExperimentConfig) -> None:
@@ -139,7 +184,7 @@ def check_policy(config: ExperimentConfig) -> None:
     try:
         check_new(config.policy)
     except ValueError as err:
-        raise InvalidArgument(f"spec.{_field_of(err)}", str(err)) from None
+        raise _settings_error(err, _SPEC_FIELDS, "spec") from None
 
 
 def promotion_settings(spec: pb.ExperimentSpec) -> PromotionSettings:
@@ -163,6 +208,21 @@ def promotion_settings(spec: pb.ExperimentSpec) -> PromotionSettings:
     )
 
 
+# PromotionSettings' attributes that come from spec.promotion fields of the same name.
+_PROMOTION_FIELDS = {
+    f: f"spec.promotion.{f}"
+    for f in (
+        "p_best_threshold",
+        "expected_loss_tolerance",
+        "indifference_margin",
+        "min_samples_per_variant",
+        "min_duration_seconds",
+        "min_effect",
+        "futility_probability",
+    )
+}
+
+
 def check_promotion(spec: pb.ExperimentSpec) -> None:
     """Reject a promotion block the rule or the report could not use, naming the field.
 
@@ -180,22 +240,91 @@ def check_promotion(spec: pb.ExperimentSpec) -> None:
         )
     try:
         promotion_settings(spec)
-    except (ValueError, TypeError) as err:
-        word = str(err).split(" ", 1)[0]
+    except ValueError as err:
+        raise _settings_error(err, _PROMOTION_FIELDS, "spec.promotion") from None
+    seen: dict[str, int] = {}
+    for i, g in enumerate(p.guardrails):
+        where = f"spec.promotion.guardrails[{i}]"
+        if not g.metric or len(g.metric) > MAX_METRIC_NAME:
+            raise InvalidArgument(f"{where}.metric", f"must be 1-{MAX_METRIC_NAME} characters")
+        if g.metric in seen:
+            raise InvalidArgument(
+                f"{where}.metric", f"{g.metric!r} is already guardrails[{seen[g.metric]}]"
+            )
+        seen[g.metric] = i
+        try:  # the check the rule will build, on placeholder means
+            GuardrailCheck(
+                means=(0.0, 0.0),
+                max_degradation=g.tolerance,
+                lower_is_better=not g.higher_is_better,
+            )
+        except ValueError as err:
+            raise InvalidArgument(f"{where}.tolerance", str(err)) from None
+
+
+# Which monitoring field a detector settings error is about (its message's first word).
+_DETECTOR_FIELDS = {
+    "k": "spec.monitoring.detector_slack",
+    "delta": "spec.monitoring.detector_slack",
+    # No default threshold reaches the target run length with this much slack.
+    "arl0": "spec.monitoring.detector_slack",
+    "h": "spec.monitoring.detector_threshold",
+    "lam": "spec.monitoring.detector_threshold",
+}
+
+
+def check_monitoring(
+    spec: pb.ExperimentSpec, build: Callable[[pb.ExperimentSpec], object] | None = None
+) -> None:
+    """Reject a monitoring block that promotion or the monitors could not use, naming the
+    field: checked when an experiment is created, so no later Promote, supervisor pass or
+    restart is the first to find out.
+
+    ``build``: what makes the monitor settings of a spec at run time (the supervisor's
+    ``monitor_settings``), run here so its settings records judge the detector's numbers.
+    """
+    m = spec.monitoring
+    # NaN fails both comparisons. 1 would leave the champion no traffic at all.
+    if m.HasField("holdout_share") and not 0.0 <= m.holdout_share < 1.0:
+        raise InvalidArgument("spec.monitoring.holdout_share", "must be in [0, 1)")
+    _check_enum(m.detector, _DETECTORS, "spec.monitoring.detector")
+    _check_enum(m.on_regression, _REACTIONS, "spec.monitoring.on_regression")
+    if m.webhook_url:
+        _check_webhook_url(m.webhook_url)
+    if build is not None:
+        try:
+            build(spec)
+        except ValueError as err:
+            raise _settings_error(err, _DETECTOR_FIELDS, "spec.monitoring") from None
+
+
+def _check_webhook_url(url: str) -> None:
+    """An absolute http(s) URL with a host (what the webhook notifier can POST to)."""
+    try:
+        parsed = urllib.parse.urlsplit(url)
+        ok = parsed.scheme in ("http", "https") and bool(parsed.hostname)
+        parsed.port  # noqa: B018 -- raises ValueError for a port out of range
+    except ValueError:
+        ok = False
+    if not ok or any(c.isspace() for c in url):
         raise InvalidArgument(
-            f"spec.promotion.{word if word.isidentifier() else 'promotion'}", str(err)
-        ) from None
+            "spec.monitoring.webhook_url",
+            f"must be an absolute http(s) URL with a host, got {url!r}",
+        )
 
 
-_TRAFFIC = {"control_share", "floor", "cap", "exploration_samples"}
+def _settings_error(err: ValueError, fields: Mapping[str, str], default: str) -> InvalidArgument:
+    """``err`` of a settings record as INVALID_ARGUMENT on the request field it is about.
 
-
-def _field_of(err: ValueError) -> str:
-    """The spec field a settings error message starts with (``'epsilon must be ...'``)."""
-    word = str(err).split(" ", 1)[0]
-    if word in _TRAFFIC:
-        return f"traffic.{word}"
-    return word if word.isidentifier() else "spec"
+    Settings records say which of their attributes is wrong first (``'epsilon must be
+    ...'``); ``fields`` maps those openings (whole words) to request fields, the longest
+    that matches wins, and a message that starts otherwise is about ``default``.
+    """
+    msg = str(err)
+    matches = [o for o in fields if re.match(rf"{re.escape(o)}\b", msg)]
+    if not matches:
+        return InvalidArgument(default, msg)
+    return InvalidArgument(fields[max(matches, key=len)], msg)
 
 
 def spec_to_json(spec: pb.ExperimentSpec) -> str:

@@ -13,6 +13,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+# Longest metric name a reward may carry or a guardrail may name.
+MAX_METRIC_NAME = 100
+
 
 class GuardrailStats:
     """Per metric a ``float64[K, 3]`` array of (n, sum, sum of squares). Not thread-safe:

@@ -40,7 +40,7 @@ from allocator.app import Allocator
 from allocator.config import ServerConfig
 from allocator.metrics import EngineCollector, Metrics
 from allocator.service import AllocatorServicer
-from allocator.supervisor import Supervisor, evaluate_promotion
+from allocator.supervisor import Supervisor, evaluate_promotion, monitor_settings
 
 log = logging.getLogger("allocator.server")
 
@@ -236,6 +236,7 @@ def create_server(
         evaluate=evaluate_promotion,
         save_interval_s=config.snapshot_interval_s,
     )
+    app.monitor_settings = monitor_settings
     app.start()
     supervisor.start()
     loop = grpc_loop()

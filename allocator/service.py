@@ -91,8 +91,30 @@ Handler = Callable[..., Any]
 AsyncHandler = Callable[..., Awaitable[Any]]
 StreamHandler = Callable[..., AsyncGenerator[Any, None]]
 
+# How long a stream that ended normally waits for a cancellation before it counts as OK.
+_CANCEL_GRACE_S = 0.05
+
 # Stored events are replayed in pages of this many (one store read per page).
 _REPLAY_PAGE = 1000
+
+
+# A unary Reward is checked as a batch of one: its fields' names in the batch's errors.
+_UNARY_REWARD_FIELDS = {
+    "values": "value",
+    "prediction_scores[0]": "prediction_score",
+    "guardrails[0]": "guardrails",
+    "experiment": "event.experiment",
+    "variants[0]": "event.variant",
+    "event_ids[0]": "event.event_id",
+}
+
+
+def _renamed(err: InvalidArgument, names: dict[str, str]) -> InvalidArgument:
+    """``err`` naming its field (or the field it is a part of) as ``names`` says."""
+    for old, new in names.items():
+        if err.field == old or err.field.startswith((old + ".", old + "[")):
+            return InvalidArgument(new + err.field[len(old) :], err.message)
+    return err
 
 
 def _code_for(err: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -162,6 +184,10 @@ def _stream(fn: StreamHandler) -> StreamHandler:
             async with contextlib.aclosing(fn(self, request, context)) as items:
                 async for item in items:
                     yield item
+            # grpc.aio ends the request iterator on a client's cancel as on its close, and
+            # reports the cancel only by cancelling this task while it still runs: a moment
+            # for that to land (it takes well under a millisecond) before counting OK.
+            await asyncio.sleep(_CANCEL_GRACE_S)
         except (asyncio.CancelledError, GeneratorExit):  # the client went away
             self.metrics.rpc.count(name, "CANCELLED")
             raise
@@ -175,6 +201,35 @@ def _stream(fn: StreamHandler) -> StreamHandler:
             self.metrics.rpc.count(name, "OK")
 
     return gen
+
+
+# RewardBatchRequest's ways to address items, each by its fields, the one that must be
+# set first: a request uses exactly one.
+_ADDRESSING = (
+    ("decision_ids",),
+    ("batch_token", "indices"),
+    ("event_ids", "variants", "variant_indices"),
+)
+
+
+def _addressing(request: pb.RewardBatchRequest) -> str:
+    """Which way ``request`` addresses its items (the form's first field); a field of
+    another form, or a form without its first field, is INVALID_ARGUMENT."""
+    sent = [[f for f in form if getattr(request, f)] for form in _ADDRESSING]
+    used = [i for i, fields in enumerate(sent) if fields]
+    if not used:
+        raise InvalidArgument("decision_ids", "send decision_ids, batch_token or event_ids")
+    if len(used) > 1:
+        first, *others = (sent[i] for i in used)
+        raise InvalidArgument(
+            others[0][0],
+            f"cannot be sent with {', '.join(first)}: address the items one way, by "
+            "decision_ids, batch_token + indices or event_ids + variants (or variant_indices)",
+        )
+    form = _ADDRESSING[used[0]]
+    if form[0] not in sent[used[0]]:
+        raise InvalidArgument(form[0], f"is required with {', '.join(sent[used[0]])}")
+    return form[0]
 
 
 def _watch_ended(why: Ended, last: int) -> Exception:
@@ -216,7 +271,11 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
         scheme, _, token = sent.partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise Unauthenticated("admin RPC: authorization must be 'Bearer <token>'")
-        if not self.admin_token or not hmac.compare_digest(token, self.admin_token):
+        # As bytes: compare_digest refuses str with non-ASCII characters (a TypeError, so
+        # INTERNAL), and either side may have them.
+        if not self.admin_token or not hmac.compare_digest(
+            token.encode(), self.admin_token.encode()
+        ):
             raise PermissionDenied("admin token is not valid")
         return "admin"
 
@@ -259,9 +318,8 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
         recs = self.app.experiments(states)
         if request.page_token:
             recs = [r for r in recs if r.name > request.page_token]
-        size = request.page_size or 100
-        if size > 1000:
-            raise InvalidArgument("page_size", "must be at most 1000")
+        # uint32 on the wire, so never negative; "capped at 1000" (the proto): not refused.
+        size = min(request.page_size or 100, 1000)
         page = recs[:size]
         return pb.ListExperimentsResponse(
             experiments=[self._experiment(r) for r in page],
@@ -282,7 +340,11 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
         self, request: pb.AddVariantRequest, context: grpc.aio.ServicerContext
     ) -> pb.AddVariantResponse:
         rec = self.app.add_variant(
-            request.experiment, request.variant, actor="api", reason=request.reason
+            request.experiment,
+            request.variant,
+            actor="api",
+            reason=request.reason,
+            weight=request.weight if request.HasField("weight") else None,
         )
         return pb.AddVariantResponse(experiment=self._experiment(rec))
 
@@ -338,28 +400,31 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
         score = [request.prediction_score] if request.HasField("prediction_score") else []
         guard = [dict(request.guardrails)] if request.guardrails else []
         which = request.WhichOneof("target")
-        if which == "decision_id":
-            statuses = self.app.reward(
-                experiment="",
-                values=[request.value],
-                decision_ids=[request.decision_id],
-                scores=score,
-                guardrails=guard,
-                field="decision_id",
-            )
-        elif which == "event":
-            ev = request.event
-            statuses = self.app.reward(
-                experiment=ev.experiment,
-                values=[request.value],
-                event_ids=[ev.event_id],
-                variants=[ev.variant],
-                scores=score,
-                guardrails=guard,
-                field="event",
-            )
-        else:
-            raise InvalidArgument("target", "set decision_id or event")
+        try:
+            if which == "decision_id":
+                statuses = self.app.reward(
+                    experiment="",
+                    values=[request.value],
+                    decision_ids=[request.decision_id],
+                    scores=score,
+                    guardrails=guard,
+                    field="decision_id",
+                )
+            elif which == "event":
+                ev = request.event
+                statuses = self.app.reward(
+                    experiment=ev.experiment,
+                    values=[request.value],
+                    event_ids=[ev.event_id],
+                    variants=[ev.variant],
+                    scores=score,
+                    guardrails=guard,
+                    field="event",
+                )
+            else:
+                raise InvalidArgument("target", "set decision_id or event")
+        except InvalidArgument as err:
+            raise _renamed(err, _UNARY_REWARD_FIELDS) from None
         return pb.RewardResponse(status=_STATUS[statuses[0]])
 
     @staticmethod
@@ -383,8 +448,6 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
 
     def _reward_indexed(self, request: pb.RewardBatchRequest) -> pb.RewardBatchResponse:
         """The batch_token + indices form, as columns end to end."""
-        if request.decision_ids or request.event_ids:
-            raise InvalidArgument("batch_token", "use one addressing form per request")
         codes = self.app.reward_indexed(
             experiment=request.experiment,
             batch_token=request.batch_token,
@@ -406,7 +469,8 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
         )
 
     def _reward_batch(self, request: pb.RewardBatchRequest) -> pb.RewardBatchResponse:
-        if request.batch_token:
+        form = _addressing(request)
+        if form == "batch_token":
             return self._reward_indexed(request)
         common: dict[str, Any] = {
             "experiment": request.experiment,
@@ -414,9 +478,9 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
             "scores": list(request.prediction_scores),
             "guardrails": self._guardrail_rows(request),
         }
-        if request.decision_ids:
+        if form == "decision_ids":
             statuses = self.app.reward(decision_ids=list(request.decision_ids), **common)
-        elif request.event_ids:
+        else:
             statuses = self.app.reward(
                 event_ids=list(request.event_ids),
                 variants=list(request.variants),
@@ -424,8 +488,6 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
                 field="event_ids",
                 **common,
             )
-        else:
-            raise InvalidArgument("decision_ids", "send decision_ids, batch_token or event_ids")
         return pb.RewardBatchResponse(
             accepted=statuses.count(ACCEPTED),
             duplicates=statuses.count(DUPLICATE),

@@ -69,6 +69,16 @@ def test_create_get_list_archive(client: AllocatorClient, stub: pb_grpc.Allocato
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "archived" in details
 
 
+def test_list_page_size_is_capped_not_refused(stub: pb_grpc.AllocatorStub) -> None:
+    """The proto says "capped at 1000"; 5000 was INVALID_ARGUMENT."""
+    for i in range(3):
+        stub.CreateExperiment(pb.CreateExperimentRequest(spec=_spec(f"e{i}")))
+    for size in (5000, 1001, 2**32 - 1):
+        page = stub.ListExperiments(pb.ListExperimentsRequest(page_size=size))
+        assert [e.spec.name for e in page.experiments] == ["e0", "e1", "e2"]
+        assert not page.next_page_token
+
+
 def test_create_errors_name_the_field(client: AllocatorClient, stub: pb_grpc.AllocatorStub) -> None:
     client.create_experiment(_spec())
     code, details = _code(stub.CreateExperiment, pb.CreateExperimentRequest(spec=_spec()))
@@ -112,6 +122,176 @@ def test_create_errors_name_the_field(client: AllocatorClient, stub: pb_grpc.All
         assert code == grpc.StatusCode.INVALID_ARGUMENT, (spec, details)
         assert field in details, details
     assert [e.spec.name for e in client.list_experiments()] == ["exp"]
+
+
+def _refused(stub: pb_grpc.AllocatorStub, cases: list[tuple[pb.ExperimentSpec, str]]) -> None:
+    """Each spec is refused INVALID_ARGUMENT naming its field, and nothing is created."""
+    before = list(stub.ListExperiments(pb.ListExperimentsRequest()).experiments)
+    for spec, field in cases:
+        code, details = _code(stub.CreateExperiment, pb.CreateExperimentRequest(spec=spec))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (spec, details)
+        assert details.startswith(f"{field}: "), details
+    assert list(stub.ListExperiments(pb.ListExperimentsRequest()).experiments) == before
+
+
+def test_a_holdout_share_promotion_cannot_use_is_refused_at_create(
+    client: AllocatorClient, stub: pb_grpc.AllocatorStub, server: Running
+) -> None:
+    """holdout_share 2 was accepted; Promote then failed INVALID_ARGUMENT "shares" after
+    the store had committed PROMOTED, and the next start-up failed on the stored spec."""
+    field = "spec.monitoring.holdout_share"
+    _refused(
+        stub,
+        [
+            (_spec("x", monitoring=pb.MonitoringSettings(holdout_share=share)), field)
+            for share in (2.0, 1.0, -0.1, float("nan"), float("inf"))
+        ],
+    )
+    client.create_experiment(_spec(monitoring=pb.MonitoringSettings(holdout_share=0.25)))
+    client.promote("exp", "b")
+    stub.AddVariant(pb.AddVariantRequest(experiment="exp", variant="d"))
+    stub.Promote(pb.PromoteRequest(experiment="exp", variant="c"), metadata=ADMIN)
+    override = server.app.engine.view("exp").override
+    assert override is not None and override.tolist() == [0.0, 0.25, 0.75, 0.0]
+
+
+def test_a_stored_holdout_share_out_of_range_neither_breaks_promote_nor_start_up(
+    tmp_path: Path, registry: CollectorRegistry
+) -> None:
+    """An experiment created before holdout_share was checked: Promote failed "shares"
+    after committing PROMOTED, and every start-up failed after that."""
+    config = server_config(f"sqlite:///{tmp_path / 'h.sqlite'}")
+    running = create_server(config, registry=registry)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            stub = pb_grpc.AllocatorStub(ch)
+            stub.CreateExperiment(pb.CreateExperimentRequest(spec=_spec()))
+            stub.Promote(pb.PromoteRequest(experiment="exp", variant="b"), metadata=ADMIN)
+            stub.AddVariant(pb.AddVariantRequest(experiment="exp", variant="d"))
+            running.app.records["exp"].spec.monitoring.holdout_share = 2.0  # as once stored
+            # Promote stores the spec with the state: the bad share is in the store now.
+            out = stub.Promote(pb.PromoteRequest(experiment="exp", variant="c"), metadata=ADMIN)
+            assert (out.experiment.state, out.experiment.champion) == (
+                pb.EXPERIMENT_STATE_PROMOTED,
+                "c",
+            )
+            assert out.experiment.spec.monitoring.holdout_share == 2.0
+            override = running.app.engine.view("exp").override
+            assert override is not None and override.tolist() == [0.0, 0.0, 1.0, 0.0]
+    finally:
+        running.stop(1.0)
+    running = create_server(config, registry=CollectorRegistry())
+    try:
+        rec = running.app.records["exp"]
+        assert rec.lifecycle.state.value == "PROMOTED"
+        override = running.app.engine.view("exp").override
+        assert override is not None and override.tolist() == [0.0, 0.0, 1.0, 0.0]
+    finally:
+        running.stop(1.0)
+
+
+def test_monitoring_settings_the_supervisor_cannot_use_are_refused_at_create(
+    stub: pb_grpc.AllocatorStub,
+) -> None:
+    """Each was accepted, then the supervisor logged a traceback on every pass (or ran a
+    detector the spec did not ask for)."""
+
+    def mon(**kw: Any) -> pb.ExperimentSpec:
+        return _spec("x", monitoring=pb.MonitoringSettings(**kw))
+
+    ph = pb.DRIFT_DETECTOR_PAGE_HINKLEY
+    m = "spec.monitoring"
+    _refused(
+        stub,
+        [
+            (mon(detector=99), f"{m}.detector"),  # type: ignore[arg-type]
+            (mon(on_regression=99), f"{m}.on_regression"),  # type: ignore[arg-type]
+            (mon(detector_threshold=0.0), f"{m}.detector_threshold"),
+            (mon(detector_threshold=-1.0), f"{m}.detector_threshold"),
+            (mon(detector_threshold=float("nan")), f"{m}.detector_threshold"),
+            (mon(detector_threshold=float("inf")), f"{m}.detector_threshold"),
+            (mon(detector=ph, detector_threshold=0.0), f"{m}.detector_threshold"),
+            (mon(detector_slack=float("nan")), f"{m}.detector_slack"),
+            (mon(detector_slack=-0.5), f"{m}.detector_slack"),
+            (mon(detector=ph, detector_slack=-0.5), f"{m}.detector_slack"),
+            # No default CUSUM threshold reaches the target run length with this slack.
+            (mon(detector_slack=10.0), f"{m}.detector_slack"),
+            (mon(detector=ph, detector_slack=10.0), f"{m}.detector_slack"),
+            (mon(webhook_url="http://"), f"{m}.webhook_url"),
+            (mon(webhook_url="https:///path"), f"{m}.webhook_url"),
+            (mon(webhook_url="hooks.example.com/retrain"), f"{m}.webhook_url"),
+            (mon(webhook_url="file:///etc/passwd"), f"{m}.webhook_url"),
+            (mon(webhook_url="http://host:99999/x"), f"{m}.webhook_url"),
+            (mon(webhook_url="http://ho st/x"), f"{m}.webhook_url"),
+        ],
+    )
+    ok = [
+        mon(detector_slack=10.0, detector_threshold=3.0),
+        mon(detector=ph, detector_slack=0.0, detector_threshold=5.0),
+        mon(detector=pb.DRIFT_DETECTOR_NONE, on_regression=pb.REGRESSION_ACTION_REOPEN),
+        mon(webhook_url="https://hooks.example.com:8443/retrain?team=ml"),
+    ]
+    for i, spec in enumerate(ok):
+        spec.name = f"ok{i}"
+        stub.CreateExperiment(pb.CreateExperimentRequest(spec=spec))
+
+
+def test_guardrails_the_rule_cannot_use_are_refused_at_create(
+    stub: pb_grpc.AllocatorStub,
+) -> None:
+    def guard(*gs: pb.Guardrail) -> pb.ExperimentSpec:
+        return _spec("x", promotion=pb.PromotionSettings(guardrails=list(gs)))
+
+    lat = pb.Guardrail(metric="latency_ms", tolerance=5.0)
+    g = "spec.promotion.guardrails"
+    _refused(
+        stub,
+        [
+            (guard(pb.Guardrail(metric="", tolerance=1.0)), f"{g}[0].metric"),
+            (guard(lat, pb.Guardrail(metric="m" * 101)), f"{g}[1].metric"),
+            (guard(lat, lat), f"{g}[1].metric"),
+            (guard(pb.Guardrail(metric="errors", tolerance=-0.1)), f"{g}[0].tolerance"),
+            (guard(lat, pb.Guardrail(metric="e", tolerance=float("nan"))), f"{g}[1].tolerance"),
+            (guard(pb.Guardrail(metric="e", tolerance=float("inf"))), f"{g}[0].tolerance"),
+        ],
+    )
+    stub.CreateExperiment(pb.CreateExperimentRequest(spec=guard(lat, pb.Guardrail(metric="e"))))
+
+
+def test_spec_errors_name_the_field_not_a_word_of_the_message(
+    stub: pb_grpc.AllocatorStub,
+) -> None:
+    """The field used to be the message's first word: spec.every, spec.variant, ..."""
+    normal = pb.REWARD_TYPE_NORMAL
+    _refused(
+        stub,
+        [
+            (_spec("x", ("a", "")), "spec.variants"),
+            (_spec("x", ("a", "v" * 201)), "spec.variants"),
+            (_spec("x", ("a", "b", "a")), "spec.variants"),
+            (_spec("x", tuple(f"v{i}" for i in range(1001))), "spec.variants"),
+            (_spec("x", table_refresh_rewards=0), "spec.table_refresh_rewards"),
+            (_spec("x", table_refresh_ms=0), "spec.table_refresh_ms"),
+            (_spec("x", policy=pb.POLICY_KL_UCB, reward_type=normal), "spec.policy"),
+            (_spec("x", policy=pb.POLICY_UCB_NORMAL), "spec.policy"),
+            (_spec("x", traffic=pb.TrafficSettings(floor=0.5)), "spec.traffic.floor"),
+            (_spec("x", traffic=pb.TrafficSettings(cap=0.2)), "spec.traffic.cap"),
+            (
+                _spec("x", traffic=pb.TrafficSettings(control_share=1.0)),
+                "spec.traffic.control_share",
+            ),
+            (_spec("x", policy=pb.POLICY_FIXED_SPLIT, weights=[0, 0, 0]), "spec.weights"),
+            (_spec("x", prior_mean=float("inf"), reward_type=normal), "spec.prior_mean"),
+            (
+                _spec("x", promotion=pb.PromotionSettings(futility_probability=0.1)),
+                "spec.promotion.futility_probability",
+            ),
+            (
+                _spec("x", promotion=pb.PromotionSettings(indifference_margin=-1.0)),
+                "spec.promotion.indifference_margin",
+            ),
+        ],
+    )
 
 
 def test_a_stored_experiment_the_policy_check_now_refuses_still_loads(
@@ -194,25 +374,49 @@ def test_reward_errors_change_nothing(
     for req, field in [
         (pb.RewardRequest(decision_id=forged, value=1.0), "decision_id"),
         (pb.RewardRequest(decision_id="garbage", value=1.0), "decision_id"),
-        (pb.RewardRequest(decision_id=d.decision_id, value=float("nan")), "values"),
-        (pb.RewardRequest(decision_id=d.decision_id, value=2.0), "values"),
+        (pb.RewardRequest(decision_id=d.decision_id, value=float("nan")), "value"),
+        (pb.RewardRequest(decision_id=d.decision_id, value=2.0), "value"),
         (pb.RewardRequest(value=1.0), "target"),
         (
             pb.RewardRequest(
                 event=pb.EventTarget(experiment="exp", variant="zzz", event_id="e"), value=1
             ),
-            "variants",
+            "event.variant",
         ),
         (
             pb.RewardRequest(
                 event=pb.EventTarget(experiment="exp", variant="a", event_id=""), value=1
             ),
-            "event_ids",
+            "event.event_id",
+        ),
+        (
+            pb.RewardRequest(
+                event=pb.EventTarget(experiment="exp", variant="a", event_id="x" * 257), value=1
+            ),
+            "event.event_id",
+        ),
+        (
+            pb.RewardRequest(event=pb.EventTarget(variant="a", event_id="e"), value=1),
+            "event.experiment",
+        ),
+        (
+            pb.RewardRequest(
+                event=pb.EventTarget(experiment="exp", variant="a", event_id="e"),
+                value=1,
+                guardrails={"latency_ms": float("nan")},
+            ),
+            "guardrails.latency_ms",
+        ),
+        (
+            pb.RewardRequest(decision_id=d.decision_id, value=1, guardrails={"m" * 101: 1.0}),
+            "guardrails",
         ),
     ]:
+        # The unary request's own field names (it is checked as a batch of one, whose
+        # errors said variants[0], event_ids[0], values, ...).
         code, details = _code(stub.Reward, req)
         assert code == grpc.StatusCode.INVALID_ARGUMENT, details
-        assert field in details, details
+        assert details.startswith(f"{field}: "), details
     b = client.assign_batch("exp", 10)
     bad_batch = pb.RewardBatchRequest(
         experiment="exp", batch_token=b.batch_token, indices=[0, 1, 99], values=[1, 1, 1]
@@ -408,6 +612,125 @@ def test_admin_needs_token_and_transitions(server: Running, stub: pb_grpc.Alloca
         "ROLLBACK",
         "ADD_VARIANT",
     ]
+
+
+def _raw_unary(port: int, method: str, request: Any, authorization: bytes) -> None:
+    """Send one unary call over a bare HTTP/2 connection, with header bytes the Python
+    client refuses to send (it allows only ASCII metadata values; other clients and
+    proxies need not), and wait for the server to end it. The outcome is read from the
+    server's metrics: the response is HPACK-encoded."""
+
+    def frame(kind: int, flags: int, payload: bytes) -> bytes:
+        return (
+            len(payload).to_bytes(3, "big")
+            + bytes([kind, flags])
+            + (1).to_bytes(4, "big")
+            + payload
+        )
+
+    def literal(name: bytes, value: bytes) -> bytes:  # HPACK: literal, new name, no Huffman
+        return b"\x00" + bytes([len(name)]) + name + bytes([len(value)]) + value
+
+    headers = b"".join(
+        literal(k, v)
+        for k, v in [
+            (b":method", b"POST"),
+            (b":scheme", b"http"),
+            (b":path", f"/allocator.v1.Allocator/{method}".encode()),
+            (b":authority", b"localhost"),
+            (b"content-type", b"application/grpc"),
+            (b"te", b"trailers"),
+            (b"authorization", authorization),
+        ]
+    )
+    body = request.SerializeToString()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+            + (0).to_bytes(3, "big")
+            + b"\x04\x00"
+            + (0).to_bytes(4, "big")  # SETTINGS
+            + frame(1, 0x4, headers)  # HEADERS, END_HEADERS
+            + frame(0, 0x1, b"\x00" + len(body).to_bytes(4, "big") + body)  # DATA, END_STREAM
+        )
+        # Read until the server's trailers (end of stream) have had time to go out.
+        sock.settimeout(1.0)
+        with contextlib.suppress(TimeoutError):
+            while sock.recv(65536):
+                pass
+
+
+def _admin_codes(registry: CollectorRegistry, rpc: str) -> dict[str, float]:
+    codes = ("OK", "PERMISSION_DENIED", "UNAUTHENTICATED", "INTERNAL")
+    out = {
+        c: registry.get_sample_value("allocator_requests_total", {"rpc": rpc, "code": c})
+        for c in codes
+    }
+    return {c: v for c, v in out.items() if v}
+
+
+def test_a_non_ascii_admin_token_is_compared_not_an_internal_error(
+    tmp_path: Path, registry: CollectorRegistry
+) -> None:
+    """hmac.compare_digest raises TypeError on str with non-ASCII characters: with such a
+    --admin-token every admin call was INTERNAL."""
+    token = "jeton-\u00e9t\u00e9"
+    running = create_server(
+        server_config(f"sqlite:///{tmp_path / 'a.sqlite'}", admin_token=token), registry=registry
+    )
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            stub = pb_grpc.AllocatorStub(ch)
+            stub.CreateExperiment(pb.CreateExperimentRequest(spec=_spec()))
+            req = pb.PauseRequest(experiment="exp")
+            for sent in ("Bearer wrong", "Bearer jeton-t"):
+                code, details = _code(stub.Pause, req, metadata=(("authorization", sent),))
+                assert code == grpc.StatusCode.PERMISSION_DENIED, details
+            assert running.app.records["exp"].lifecycle.state.value == "RUNNING"
+            # The token itself, as UTF-8 (which the Python client cannot send).
+            _raw_unary(running.port, "Pause", req, f"Bearer {token}".encode())
+            wait_until(lambda: "OK" in _admin_codes(registry, "Pause"), 5, "Pause to finish")
+        assert running.app.records["exp"].lifecycle.state.value == "PAUSED"
+        assert "INTERNAL" not in _admin_codes(registry, "Pause")
+    finally:
+        running.stop(1.0)
+
+
+def test_a_non_ascii_bearer_is_permission_denied(
+    server: Running, stub: pb_grpc.AllocatorStub, registry: CollectorRegistry
+) -> None:
+    stub.CreateExperiment(pb.CreateExperimentRequest(spec=_spec()))
+    req = pb.PauseRequest(experiment="exp")
+    _raw_unary(server.port, "Pause", req, "Bearer t\u00f6ken".encode())
+    wait_until(lambda: bool(_admin_codes(registry, "Pause")), 5, "Pause to finish")
+    assert _admin_codes(registry, "Pause") == {"PERMISSION_DENIED": 1.0}
+    assert server.app.records["exp"].lifecycle.state.value == "RUNNING"
+
+
+def test_add_variant_refuses_a_weight_it_cannot_use_and_changes_nothing(
+    server: Running, stub: pb_grpc.AllocatorStub
+) -> None:
+    """AddVariantRequest.weight was never read: any value was accepted and dropped."""
+    stub.CreateExperiment(pb.CreateExperimentRequest(spec=_spec()))
+    fixed = _spec("fixed", policy=pb.POLICY_FIXED_SPLIT, weights=[1.0, 2.0, 3.0])
+    stub.CreateExperiment(pb.CreateExperimentRequest(spec=fixed))
+    before = {n: (r.version, r.config.variants) for n, r in server.app.records.items()}
+    for experiment, weight, says in [
+        ("exp", 2.0, "only POLICY_FIXED_SPLIT"),  # a Thompson experiment
+        ("exp", -1.0, "finite number >= 0"),
+        ("fixed", -1.0, "finite number >= 0"),
+        ("fixed", float("nan"), "finite number >= 0"),
+        ("fixed", float("inf"), "finite number >= 0"),
+    ]:
+        req = pb.AddVariantRequest(experiment=experiment, variant="d", weight=weight)
+        code, details = _code(stub.AddVariant, req)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+        assert details.startswith("weight: ") and says in details, details
+    assert {n: (r.version, r.config.variants) for n, r in server.app.records.items()} == before
+    # 0 is no weight, for a policy without weights as when it is unset.
+    added = stub.AddVariant(pb.AddVariantRequest(experiment="exp", variant="d", weight=0.0))
+    assert list(added.experiment.spec.variants) == ["a", "b", "c", "d"]
+    assert not added.experiment.spec.weights
 
 
 def test_promote_without_a_variant_promotes_the_highest_p_best(
@@ -622,7 +945,7 @@ def test_huge_rewards_are_refused_and_leave_state_untouched(
         assert code == grpc.StatusCode.INVALID_ARGUMENT and what in details, details
     target = pb.EventTarget(experiment="n", variant="b", event_id="e2")
     code, details = _code(stub.Reward, pb.RewardRequest(event=target, value=1e200))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "values" in details, details
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("value:"), details
     after = engine.view("n")
     np.testing.assert_array_equal(after.stats, before.stats)
     np.testing.assert_array_equal(after.epoch_stats, before.epoch_stats)
@@ -726,6 +1049,44 @@ def test_indexed_reward_errors_name_the_field_and_write_nothing(
         assert field in details, details
     assert sum(server.app.engine.counts("one").values()) == 0
     assert stub.RewardBatch(req()).accepted == 2
+
+
+def test_reward_batch_refuses_mixed_addressing_and_writes_nothing(
+    client: AllocatorClient, stub: pb_grpc.AllocatorStub, server: Running
+) -> None:
+    """The proto allows exactly one of three ways: the fields of another way were ignored
+    (decision_ids won over event_ids and indices, batch_token over variants)."""
+    client.create_experiment(_spec())
+    d = client.assign("exp")
+    b = client.assign_batch("exp", 2)
+    ids = {"decision_ids": [d.decision_id]}
+    token = {"batch_token": b.batch_token, "indices": [0]}
+    events = {"event_ids": ["e0"], "variants": ["a"]}
+    for kw, field, named in [
+        ({**ids, "event_ids": ["e0"]}, "event_ids", "decision_ids"),
+        ({**ids, "variants": ["a"]}, "variants", "decision_ids"),
+        ({**ids, "variant_indices": [0]}, "variant_indices", "decision_ids"),
+        ({**ids, **events}, "event_ids", "decision_ids"),
+        ({**ids, "indices": [0]}, "indices", "decision_ids"),
+        ({**ids, **token}, "batch_token", "decision_ids"),
+        ({**token, "variants": ["a"]}, "variants", "batch_token, indices"),
+        ({**token, "variant_indices": [0]}, "variant_indices", "batch_token, indices"),
+        ({**token, **events}, "event_ids", "batch_token, indices"),
+        ({"indices": [0], **events}, "event_ids", "indices"),
+        # A form's other fields without its first one.
+        ({"indices": [0]}, "batch_token", "indices"),
+        ({"variants": ["a"]}, "event_ids", "variants"),
+    ]:
+        req = pb.RewardBatchRequest(experiment="exp", values=[1.0], **kw)
+        code, details = _code(stub.RewardBatch, req)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (kw, details)
+        assert details.startswith(f"{field}: ") and named in details, (kw, details)
+        stream = stub.RewardStream(iter([pb.RewardStreamRequest(request_id=1, batch=req)]))
+        assert _code(list, stream)[0] == grpc.StatusCode.INVALID_ARGUMENT
+    assert sum(server.app.engine.counts("exp").values()) == 0
+    for kw in (ids, token, events):
+        assert stub.RewardBatch(pb.RewardBatchRequest(experiment="exp", values=[1.0], **kw))
+    assert sum(server.app.engine.counts("exp").values()) == 3
 
 
 def test_decision_ids_this_replica_has_not_loaded_are_unavailable_not_invalid(
@@ -881,7 +1242,7 @@ def test_infinite_prediction_score_is_rejected_in_every_form(
         assert code == grpc.StatusCode.INVALID_ARGUMENT and f"prediction_scores[{index}]" in details
     single = pb.RewardRequest(decision_id=b.decision_id(0), value=1.0, prediction_score=-inf)
     code, details = _code(stub.Reward, single)
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "prediction_scores[0]" in details
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("prediction_score:")
     assert sum(server.app.engine.counts("exp").values()) == 0
     # NaN still means "no score": accepted.
     ok = forms[0]
@@ -928,6 +1289,39 @@ def test_open_streams_hold_no_handler_thread(tmp_path: Path, registry: Collector
         for call in calls:
             call.cancel()
         running.stop(1.0)
+
+
+def test_a_cancelled_stream_is_counted_cancelled(
+    server: Running, stub: pb_grpc.AllocatorStub, registry: CollectorRegistry
+) -> None:
+    """A client that cancels an AssignStream ends the server's request iterator as if it
+    had closed its side: the call was counted code="OK"."""
+    stub.CreateExperiment(pb.CreateExperimentRequest(spec=_spec()))
+    stop = threading.Event()
+
+    def requests() -> Iterator[pb.AssignStreamRequest]:
+        yield pb.AssignStreamRequest(
+            request_id=1, batch=pb.AssignBatchRequest(experiment="exp", count=3)
+        )
+        stop.wait(30)
+
+    def count(code: str) -> float:
+        key = {"rpc": "AssignStream", "code": code}
+        return registry.get_sample_value("allocator_requests_total", key) or 0.0
+
+    call = stub.AssignStream(requests())
+    assert next(call).request_id == 1
+    call.cancel()
+    stop.set()
+    wait_until(lambda: count("CANCELLED") + count("OK") > 0, 5, "the stream to be counted")
+    assert (count("CANCELLED"), count("OK")) == (1.0, 0.0)
+    # A stream the client ends itself is OK, as before.
+    one = pb.AssignStreamRequest(
+        request_id=2, batch=pb.AssignBatchRequest(experiment="exp", count=1)
+    )
+    assert [r.request_id for r in stub.AssignStream(iter([one]))] == [2]
+    wait_until(lambda: count("OK") == 1.0, 5, "the finished stream to be counted")
+    assert count("CANCELLED") == 1.0
 
 
 def test_a_busy_experiment_never_stalls_the_event_loop(
