@@ -91,9 +91,6 @@ Handler = Callable[..., Any]
 AsyncHandler = Callable[..., Awaitable[Any]]
 StreamHandler = Callable[..., AsyncGenerator[Any, None]]
 
-# How long a stream that ended normally waits for a cancellation before it counts as OK.
-_CANCEL_GRACE_S = 0.05
-
 # Stored events are replayed in pages of this many (one store read per page).
 _REPLAY_PAGE = 1000
 
@@ -184,10 +181,6 @@ def _stream(fn: StreamHandler) -> StreamHandler:
             async with contextlib.aclosing(fn(self, request, context)) as items:
                 async for item in items:
                     yield item
-            # grpc.aio ends the request iterator on a client's cancel as on its close, and
-            # reports the cancel only by cancelling this task while it still runs: a moment
-            # for that to land (it takes well under a millisecond) before counting OK.
-            await asyncio.sleep(_CANCEL_GRACE_S)
         except (asyncio.CancelledError, GeneratorExit):  # the client went away
             self.metrics.rpc.count(name, "CANCELLED")
             raise
