@@ -47,6 +47,7 @@ from allocator.engine import (
     Engine,
     ExperimentConfig,
     finite_rewards,
+    weights_with,
 )
 from allocator.errors import (
     ExperimentExists,
@@ -584,8 +585,12 @@ class Allocator:
         if weight is not None:
             if not (math.isfinite(weight) and weight >= 0):
                 raise InvalidArgument("weight", f"must be a finite number >= 0, got {weight!r}")
-            if weight and rec.config.policy.kind != PolicyKind.FIXED_SPLIT:
-                raise InvalidArgument("weight", "only POLICY_FIXED_SPLIT experiments take weights")
+            if rec.config.policy.kind != PolicyKind.FIXED_SPLIT:
+                if weight:
+                    raise InvalidArgument(
+                        "weight", "only POLICY_FIXED_SPLIT experiments take weights"
+                    )
+                weight = None
         with rec.lock:
             if rec.lifecycle.state in (State.ARCHIVED, State.PAUSED):
                 raise WrongState(name, rec.lifecycle.state.value, "add a variant")
@@ -594,8 +599,9 @@ class Allocator:
             new_spec = pb.ExperimentSpec()
             new_spec.CopyFrom(rec.spec)
             new_spec.variants.append(variant)
-            if new_spec.weights:
-                new_spec.weights.append(1.0)
+            new_weights = weights_with(new_spec.weights, rec.config.n_arms, weight)
+            del new_spec.weights[:]
+            new_spec.weights.extend(new_weights)
             spec_to_config(new_spec)  # validates before anything changes
             candidate = Lifecycle.from_dict(rec.lifecycle.to_dict())
             pending: list[Event] = []
@@ -634,7 +640,7 @@ class Allocator:
             rec.spec = new_spec
             rec.lifecycle = candidate
             self._wire_lifecycle(rec)
-            rec.config = self.engine.add_variant(name, variant)
+            rec.config = self.engine.add_variant(name, variant, weight)
             self._apply_state(rec)
         for seq, event in zip(seqs, pending, strict=True):
             self._publish(rec, seq, event)
@@ -1379,8 +1385,11 @@ class Allocator:
         if row.version <= rec.version:
             return
         fresh = self._record_from_row(row)
-        for v in fresh.config.variants[len(rec.config.variants) :]:
-            self.engine.add_variant(rec.name, v)
+        weights = fresh.config.policy.weights
+        for i in range(rec.config.n_arms, fresh.config.n_arms):
+            self.engine.add_variant(
+                rec.name, fresh.config.variants[i], weights[i] if weights else None
+            )
         rec.spec, rec.config = fresh.spec, self.engine.config(rec.name)
         rec.lifecycle = fresh.lifecycle
         self._wire_lifecycle(rec)

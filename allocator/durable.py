@@ -103,8 +103,11 @@ class Recovery:
                 self.engine.restore({name: restored})
                 # Variants added after the snapshot was taken (the record has them, and the
                 # log may hold their rewards): added again, in order, before the replay.
-                for variant in config.variants[len(restored.config.variants) :]:
-                    self.engine.add_variant(name, variant)
+                weights = config.policy.weights
+                for i in range(restored.config.n_arms, config.n_arms):
+                    self.engine.add_variant(
+                        name, config.variants[i], weights[i] if weights else None
+                    )
                 positions_by_exp[name] = dict(snap.positions)
         self.skip_until = {n: p for n, p in positions_by_exp.items() if p}
         # Replay from the smallest position any experiment needs, filtering per experiment.

@@ -698,8 +698,11 @@ class Engine:
         with exp.lock:
             exp.archived = True
 
-    def add_variant(self, name: str, variant: str) -> ExperimentConfig:
-        """Add a variant (e.g. a retrained model); it starts with no data and a new epoch."""
+    def add_variant(self, name: str, variant: str, weight: float | None = None) -> ExperimentConfig:
+        """Add a variant (e.g. a retrained model); it starts with no data and a new epoch.
+
+        ``weight``: its fixed-split weight (see :func:`weights_with`).
+        """
         exp = self._get(name)
         with exp.refresh_lock, exp.lock:
             if variant in exp.variants:
@@ -710,9 +713,7 @@ class Engine:
                     variants=(*exp.variants, variant),
                     policy=replace(
                         exp.config.policy,
-                        weights=(*exp.config.policy.weights, 1.0)
-                        if exp.config.policy.weights
-                        else (),
+                        weights=weights_with(exp.config.policy.weights, len(exp.variants), weight),
                     ),
                 )
             except ValueError as err:
@@ -1007,6 +1008,20 @@ class ExperimentView:
     def reward_counts(self) -> np.ndarray:
         """Rewards per arm, undiscounted."""
         return self.epoch_stats[:, :, 0].sum(axis=0)
+
+
+def weights_with(weights: Sequence[float], n_arms: int, weight: float | None) -> tuple[float, ...]:
+    """Fixed-split weights after adding an arm of ``weight`` to ``n_arms`` arms.
+
+    Default: the mean weight, so an equal split (no weights) stays equal.
+
+    >>> weights_with((1.0, 3.0), 2, None), weights_with((), 2, 2.0), weights_with((), 2, None)
+    ((1.0, 3.0, 2.0), (1.0, 1.0, 2.0), ())
+    """
+    if not weights and weight is None:
+        return ()
+    have = tuple(weights) or (1.0,) * n_arms
+    return (*have, sum(have) / len(have) if weight is None else float(weight))
 
 
 def config_from_mapping(raw: Mapping[str, Any]) -> ExperimentConfig:

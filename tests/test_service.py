@@ -804,6 +804,34 @@ def test_rollback_returns_traffic_to_the_variant_named(
     assert (rollback.action, rollback.reason) == ("ROLLBACK", "b is safe")
 
 
+def test_a_fixed_split_variant_gets_its_weight_or_the_mean(
+    server: Running, stub: pb_grpc.AllocatorStub
+) -> None:
+    """AddVariantRequest.weight, as the proto says: the new variant's relative weight,
+    default the mean weight (an equal split stays equal); the engine serves the same."""
+
+    def fixed(name: str, weights: list[float]) -> None:
+        spec = _spec(name, ("a", "b"), policy=pb.POLICY_FIXED_SPLIT, weights=weights)
+        stub.CreateExperiment(pb.CreateExperimentRequest(spec=spec))
+
+    def add(name: str, **kw: float) -> list[float]:
+        exp = stub.AddVariant(pb.AddVariantRequest(experiment=name, variant="c", **kw)).experiment
+        shares = server.app.engine.view(name).alloc
+        weights = list(exp.spec.weights) or [1.0] * 3
+        assert np.allclose(shares, np.array(weights) / sum(weights)), (shares, weights)
+        assert server.app.engine.config(name).policy.weights == tuple(exp.spec.weights)
+        return list(exp.spec.weights)
+
+    fixed("given", [1.0, 3.0])
+    assert add("given", weight=4.0) == [1.0, 3.0, 4.0]
+    fixed("mean", [1.0, 3.0])
+    assert add("mean") == [1.0, 3.0, 2.0]
+    fixed("equal", [])
+    assert add("equal", weight=2.0) == [1.0, 1.0, 2.0]
+    fixed("still_equal", [])
+    assert add("still_equal") == []
+
+
 def test_watch_events_live_and_replay(server: Running, stub: pb_grpc.AllocatorStub) -> None:
     stub.CreateExperiment(pb.CreateExperimentRequest(spec=_spec()))
     # Two events first, so the replay below starts after a real sequence number (0 = live).
