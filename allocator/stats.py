@@ -750,9 +750,8 @@ def stratified_difference(
     out: their difference is not estimable (a positivity gap, as after a promotion or
     before a variant was added). Variance: sum_e w_e^2 (v_arm/n_arm + v_control/n_control);
     for 0/1 rewards (``sums_sq`` None) the test's uses the pooled rate of each epoch and
-    the interval's the plus-two proportions, which also centre it (Agresti-Caffo, as
-    :func:`proportion_difference`; the estimate stays the observed difference). The
-    interval is NaN when the rewards have no spread at all.
+    the interval's the plus-two proportions (see the code). The interval is NaN when the
+    rewards have no spread at all.
     Under an allocation that moves between epochs the pooled tests compare arms over
     different mixes of epochs; this one does not (a within-epoch allocation that still
     adapts to the data keeps it from being exact).
@@ -782,18 +781,19 @@ def stratified_difference(
         # 0/1 rewards. A small cell often has no success, and its plug-in variance is then
         # 0: a starved arm's late epochs would carry weight with no spread, and the test
         # would reject far too often. The test takes each epoch's variance under its null,
-        # the two arms' pooled rate (as Cochran-Mantel-Haenszel), on the raw difference.
-        # The interval is Agresti-Caffo's in each cell: plus-two proportions for both its
-        # centre and its variance (as proportion_difference), so no cell is without spread
-        # and, with a single epoch, the two functions give the same interval.
+        # the two arms' pooled rate (as Cochran-Mantel-Haenszel); the interval's variance,
+        # the plus-two proportions of each cell, so no cell is without spread. Its centre
+        # stays the observed difference: Agresti-Caffo's plus-two centre, taken in every
+        # cell, shrinks each small epoch toward 0 and, summed over many, moved the
+        # interval off the truth (coverage 0.54 at 50 epochs of 4, 0.1 vs 0.3, in a
+        # review's simulation; 0.92 so). With one epoch, proportion_difference is the
+        # Agresti-Caffo interval.
         pooled = (m1 * n1 + m0 * n0) / (n1 + n0)
         var_test = float((w**2 * pooled * (1 - pooled) * (1 / n1 + 1 / n0)).sum())
         t1, t0 = (m1 * n1 + 1) / (n1 + 2), (m0 * n0 + 1) / (n0 + 2)
-        centre = float((w * (t1 - t0)).sum())
         var_ci = float((w**2 * (t1 * (1 - t1) / (n1 + 2) + t0 * (1 - t0) / (n0 + 2))).sum())
         bounds = (-1.0, 1.0)
     else:
-        centre = diff
         var_test = var_ci = float(
             (w**2 * (cell_var[both, arm] / n1 + cell_var[both, control] / n0)).sum()
         )
@@ -805,7 +805,7 @@ def stratified_difference(
     p = float(2 * _st.norm.sf(abs(z))) if not math.isnan(z) else _NAN
     if var_ci > 0:
         half = float(_st.norm.isf(alpha / 2)) * math.sqrt(var_ci)
-        lower, upper = max(bounds[0], centre - half), min(bounds[1], centre + half)
+        lower, upper = max(bounds[0], diff - half), min(bounds[1], diff + half)
     else:
         # No spread at all (constant rewards): no interval to give; a difference is certain.
         # Set explicitly: max(-inf, nan) is -inf, which would pass for an infinite interval.

@@ -781,23 +781,6 @@ def test_stratified_interval_of_binary_rewards_keeps_spread_and_bounds() -> None
     assert full.test.p_value < 0.01
 
 
-@pytest.mark.parametrize(
-    ("wins", "n"),
-    [((3.0, 9.0), (10, 10)), ((0.0, 0.0), (50, 50)), ((12.0, 10.0), (100, 80)), ((0, 5), (5, 5))],
-)
-@pytest.mark.parametrize("alpha", [0.05, 0.2])
-def test_stratified_interval_of_one_epoch_is_agresti_caffo(
-    wins: tuple[float, float], n: tuple[int, int], alpha: float
-) -> None:
-    """One epoch has weight 1, so the stratified 0/1 interval is exactly the Agresti-Caffo
-    one of proportion_difference (centred on the plus-two difference, not the raw one:
-    3/10 vs 9/10 differ by 0.6 raw but 0.5 plus-two)."""
-    d = stratified_difference([list(wins)], [list(n)], None, 1, 0, alpha).difference
-    want = proportion_difference(wins[1], n[1], wins[0], n[0], alpha)
-    assert d.estimate == pytest.approx(want.estimate, rel=1e-12, abs=1e-15)
-    assert (d.lower, d.upper) == pytest.approx((want.lower, want.upper), rel=1e-12, abs=1e-15)
-
-
 def test_stratified_interval_is_nan_when_rewards_have_no_spread() -> None:
     """Constant rewards in every cell (1.0 vs 2.0): the variance is exactly 0, so there is
     no interval to give (NaN, as the docstring says), not (-inf, inf); the difference
