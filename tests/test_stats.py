@@ -687,6 +687,22 @@ def test_stratified_renormalizes_over_epochs_with_data_and_nan_for_empty_arm() -
     assert math.isnan(r.mean[2]) and math.isnan(r.se[2])
 
 
+def test_stratified_0_1_interval_covers_over_many_small_epochs() -> None:
+    """50 epochs of 4 rewards per arm, rates 0.1 vs 0.3: the 95% interval covers the true
+    difference in about 92% of runs (a shrunk centre, plus-two in every cell, covered in
+    54%). With 400 seeded runs the observed share has sd sqrt(.92 * .08 / 400) = 0.014,
+    so 0.88 is 2.9 sd below 0.92, and far above what a biased centre gives."""
+    rng = np.random.default_rng(21)
+    covered = 0
+    runs = 400
+    for _ in range(runs):
+        counts = np.full((50, 2), 4.0)
+        sums = np.stack([rng.binomial(4, 0.1, 50), rng.binomial(4, 0.3, 50)], axis=1)
+        d = stratified_difference(sums.astype(float), counts, None, 1, 0).difference
+        covered += d.lower <= 0.2 <= d.upper
+    assert covered / runs >= 0.88
+
+
 def test_stratified_difference_uses_only_epochs_where_both_arms_have_data() -> None:
     """Identical arms, base rate 0.10 then 0.05; A alone in epoch 2 (promoted). Per-arm
     stratified means cover different epochs (A 0.051, B 0.10); the difference is taken
