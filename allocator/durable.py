@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from allocator.engine import Engine, ExperimentConfig, ExperimentSnapshot
+from allocator.engine import MAX_ABS_REWARD, Engine, ExperimentConfig, ExperimentSnapshot
 from allocator.errors import InvalidArgument, Overloaded
 from allocator.metrics import Metrics
 from allocator.store import (
@@ -177,37 +177,20 @@ def replay_new_experiment(
             return done
 
 
-def _apply_one_by_one(
-    engine: Engine,
-    name: str,
-    arms: Sequence[int],
-    values: Sequence[float],
-    epochs: Sequence[int],
-    guards: Sequence[str | None],
-) -> int:
-    """Apply logged rows singly, skipping those the engine now refuses (a value beyond
-    today's bound, logged by an earlier version or another replica's): one bad row must
-    not keep the server from starting, nor the pull from moving on. Returns how many."""
-    applied = 0
-    for arm, value, epoch, guard in zip(arms, values, epochs, guards, strict=True):
-        try:
-            engine.reward_batch(name, [arm], [value], [epoch], guardrail_items([guard]))
-            applied += 1
-        except InvalidArgument as err:
-            log.error("experiment %s: logged reward %r not applied: %s", name, value, err)
-    return applied
-
-
 def known_prefix(
-    rows: Sequence[LoggedReward], names_by_id: dict[int, str]
+    rows: Sequence[LoggedReward],
+    names_by_id: dict[int, str],
+    n_arms: Mapping[str, int] | None = None,
 ) -> Sequence[LoggedReward]:
-    """The rows before the first one of an experiment this process does not know yet.
+    """The rows before the first one of an experiment (or, with ``n_arms``, a variant)
+    this process does not know yet.
 
     Positions must never move past a row that was not applied, or it is skipped for good;
     rows come ordered by (replica, seq), so cutting the page keeps every stream contiguous.
     """
     for i, row in enumerate(rows):
-        if row.experiment_id not in names_by_id:
+        name = names_by_id.get(row.experiment_id)
+        if name is None or (n_arms is not None and row.arm >= n_arms.get(name, 0)):
             return rows[:i]
     return rows
 
@@ -235,11 +218,21 @@ def apply_logged(
     def flush() -> None:
         nonlocal applied
         if run_name is not None and arms and run_name in engine:
-            try:
+            keep = [i for i, v in enumerate(values) if abs(v) <= MAX_ABS_REWARD]
+            if len(keep) < len(values):
+                # Logged by an earlier version (or another replica's) before the bound: one
+                # such row must not keep the server from starting, nor the pull from moving.
+                bad = [values[i] for i in range(len(values)) if abs(values[i]) > MAX_ABS_REWARD]
+                log.error(
+                    "experiment %s: logged rewards %r beyond the bound skipped", run_name, bad
+                )
+                arms[:] = [arms[i] for i in keep]
+                values[:] = [values[i] for i in keep]
+                epochs[:] = [epochs[i] for i in keep]
+                guards[:] = [guards[i] for i in keep]
+            if arms:
                 engine.reward_batch(run_name, arms, values, epochs, guardrail_items(guards))
                 applied += len(arms)
-            except InvalidArgument:
-                applied += _apply_one_by_one(engine, run_name, arms, values, epochs, guards)
         arms.clear()
         values.clear()
         epochs.clear()
@@ -597,7 +590,9 @@ class RewardWriter:
             rows = self.store.rewards_since(
                 self.positions, exclude_replica=self.replica_id, limit=50_000
             )
-            known = known_prefix(rows, names_by_id)
+            # A variant another replica added since our last sync: its rows wait for it.
+            arms = {n: self.engine.config(n).n_arms for n in ids if n in self.engine}
+            known = known_prefix(rows, names_by_id, arms)
             if not known:
                 return total
             total += apply_logged(self.engine, known, names_by_id, self.skip_until or None)

@@ -1062,6 +1062,44 @@ def test_a_snapshot_covers_the_rows_its_restored_state_held(tmp_path: Path) -> N
         store.close()
 
 
+def test_the_pull_waits_for_a_variant_it_does_not_know_yet(pg_url: str) -> None:
+    """Another replica's rows for a variant added there since this one's last sync are
+    not applied (nor skipped): the pull stops before them and takes them once the variant
+    is known here."""
+    store = SqlStore.open(pg_url)  # the pull reads a shared store's other replicas
+    try:
+        engine = Engine()
+        engine.create(ExperimentConfig(name=EXPERIMENT, variants=("a", "b")))
+        exp_id = store.create_experiment(EXPERIMENT, "{}", "RUNNING", now=1.0).id
+        writer = RewardWriter(
+            store,
+            engine,
+            "r1",
+            Metrics(CollectorRegistry()),
+            ids=lambda: {EXPERIMENT: exp_id},
+            positions={},
+        )
+        rows = [
+            RewardRow(
+                dedup_key=f"k{i}",
+                experiment_id=exp_id,
+                arm=arm,
+                value=1.0,
+                epoch=0,
+                received_at=1.0,
+            )
+            for i, arm in enumerate([0, 2, 1])
+        ]
+        store.append_rewards("r2", rows)
+        assert writer.pull() == 1
+        assert writer.positions == {"r2": 1}
+        engine.add_variant(EXPERIMENT, "c")
+        assert writer.pull() == 2
+        np.testing.assert_array_equal(engine.view(EXPERIMENT).stats[:, 0], [1, 1, 1])
+    finally:
+        store.close()
+
+
 # ---------------------------------------------------------------- database outage (PostgreSQL)
 
 
