@@ -862,6 +862,10 @@ class Allocator:
                 self.defaults.done([item])
                 continue
             value = float(rec.spec.default_reward)
+            if abs(value) > MAX_ABS_REWARD:  # stored before the bound was checked
+                log.error("experiment %s: default_reward %r is out of bounds", rec.name, value)
+                self.defaults.done([item])
+                continue
             rows = [
                 RewardRow(
                     dedup_key=key,
@@ -877,6 +881,10 @@ class Allocator:
                 fut = self.writer.submit(rec.name, rows)
             except (Overloaded, StoreUnavailable):
                 self.defaults.retry(item)  # try again on the next pass
+                continue
+            except InvalidArgument as err:  # a batch larger than --max-queue: never fits
+                log.error("experiment %s: default rewards not written: %s", rec.name, err)
+                self.defaults.done([item])
                 continue
             fut.add_done_callback(functools.partial(self._default_written, item))
             submitted += len(rows)

@@ -503,8 +503,6 @@ class RewardWriter:
                     )
                 try:
                     self.engine.reward_batch(job.name, arms, values, epochs, guardrails)
-                    if self.on_applied is not None:
-                        self.on_applied(job.name, arms, values)
                 except Exception:
                     # A bug, not bad input (that is refused before it is queued). The rows
                     # are durable and a restart replays them; this thread must live on, or
@@ -515,8 +513,19 @@ class RewardWriter:
                         job.name,
                     )
                     self.unapplied = True
+                else:
+                    self._applied_hook(job.name, arms, values)
             job.future.set_result(mine)
         return True
+
+    def _applied_hook(self, name: str, arms: np.ndarray, values: np.ndarray) -> None:
+        """``on_applied`` (the monitors): its failure is its own, the engine has the rows."""
+        if self.on_applied is None:
+            return
+        try:
+            self.on_applied(name, arms, values)
+        except Exception:
+            log.exception("experiment %s: a listener of applied rewards failed", name)
 
     def _doubt(self, jobs: list[_Job]) -> None:
         for job in jobs:

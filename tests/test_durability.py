@@ -1100,6 +1100,28 @@ def test_the_pull_waits_for_a_variant_it_does_not_know_yet(pg_url: str) -> None:
         store.close()
 
 
+def test_a_failing_listener_of_applied_rewards_leaves_snapshots_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine has the rows when a listener (the monitors) fails after them: that is
+    logged, and snapshots go on (only a failure to apply the rows stops them)."""
+    url = f"sqlite:///{tmp_path / 'hook.sqlite'}"
+    running = create_server(server_config(url, http_port=-1))
+    try:
+        app = running.app
+        app.create(pb.ExperimentSpec(name=EXPERIMENT, variants=list(VARIANTS), seed=1))
+
+        def broken(*args: object) -> None:
+            raise RuntimeError("injected")
+
+        monkeypatch.setattr(app.writer, "on_applied", broken)
+        assert _reward_events(app, ["h0"], 0) == ["accepted"]
+        np.testing.assert_array_equal(app.engine.view(EXPERIMENT).stats[:, 0], [1, 0, 0])
+        assert not app.writer.unapplied and app.writer.applied_positions() is not None
+    finally:
+        running.stop(grace=1.0)
+
+
 # ---------------------------------------------------------------- database outage (PostgreSQL)
 
 
