@@ -1053,7 +1053,10 @@ class Allocator:
                 continue
             except InvalidToken as err:
                 raise InvalidArgument(where, str(err)) from None
-            owner = self._owner(where, d.experiment, d.variant)
+            # A batch's whole variant array: the fast path above reuses this check for
+            # its other items.
+            top = d.variant if batch is None else int(batch.variants.max(initial=0))
+            owner = self._owner(where, d.experiment, top)
             if rec is None:
                 rec = owner
             elif owner is not rec:

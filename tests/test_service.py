@@ -1142,6 +1142,13 @@ def test_decision_ids_this_replica_has_not_loaded_are_unavailable_not_invalid(
         ),
     )
     assert code == grpc.StatusCode.UNAVAILABLE and "variant 3" in details, details
+    # By decision ids of that batch: its items reuse one check, which covers every variant.
+    token = sign_batch(rec.id, [0, 3], 0, now)
+    code, details = _code(
+        stub.RewardBatch,
+        pb.RewardBatchRequest(decision_ids=[token + ".0", token + ".1"], values=[1, 1]),
+    )
+    assert code == grpc.StatusCode.UNAVAILABLE and "variant 3" in details, details
     b = client.assign_batch("exp", 3)
     code, details = _code(stub.Reward, pb.RewardRequest(decision_id=b.batch_token + ".\u00b2"))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "decimal" in details, details
