@@ -18,7 +18,9 @@ from tests.conftest import server_config
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI not found")
 
 
-def _cert(tmp: Path, name: str, ca: tuple[Path, Path] | None = None) -> tuple[Path, Path]:
+def _cert(
+    tmp: Path, name: str, ca: tuple[Path, Path] | None = None, bits: int = 2048
+) -> tuple[Path, Path]:
     key, crt = tmp / f"{name}.key", tmp / f"{name}.crt"
     subj = ["-subj", f"/CN={name}"]
     if ca is None:
@@ -28,7 +30,7 @@ def _cert(tmp: Path, name: str, ca: tuple[Path, Path] | None = None) -> tuple[Pa
                 "req",
                 "-x509",
                 "-newkey",
-                "rsa:2048",
+                f"rsa:{bits}",
                 "-nodes",
                 "-days",
                 "2",
@@ -147,3 +149,14 @@ def test_a_bad_certificate_or_key_is_named_not_reported_as_a_bind_failure(
         with pytest.raises(OSError) as err:
             create_server(config, registry=CollectorRegistry())
         assert flag in str(err.value) and "cannot bind" not in str(err.value), err.value
+
+
+def test_files_grpc_accepts_are_not_refused_by_the_diagnosis(tmp_path: Path) -> None:
+    """The TLS check runs only when grpc could not bind: a 1024-bit key, which grpc's own
+    TLS library takes and OpenSSL's default security level refuses, still serves."""
+    key, crt = _cert(tmp_path, "small", bits=1024)
+    config = server_config(
+        f"sqlite:///{tmp_path / 'small.sqlite'}", tls_cert=str(crt), tls_key=str(key)
+    )
+    running = create_server(config, registry=CollectorRegistry())
+    running.stop(1.0)
