@@ -796,7 +796,14 @@ class Allocator:
             if not batch:
                 return
             for e in batch:
-                yield self._stored_event(e)
+                if e.experiment_id is not None and e.experiment_id not in self.by_id:
+                    # Another replica's experiment not adopted yet: its events (and the
+                    # rest) reach the watcher live, under its name, once it is (the hub
+                    # waits for it the same way).
+                    return
+                stored = self._stored_event(e)
+                if stored is not None:
+                    yield stored
                 seq = max(seq, e.seq or 0)
 
     # -- decisions -------------------------------------------------------------------------
@@ -1373,22 +1380,30 @@ class Allocator:
                         # Another replica's new experiment: the next sync adopts it first,
                         # or its events would reach no watcher of that experiment.
                         return
-                    self.events.publish(self._stored_event(e))
+                    stored = self._stored_event(e)
+                    if stored is not None:
+                        self.events.publish(stored)
                     self._hub_seq = max(self._hub_seq, e.seq or 0)
                 if len(batch) < _EVENT_PAGE:
                     return
 
-    def _stored_event(self, e: EventRecord) -> StoredEvent:
-        """A stored event row as the hub and WatchEvents carry it."""
+    def _stored_event(self, e: EventRecord) -> StoredEvent | None:
+        """A stored event row as the hub and WatchEvents carry it; None (logged) for one
+        this version cannot read (a type a newer replica stored, broken details): one
+        such row must not stall the stream of every later event."""
         rec = self.by_id.get(e.experiment_id or -1)
-        event = Event(
-            EventType(e.type),
-            rec.name if rec else "",
-            e.variant,
-            e.at,
-            e.reason,
-            json.loads(e.details_json or "{}"),
-        )
+        try:
+            event = Event(
+                EventType(e.type),
+                rec.name if rec else "",
+                e.variant,
+                e.at,
+                e.reason,
+                json.loads(e.details_json or "{}"),
+            )
+        except ValueError as err:  # json.JSONDecodeError is one
+            log.warning("stored event %s skipped: %s", e.seq, err)
+            return None
         return StoredEvent(e.seq or 0, event)
 
     def _adopt_row(self, rec: Record, row: ExperimentRow) -> None:

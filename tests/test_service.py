@@ -832,6 +832,28 @@ def test_a_fixed_split_variant_gets_its_weight_or_the_mean(
     assert add("still_equal") == []
 
 
+def test_an_event_this_version_cannot_read_is_skipped_not_fatal(
+    server: Running, stub: pb_grpc.AllocatorStub
+) -> None:
+    """A stored event of a type a newer replica knows (or with broken details) is skipped
+    by the replay and by the hub; the events after it still reach watchers."""
+    from allocator.store import EventRecord
+
+    stub.CreateExperiment(pb.CreateExperimentRequest(spec=_spec()))
+    exp_id = server.app.records["exp"].id
+    for row in (
+        EventRecord(experiment_id=exp_id, type="FROM_THE_FUTURE", at=1.0),
+        EventRecord(experiment_id=exp_id, type="PAUSED", at=1.0, details_json="{not json"),
+    ):
+        server.app.store.append_event(row)
+    stub.Pause(pb.PauseRequest(experiment="exp", reason="after them"), metadata=ADMIN)
+    replay = stub.WatchEvents(pb.WatchEventsRequest(after_sequence=1), timeout=10)
+    first = next(replay)
+    replay.cancel()
+    assert (first.event.type, first.event.reason) == (pb.EVENT_TYPE_PAUSED, "after them")
+    assert server.app._hub_seq == first.event.sequence  # the hub moved past them too
+
+
 def test_watch_events_live_and_replay(server: Running, stub: pb_grpc.AllocatorStub) -> None:
     stub.CreateExperiment(pb.CreateExperimentRequest(spec=_spec()))
     # Two events first, so the replay below starts after a real sequence number (0 = live).
