@@ -457,13 +457,31 @@ class Allocator:
                 raise
             stored_spec.seed = config.seed
             now = self.clock()
+            created = Event(EventType.CREATED, spec.name, None, now, "created")
+            seqs: list[int] = []
             try:
+                # The audit row and CREATED event in the same transaction: a failure after
+                # the experiment was stored would answer UNAVAILABLE for a created one.
                 row = self.store.create_experiment(
                     spec.name,
                     spec_to_json(stored_spec),
                     State.RUNNING.value,
                     now,
                     json.dumps(lifecycle.to_dict()),
+                    audit=AuditRecord(
+                        experiment_id=None,
+                        action="CREATE",
+                        actor=actor,
+                        at=now,
+                        to_state=State.RUNNING.value,
+                        reason="created",
+                    ),
+                    events=[
+                        EventRecord(
+                            experiment_id=None, type=created.type.value, at=now, reason="created"
+                        )
+                    ],
+                    event_seqs=seqs,
                 )
             except AlreadyExists:
                 self.engine.remove(spec.name)
@@ -475,17 +493,7 @@ class Allocator:
             self.records[rec.name] = rec
             self.by_id[rec.id] = rec
         self._wire_lifecycle(rec)
-        self.store.append_audit(
-            AuditRecord(
-                experiment_id=rec.id,
-                action="CREATE",
-                actor=actor,
-                at=now,
-                to_state=State.RUNNING.value,
-                reason="created",
-            )
-        )
-        self._record_event(rec, Event(EventType.CREATED, rec.name, None, now, "created"))
+        self._publish(rec, seqs[0], created)
         return rec
 
     def experiments(self, states: Sequence[State] = ()) -> list[Record]:

@@ -478,9 +478,19 @@ class Store(Protocol):
         ...
 
     def create_experiment(
-        self, name: str, config_json: str, state: str, now: float, lifecycle_json: str = "{}"
+        self,
+        name: str,
+        config_json: str,
+        state: str,
+        now: float,
+        lifecycle_json: str = "{}",
+        *,
+        audit: AuditRecord | None = None,
+        events: Sequence[EventRecord] = (),
+        event_seqs: list[int] | None = None,
     ) -> ExperimentRow:
-        """Insert a new experiment at version 1; AlreadyExists if the name is taken."""
+        """Insert a new experiment at version 1, with its audit row and events, atomically;
+        AlreadyExists if the name is taken."""
         ...
 
     def get_experiment(self, name: str) -> ExperimentRow | None:
@@ -1040,9 +1050,20 @@ class SqlStore:
 
     @_guard
     def create_experiment(
-        self, name: str, config_json: str, state: str, now: float, lifecycle_json: str = "{}"
+        self,
+        name: str,
+        config_json: str,
+        state: str,
+        now: float,
+        lifecycle_json: str = "{}",
+        *,
+        audit: AuditRecord | None = None,
+        events: Sequence[EventRecord] = (),
+        event_seqs: list[int] | None = None,
     ) -> ExperimentRow:
-        """Insert a new experiment at version 1; AlreadyExists if the name is taken."""
+        """Insert a new experiment at version 1, with its audit row and events (their
+        ``experiment_id`` set to it), atomically; AlreadyExists if the name is taken. The
+        events' sequence numbers are appended to ``event_seqs`` when given."""
         stmt = (
             self._insert(experiments)
             .values(
@@ -1058,10 +1079,19 @@ class SqlStore:
             .on_conflict_do_nothing(index_elements=["name"])
             .returning(*experiments.c)
         )
+        seqs: list[int] = []
         with self._tx(write=True) as conn:
             row = conn.execute(stmt).first()
-        if row is None:
-            raise AlreadyExists(name)
+            if row is None:
+                raise AlreadyExists(name)
+            if audit is not None:
+                self._insert_audit(conn, dataclasses.replace(audit, experiment_id=row.id))
+            seqs = [
+                self._insert_event(conn, dataclasses.replace(event, experiment_id=row.id))
+                for event in events
+            ]
+        if event_seqs is not None:
+            event_seqs.extend(seqs)
         return _experiment(row)
 
     @_guard

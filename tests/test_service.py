@@ -832,6 +832,30 @@ def test_a_fixed_split_variant_gets_its_weight_or_the_mean(
     assert add("still_equal") == []
 
 
+def test_create_stores_the_experiment_its_audit_row_and_created_event_or_nothing(
+    server: Running, stub: pb_grpc.AllocatorStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store failure writing the CREATED event undoes the whole create: UNAVAILABLE for
+    an experiment that does not exist, not for one that does (a retry then works)."""
+    import sqlalchemy as sa
+
+    real = server.app.store._insert_event
+
+    def down(*args: object) -> int:
+        raise sa.exc.OperationalError("INSERT", None, Exception("connection lost"))
+
+    monkeypatch.setattr(server.app.store, "_insert_event", down)
+    code, _ = _code(stub.CreateExperiment, pb.CreateExperimentRequest(spec=_spec()))
+    assert code == grpc.StatusCode.UNAVAILABLE
+    assert server.app.store.get_experiment("exp") is None and "exp" not in server.app.records
+    assert server.app.store.list_audit() == []
+    monkeypatch.setattr(server.app.store, "_insert_event", real)
+    stub.CreateExperiment(pb.CreateExperimentRequest(spec=_spec()))
+    rec = server.app.records["exp"]
+    assert [a.action for a in server.app.store.list_audit(rec.id)] == ["CREATE"]
+    assert [e.type for e in server.app.store.events_after(0)] == ["CREATED"]
+
+
 def test_an_event_this_version_cannot_read_is_skipped_not_fatal(
     server: Running, stub: pb_grpc.AllocatorStub
 ) -> None:
