@@ -47,9 +47,10 @@ or must equal ``n_variants``).
 
 Champion bookkeeping: ``PROMOTE v`` sets ``previous_champion`` to the old champion (the
 control on the first promotion; unchanged when ``v`` is already the champion) and
-``champion := v``. ``ROLLBACK`` sets ``champion := previous_champion`` (or the control from
-``RUNNING``), or the ``variant`` an operator names (e.g. a champion from before the previous
-one), and clears ``previous_champion`` so one regression cannot roll back twice.
+``champion := v``. ``ROLLBACK`` sets ``champion := previous_champion`` (the control when
+there is none: from ``RUNNING``, or a champion promoted again after a rollback), or the
+``variant`` an operator names (e.g. a champion from before the previous one), and clears
+``previous_champion``.
 
 Every legal :meth:`Lifecycle.apply` appends exactly one :class:`AuditRecord` and emits the
 matching :class:`Event` (``ADD_VARIANT`` that moves into ``REOPENED`` emits
@@ -430,8 +431,10 @@ class Lifecycle:
                 if variant == champion:
                     raise IllegalTransition(frm, action, f"variant {variant} is the champion")
                 return to, variant, None, None, n, variant
-            target = previous if champion is not None else self._control
-            if target is None or target == champion:
+            # The previous champion, else the control (the proto's "control if none"; a
+            # champion promoted again after a named rollback has no previous one).
+            target = previous if previous is not None else self._control
+            if target == champion:
                 raise IllegalTransition(frm, action, "no earlier champion to restore")
             return to, target, None, None, n, target
         if action is Action.ADD_VARIANT:

@@ -180,7 +180,8 @@ def evaluate_promotion(app: Allocator, rec: Record) -> pb.PromotionStatus | None
     except (TypeError, ValueError) as err:
         return pb.PromotionStatus(decision="invalid settings", reasons=[str(err)])
     checks, missing = _guardrails(app, rec.name, spec, config.n_arms)
-    since = updated_at if lc.state == State.REOPENED else rec.created_at
+    # The round's age: a PAUSE/RESUME or a new variant within it does not restart it.
+    since = _round_start(lc) or (updated_at if lc.state == State.REOPENED else rec.created_at)
     age = max(0.0, app.clock() - since)
     seed = mc_seed(config.seed, total)
     start = _round_start(lc)
@@ -710,7 +711,7 @@ class Supervisor:
         if reg.action is not None:
             action = reg.action
             if action == Action.ROLLBACK and action not in lc.allowed():
-                action = Action.REOPEN  # nothing earlier to roll back to: the control won
+                action = Action.REOPEN  # the control is the champion, nothing earlier
             reason = f"regression detected ({reg.kind}): {reg.reason}"
             try:
                 # Only onto the state judged here: an operator's action or a new promotion

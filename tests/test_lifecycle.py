@@ -122,8 +122,18 @@ def test_champion_bookkeeping_through_a_full_story() -> None:
     assert rb.variant == 2
     assert (lc.state, lc.champion, lc.previous_champion) == (State.ROLLED_BACK, 2, None)
     _drive(lc, (Action.REOPEN, None), (Action.PROMOTE, 2))
-    # Re-promoting the champion keeps the rollback target unchanged (here: none left).
+    # Re-promoting the champion keeps the rollback target unchanged (here: none left), so
+    # a rollback returns to the control (RollbackRequest: "control if none").
     assert (lc.champion, lc.previous_champion) == (2, None)
+    assert lc.apply(Action.ROLLBACK, **KW).variant == 0
+    assert (lc.state, lc.champion) == (State.ROLLED_BACK, 0)
+
+
+def test_a_rollback_with_the_control_as_champion_and_nothing_earlier_is_refused() -> None:
+    lc = _lc(n=3, control=0)
+    _drive(lc, (Action.PROMOTE, 1), (Action.ROLLBACK, None))  # champion: the control
+    _drive(lc, (Action.REOPEN, None), (Action.PROMOTE, 0))
+    assert (lc.champion, lc.previous_champion) == (0, None)
     with pytest.raises(IllegalTransition, match="no earlier champion"):
         lc.apply(Action.ROLLBACK, **KW)
 
