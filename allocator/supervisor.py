@@ -266,6 +266,9 @@ class _Watch:
     since: dict[str, int] | None = None  # catch-up position while activating
     active: bool = False  # fed by ``feed`` (writer thread) once True
     pending: Regression | None = None
+    # The pending one came with a saved state: its events were recorded by the process
+    # that found it (before their details named the promotion, which _unrecorded needs).
+    pending_restored: bool = False
     saved: str = ""  # the state last written to the store
 
 
@@ -378,7 +381,7 @@ class Supervisor:
                 reg = watch.monitor.observe_many(held, now=now, holdout=True)
         if reg is not None:
             with self._lock:  # _react reads and clears it under the lock
-                watch.pending = reg
+                watch.pending, watch.pending_restored = reg, False
 
     # -- the loop ----------------------------------------------------------------------------
     def tick(self) -> None:
@@ -412,6 +415,9 @@ class Supervisor:
                     log.info("experiment %s: promotion decision dropped: %s", rec.name, err)
                     self._evaluated.pop(rec.name, None)
                     return
+                except StoreUnavailable:
+                    self._evaluated.pop(rec.name, None)  # its transition: next pass again
+                    raise
                 if status is not None:
                     self.app.last_decisions[rec.name] = status
         elif state == State.PROMOTED:
@@ -538,6 +544,7 @@ class Supervisor:
             # happen yet, so it is due now; its events were already recorded.
             with self._lock:
                 watch.pending = watch.monitor.regression
+                watch.pending_restored = watch.pending is not None
             if not saved.get("paused") and not watch.monitor.triggered:
                 watch.since = since  # caught up from here, page by page
         if watch.since is not None:
@@ -676,6 +683,10 @@ class Supervisor:
         Best effort: ``_react`` records them for sure (``_unrecorded``), so the details
         name the promotion, by which it tells them stored."""
         if self.app.leader():
+            # Once per promotion: a regression found again after a restart (its reaction
+            # never ran, its state was not saved since) is not reported twice.
+            if self.app.has_stored_event(rec, event.type, {"promotion": promotion}):
+                return
             details = {**event.details, "promotion": promotion}
             self.app.emit(rec, event.type, event.reason, event.variant, details)
 
@@ -707,7 +718,7 @@ class Supervisor:
             lc, version = rec.lifecycle, rec.version
         if lc.state != State.PROMOTED or _promotion_seq(lc) != watch.key["promotion"]:
             return  # not the promotion it watched any more: the next pass ends the watch
-        events = self._unrecorded(rec, watch, reg)
+        events = [] if watch.pending_restored else self._unrecorded(rec, watch, reg)
         if reg.action is not None:
             action = reg.action
             if action == Action.ROLLBACK and action not in lc.allowed():

@@ -595,6 +595,23 @@ def _promotion_seq_of(rec: Record) -> int:
     return max(a.seq for a in rec.lifecycle.audit if a.action == Action.PROMOTE)
 
 
+def test_a_monitor_event_is_recorded_once_per_promotion(tmp_path: Path) -> None:
+    """Found again (a restart whose monitor state was not saved since, its reaction never
+    ran), a regression's event is not stored twice for the same promotion; for another
+    promotion it is."""
+    running = _start_still(tmp_path)
+    try:
+        app, sup = running.app, running.supervisor
+        rec = app.create(pb.ExperimentSpec(name="m", variants=["a", "b"]))
+        event = Event(EventType.RETRAIN_REQUESTED, "m", 1, 1.0, "drift")
+        for promotion in (7, 7, 9):
+            sup._emit(rec, promotion, event)
+        stored = [e for e in app.store.events_after(0) if e.type == "RETRAIN_REQUESTED"]
+        assert [json.loads(e.details_json)["promotion"] for e in stored] == [7, 9]
+    finally:
+        running.stop(1.0)
+
+
 def test_reaction_that_fails_is_retried_and_other_experiments_go_on(
     fast_server: Running, monkeypatch: pytest.MonkeyPatch
 ) -> None:
