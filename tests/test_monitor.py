@@ -194,8 +194,9 @@ def test_page_hinkley_detects_bernoulli_drop_within_bound() -> None:
     assert delay <= bound
 
 
-# The supervisor's Page-Hinkley: delta 0.5 and lambda 50 batch-sd, burn-in 200 batches of
-# 100 rewards, on a champion converting at 11% (batch-mean sd 0.0313).
+# A Page-Hinkley with delta 0.5 and lambda 50 batch-sd (a high threshold: the supervisor's
+# default is CUSUM's h, ~12), burn-in 200 batches of 100 rewards, on a champion converting
+# at 11% (batch-mean sd 0.0313).
 PH_RATE, PH_BATCH, PH_BURN = 0.11, 100, 200
 PH_SETTINGS = MonitorSettings(
     detector=PageHinkleySettings(delta=0.5, lam=50.0, burn_in=PH_BURN), batch_size=PH_BATCH
@@ -203,7 +204,7 @@ PH_SETTINGS = MonitorSettings(
 
 
 def _ph_monitor(rng: np.random.Generator, batches: int) -> PromotionMonitor:
-    """A monitor with the supervisor's Page-Hinkley, fed ``batches`` batches at PH_RATE."""
+    """A monitor with PH_SETTINGS' Page-Hinkley, fed ``batches`` batches at PH_RATE."""
     mon = PromotionMonitor("exp", 1, settings=PH_SETTINGS)
     assert mon.observe_many(rng.random(batches * PH_BATCH) < PH_RATE, now=1.0) is None
     return mon

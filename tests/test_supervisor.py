@@ -132,10 +132,11 @@ def test_regression_after_promotion_rolls_back_and_calls_webhook(
 
 
 def test_page_hinkley_regression_rolls_back(fast_server: Running) -> None:
-    """The Page-Hinkley detector reads its delta (0.5) and lambda (50) in batch-sd units,
-    as the proto says. Burn-in at 50%, then a drop to 20%: 6 batch-sd, so each batch adds
-    about 6 * 250/(250 + j) - 0.5 ~ 5.4 to the walk, and it crosses 50 in ~10 batches. Read
-    in reward units the drop (0.3) is below delta and the walk would never move."""
+    """The Page-Hinkley detector reads its delta (0.5) and lambda (its default, CUSUM's h
+    for ARL0 1e6, ~12) in batch-sd units, as the proto says. Burn-in at 50%, then a drop to
+    20%: 6 batch-sd, so each batch adds about 6 * 250/(250 + j) - 0.5 ~ 5.4 to the walk,
+    and it crosses ~12 in ~3 batches. Read in reward units the drop (0.3) is below delta
+    and the walk would never move."""
     spec = pb.ExperimentSpec(
         name="m",
         variants=["a", "b"],
