@@ -653,11 +653,23 @@ def _raw_unary(port: int, method: str, request: Any, authorization: bytes) -> No
             + frame(1, 0x4, headers)  # HEADERS, END_HEADERS
             + frame(0, 0x1, b"\x00" + len(body).to_bytes(4, "big") + body)  # DATA, END_STREAM
         )
-        # Read until the server's trailers (end of stream) have had time to go out.
-        sock.settimeout(1.0)
-        with contextlib.suppress(TimeoutError):
-            while sock.recv(65536):
-                pass
+        # Read frames until the server ends stream 1 (its trailers: a frame of that stream
+        # with END_STREAM), however long a loaded machine takes (the socket's 10 s timeout).
+        buf = b""
+        while True:
+            while len(buf) < 9:
+                chunk = sock.recv(65536)
+                assert chunk, "the server closed the connection before ending the call"
+                buf += chunk
+            size, flags = int.from_bytes(buf[:3], "big"), buf[4]
+            stream = int.from_bytes(buf[5:9], "big") & 0x7FFFFFFF
+            while len(buf) < 9 + size:
+                chunk = sock.recv(65536)
+                assert chunk, "the server closed the connection before ending the call"
+                buf += chunk
+            buf = buf[9 + size :]
+            if stream == 1 and flags & 0x1:
+                return
 
 
 def _admin_codes(registry: CollectorRegistry, rpc: str) -> dict[str, float]:
