@@ -30,7 +30,7 @@ from allocator.config import ServerConfig
 from allocator.lifecycle import Event, EventType
 from allocator.server import STORE_HEALTH, Running, create_server
 from allocator.service import _code_for, _watch_ended
-from allocator.store import StoreUnavailable
+from allocator.store import SqlStore, StoreUnavailable
 from tests.conftest import ADMIN_TOKEN, server_config, wait_until
 
 
@@ -204,8 +204,8 @@ def test_monitoring_settings_the_supervisor_cannot_use_are_refused_at_create(
     _refused(
         stub,
         [
-            (mon(detector=99), f"{m}.detector"),  # type: ignore[arg-type]
-            (mon(on_regression=99), f"{m}.on_regression"),  # type: ignore[arg-type]
+            (mon(detector=99), f"{m}.detector"),
+            (mon(on_regression=99), f"{m}.on_regression"),
             (mon(detector_threshold=0.0), f"{m}.detector_threshold"),
             (mon(detector_threshold=-1.0), f"{m}.detector_threshold"),
             (mon(detector_threshold=float("nan")), f"{m}.detector_threshold"),
@@ -301,7 +301,7 @@ def test_a_stored_experiment_the_policy_check_now_refuses_still_loads(
     such an experiment starts and serves it (the check is made at creation only), while a
     new one is refused."""
     config = server_config(f"sqlite:///{tmp_path / 's.sqlite'}")
-    ucb1_normal = {"policy": pb.POLICY_UCB1, "reward_type": pb.REWARD_TYPE_NORMAL}
+    ucb1_normal: dict[str, Any] = {"policy": pb.POLICY_UCB1, "reward_type": pb.REWARD_TYPE_NORMAL}
     monkeypatch.setattr(app_module, "check_policy", lambda config: None)  # an older server
     running = create_server(config, registry=registry)
     try:
@@ -826,7 +826,7 @@ def test_a_fixed_split_variant_gets_its_weight_or_the_mean(
         spec = _spec(name, ("a", "b"), policy=pb.POLICY_FIXED_SPLIT, weights=weights)
         stub.CreateExperiment(pb.CreateExperimentRequest(spec=spec))
 
-    def add(name: str, **kw: float) -> list[float]:
+    def add(name: str, **kw: Any) -> list[float]:
         exp = stub.AddVariant(pb.AddVariantRequest(experiment=name, variant="c", **kw)).experiment
         shares = server.app.engine.view(name).alloc
         weights = list(exp.spec.weights) or [1.0] * 3
@@ -851,17 +851,19 @@ def test_create_stores_the_experiment_its_audit_row_and_created_event_or_nothing
     an experiment that does not exist, not for one that does (a retry then works)."""
     import sqlalchemy as sa
 
-    real = server.app.store._insert_event
+    store = server.app.store
+    assert isinstance(store, SqlStore)
+    real = store._insert_event
 
     def down(*args: object) -> int:
         raise sa.exc.OperationalError("INSERT", None, Exception("connection lost"))
 
-    monkeypatch.setattr(server.app.store, "_insert_event", down)
+    monkeypatch.setattr(store, "_insert_event", down)
     code, _ = _code(stub.CreateExperiment, pb.CreateExperimentRequest(spec=_spec()))
     assert code == grpc.StatusCode.UNAVAILABLE
     assert server.app.store.get_experiment("exp") is None and "exp" not in server.app.records
     assert server.app.store.list_audit() == []
-    monkeypatch.setattr(server.app.store, "_insert_event", real)
+    monkeypatch.setattr(store, "_insert_event", real)
     stub.CreateExperiment(pb.CreateExperimentRequest(spec=_spec()))
     rec = server.app.records["exp"]
     assert [a.action for a in server.app.store.list_audit(rec.id)] == ["CREATE"]
@@ -1145,10 +1147,10 @@ def test_reward_batch_refuses_mixed_addressing_and_writes_nothing(
     client.create_experiment(_spec())
     d = client.assign("exp")
     b = client.assign_batch("exp", 2)
-    ids = {"decision_ids": [d.decision_id]}
-    token = {"batch_token": b.batch_token, "indices": [0]}
-    events = {"event_ids": ["e0"], "variants": ["a"]}
-    for kw, field, named in [
+    ids: dict[str, Any] = {"decision_ids": [d.decision_id]}
+    token: dict[str, Any] = {"batch_token": b.batch_token, "indices": [0]}
+    events: dict[str, Any] = {"event_ids": ["e0"], "variants": ["a"]}
+    cases: list[tuple[dict[str, Any], str, str]] = [
         ({**ids, "event_ids": ["e0"]}, "event_ids", "decision_ids"),
         ({**ids, "variants": ["a"]}, "variants", "decision_ids"),
         ({**ids, "variant_indices": [0]}, "variant_indices", "decision_ids"),
@@ -1162,7 +1164,8 @@ def test_reward_batch_refuses_mixed_addressing_and_writes_nothing(
         # A form's other fields without its first one.
         ({"indices": [0]}, "batch_token", "indices"),
         ({"variants": ["a"]}, "event_ids", "variants"),
-    ]:
+    ]
+    for kw, field, named in cases:
         req = pb.RewardBatchRequest(experiment="exp", values=[1.0], **kw)
         code, details = _code(stub.RewardBatch, req)
         assert code == grpc.StatusCode.INVALID_ARGUMENT, (kw, details)

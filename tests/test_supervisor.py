@@ -741,7 +741,7 @@ def test_stable_champion_is_not_rolled_back(fast_server: Running) -> None:
         assert c.get_experiment("s").state == pb.EXPERIMENT_STATE_PROMOTED
 
 
-def _holdout_spec(holdout_share: float, **promotion: float) -> pb.ExperimentSpec:
+def _holdout_spec(holdout_share: float, **promotion: Any) -> pb.ExperimentSpec:
     return pb.ExperimentSpec(
         name="h",
         variants=["a", "b"],
@@ -1308,7 +1308,7 @@ def test_an_event_of_the_final_drain_still_reaches_the_webhook(
         app.emit(rec, EventType.DRIFT_DETECTED, "drift in the final drain", 1)
         drain()
 
-    app.writer.stop = draining  # type: ignore[method-assign]
+    app.writer.stop = draining  # type: ignore[method-assign,assignment]
     running.stop(1.0)
     assert [r["event"] for r in received] == ["CREATED", "PROMOTED", "DRIFT_DETECTED"]
     other = pb.ExperimentSpec()
