@@ -116,17 +116,18 @@ class Recovery:
         for replica in replicas:
             start[replica] = min((p.get(replica, 0) for p in positions_by_exp.values()), default=0)
         by_id = {v: k for k, v in ids.items()}
+        arms = {name: config.n_arms for name, config in configs.items()}
         applied = dict(start)
         while True:
             rows = self.store.rewards_since(applied, exclude_replica=None, limit=50_000)
-            known = known_prefix(rows, by_id)
+            known = known_prefix(rows, by_id, arms)
             if not known:
                 break
             apply_logged(self.engine, known, by_id, positions_by_exp)
             advance(applied, known)
             if len(known) < len(rows):
-                # An experiment created (by another replica) after we listed them: the
-                # writer's pull resumes here once _sync_experiments has loaded it.
+                # An experiment created, or a variant added, (by another replica) after we
+                # listed them: the writer's pull resumes here once it is loaded.
                 break
         if own_replica is not None:
             self._replay_own(own_replica, applied, by_id, positions_by_exp)
@@ -609,7 +610,10 @@ class RewardWriter:
             if self.skip_until:
                 self._drop_passed_skips()
             if self.on_pulled is not None:
-                self.on_pulled(known)
+                try:
+                    self.on_pulled(known)
+                except Exception:  # the monitors' own failure: the rows are applied
+                    log.exception("a listener of pulled rewards failed")
             if len(known) < len(rows):
                 return total  # the rest after the next _sync_experiments
 

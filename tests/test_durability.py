@@ -1122,6 +1122,43 @@ def test_a_failing_listener_of_applied_rewards_leaves_snapshots_on(
         running.stop(grace=1.0)
 
 
+def test_recovery_stops_before_rows_of_a_variant_not_listed(tmp_path: Path) -> None:
+    """Rows of a variant another replica added after this one listed the experiments (here:
+    logged for a variant the record does not have) end the replay there, for the pull to
+    take once the variant is loaded, instead of failing the start."""
+    url = f"sqlite:///{tmp_path / 'unlisted.sqlite'}"
+    config = server_config(url, http_port=-1)
+    first = create_server(config)
+    try:
+        first.app.create(pb.ExperimentSpec(name=EXPERIMENT, variants=list(VARIANTS), seed=1))
+        exp_id = first.app.records[EXPERIMENT].id
+    finally:
+        first.stop(grace=1.0)
+    store = SqlStore.open(url)
+    try:
+        store.append_rewards(
+            "other",
+            [
+                RewardRow(
+                    dedup_key=f"u{i}",
+                    experiment_id=exp_id,
+                    arm=arm,
+                    value=1.0,
+                    epoch=0,
+                    received_at=1.0,
+                )
+                for i, arm in enumerate([0, 3, 1])
+            ],
+        )
+    finally:
+        store.close()
+    again = create_server(config)
+    try:
+        np.testing.assert_array_equal(again.app.engine.view(EXPERIMENT).stats[:, 0], [1, 0, 0])
+    finally:
+        again.stop(grace=1.0)
+
+
 # ---------------------------------------------------------------- database outage (PostgreSQL)
 
 
