@@ -780,18 +780,35 @@ class Allocator:
         )
 
     def has_stored_event(
-        self, rec: Record, type_: EventType, details: Mapping[str, object] | None = None
+        self,
+        rec: Record,
+        type_: EventType,
+        details: Mapping[str, object] | None = None,
+        *,
+        legacy_since: float | None = None,
     ) -> bool:
         """Whether the store holds an event of ``type_`` for this experiment (any replica,
         any earlier run), with ``details`` among its details if given: for alerts that
-        must be raised once, not once per process."""
+        must be raised once, not once per process. ``legacy_since``: one stored by an
+        earlier version, whose details lack the keys of ``details``, counts too if it is
+        that recent."""
         seq = 0
         while batch := self.store.events_after(seq, experiment_id=rec.id, limit=1000):
             for e in batch:
                 if e.type != type_.value:
                     continue
-                stored = json.loads(e.details_json or "{}") if details else {}
-                if all(stored.get(k) == v for k, v in (details or {}).items()):
+                if not details:
+                    return True
+                try:
+                    stored = json.loads(e.details_json or "{}")
+                except ValueError:
+                    stored = None
+                if not isinstance(stored, dict):
+                    continue
+                if all(stored.get(k) == v for k, v in details.items()):
+                    return True
+                legacy = not any(k in stored for k in details)
+                if legacy and legacy_since is not None and e.at >= legacy_since:
                     return True
             seq = max(e.seq or 0 for e in batch)
         return False
@@ -1401,13 +1418,11 @@ class Allocator:
         such row must not stall the stream of every later event."""
         rec = self.by_id.get(e.experiment_id or -1)
         try:
+            details = json.loads(e.details_json or "{}")
+            if not isinstance(details, dict):
+                raise ValueError(f"details are not an object: {e.details_json!r}")
             event = Event(
-                EventType(e.type),
-                rec.name if rec else "",
-                e.variant,
-                e.at,
-                e.reason,
-                json.loads(e.details_json or "{}"),
+                EventType(e.type), rec.name if rec else "", e.variant, e.at, e.reason, details
             )
         except ValueError as err:  # json.JSONDecodeError is one
             log.warning("stored event %s skipped: %s", e.seq, err)

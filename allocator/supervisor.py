@@ -266,9 +266,6 @@ class _Watch:
     since: dict[str, int] | None = None  # catch-up position while activating
     active: bool = False  # fed by ``feed`` (writer thread) once True
     pending: Regression | None = None
-    # The pending one came with a saved state: its events were recorded by the process
-    # that found it (before their details named the promotion, which _unrecorded needs).
-    pending_restored: bool = False
     saved: str = ""  # the state last written to the store
 
 
@@ -278,6 +275,11 @@ _ANY_PROMOTION = None  # an ended entry's key that matches any saved state
 def _promotion_seq(lc: Lifecycle) -> int:
     """Audit seq of the PROMOTE that made the current champion (0: none)."""
     return max((a.seq for a in lc.audit if a.action == Action.PROMOTE), default=0)
+
+
+def _promotion_at(lc: Lifecycle, seq: object) -> float | None:
+    """When the PROMOTE of audit seq ``seq`` was made (None: not in this lifecycle)."""
+    return next((a.at for a in lc.audit if a.seq == seq), None)
 
 
 def _monitor_key(
@@ -381,7 +383,7 @@ class Supervisor:
                 reg = watch.monitor.observe_many(held, now=now, holdout=True)
         if reg is not None:
             with self._lock:  # _react reads and clears it under the lock
-                watch.pending, watch.pending_restored = reg, False
+                watch.pending = reg
 
     # -- the loop ----------------------------------------------------------------------------
     def tick(self) -> None:
@@ -541,10 +543,9 @@ class Supervisor:
                 return  # saved past what this replica applied: the next tick
             watch.monitor.load_state(saved["state"])
             # A regression found before, still PROMOTED: its reaction (if any) did not
-            # happen yet, so it is due now; its events were already recorded.
+            # happen yet, so it is due now; its events, if lost, are recorded with it.
             with self._lock:
                 watch.pending = watch.monitor.regression
-                watch.pending_restored = watch.pending is not None
             if not saved.get("paused") and not watch.monitor.triggered:
                 watch.since = since  # caught up from here, page by page
         if watch.since is not None:
@@ -696,10 +697,13 @@ class Supervisor:
         follower, which then became the leader)."""
         promotion = {"promotion": watch.key["promotion"]}
         details = {**reg.details(), **promotion}
+        # Stored by an earlier version (no promotion in its details): one since this
+        # promotion began is this regression's (a monitor reports once per promotion).
+        since = _promotion_at(rec.lifecycle, watch.key["promotion"])
         return [
             Event(t, rec.name, reg.variant, reg.at, reg.reason, details)
             for t in (EventType.DRIFT_DETECTED, EventType.RETRAIN_REQUESTED)
-            if not self.app.has_stored_event(rec, t, promotion)
+            if not self.app.has_stored_event(rec, t, promotion, legacy_since=since)
         ]
 
     def _react(self, rec: Record) -> None:
@@ -718,11 +722,16 @@ class Supervisor:
             lc, version = rec.lifecycle, rec.version
         if lc.state != State.PROMOTED or _promotion_seq(lc) != watch.key["promotion"]:
             return  # not the promotion it watched any more: the next pass ends the watch
-        events = [] if watch.pending_restored else self._unrecorded(rec, watch, reg)
+        events = self._unrecorded(rec, watch, reg)
         if reg.action is not None:
             action = reg.action
-            if action == Action.ROLLBACK and action not in lc.allowed():
-                action = Action.REOPEN  # the control is the champion, nothing earlier
+            if action == Action.ROLLBACK and (
+                action not in lc.allowed() or lc.previous_champion is None
+            ):
+                # Nothing earlier to return to (the control is the champion, or it was
+                # promoted again after a rollback): a new round, not a jump to the control
+                # (which an operator's Rollback may still choose).
+                action = Action.REOPEN
             reason = f"regression detected ({reg.kind}): {reg.reason}"
             try:
                 # Only onto the state judged here: an operator's action or a new promotion

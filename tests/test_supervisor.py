@@ -613,6 +613,43 @@ def test_a_monitor_event_is_recorded_once_per_promotion(tmp_path: Path) -> None:
         running.stop(1.0)
 
 
+def test_events_an_earlier_version_stored_for_this_promotion_count_as_recorded(
+    tmp_path: Path,
+) -> None:
+    """A RETRAIN_REQUESTED stored before events named their promotion, after this
+    promotion began, is this regression's: only the missing DRIFT_DETECTED is recorded.
+    One from before the promotion, or with details that are not an object, is not."""
+    from allocator.store import EventRecord
+
+    running = _start_still(tmp_path)
+    try:
+        app, sup = running.app, running.supervisor
+        app.create(pb.ExperimentSpec(name="m", variants=["a", "b"]))
+        before = app.clock() - 10
+        app.transition("m", Action.PROMOTE, actor="t", reason="t", variant="b")
+        rec = app.records["m"]
+        seq = max(a.seq for a in rec.lifecycle.audit if a.action == Action.PROMOTE)
+        watch = supervisor._Watch(1, PromotionMonitor("m", 1), {"promotion": seq})
+        reg = _regression(Reaction.NOTIFY_ONLY)
+
+        def missing() -> list[str]:
+            return [e.type.value for e in sup._unrecorded(rec, watch, reg)]
+
+        for at, details in ((before, "{}"), (app.clock(), "[1, 2]")):
+            app.store.append_event(
+                EventRecord(
+                    experiment_id=rec.id, type="RETRAIN_REQUESTED", at=at, details_json=details
+                )
+            )
+        assert missing() == ["DRIFT_DETECTED", "RETRAIN_REQUESTED"]
+        app.store.append_event(
+            EventRecord(experiment_id=rec.id, type="RETRAIN_REQUESTED", at=app.clock())
+        )
+        assert missing() == ["DRIFT_DETECTED"]
+    finally:
+        running.stop(1.0)
+
+
 def test_reaction_that_fails_is_retried_and_other_experiments_go_on(
     fast_server: Running, monkeypatch: pytest.MonkeyPatch
 ) -> None:
