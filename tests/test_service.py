@@ -661,14 +661,16 @@ def _raw_unary(port: int, method: str, request: Any, authorization: bytes) -> No
                 chunk = sock.recv(65536)
                 assert chunk, "the server closed the connection before ending the call"
                 buf += chunk
-            size, flags = int.from_bytes(buf[:3], "big"), buf[4]
+            size, kind, flags = int.from_bytes(buf[:3], "big"), buf[3], buf[4]
             stream = int.from_bytes(buf[5:9], "big") & 0x7FFFFFFF
             while len(buf) < 9 + size:
                 chunk = sock.recv(65536)
                 assert chunk, "the server closed the connection before ending the call"
                 buf += chunk
             buf = buf[9 + size :]
-            if stream == 1 and flags & 0x1:
+            # END_STREAM on our stream, or the server resetting it (RST_STREAM) or the
+            # connection (GOAWAY): the call is over either way, its code in the metrics.
+            if (stream == 1 and (flags & 0x1 or kind == 3)) or kind == 7:
                 return
 
 
