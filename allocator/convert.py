@@ -68,26 +68,21 @@ def _check_enum(value: int, table: Mapping[Any, Any], field: str) -> Any:
     return table[value]
 
 
+# The spec's optional real-valued policy settings (each checked finite, then by the policy).
+_REAL_FIELDS = (
+    "prior_alpha",
+    "prior_beta",
+    "prior_mean",
+    "prior_kappa",
+    "prior_shape",
+    "prior_rate",
+    "epsilon",
+    "discount",
+)
 # Which spec field an error of PolicyConfig, Shaping or ExperimentConfig is about, by the
 # longest opening of its message that is listed (see `_settings_error`).
 _SPEC_FIELDS = {
-    **{
-        f: f"spec.{f}"
-        for f in (
-            "prior_alpha",
-            "prior_beta",
-            "prior_mean",
-            "prior_kappa",
-            "prior_shape",
-            "prior_rate",
-            "epsilon",
-            "discount",
-            "weights",
-            "name",
-            "variants",
-            "seed",
-        )
-    },
+    **{f: f"spec.{f}" for f in (*_REAL_FIELDS, "weights", "name", "variants", "seed")},
     # The policy does not fit the reward type.
     "policy": "spec.policy",
     "kl_ucb": "spec.policy",
@@ -114,16 +109,7 @@ def spec_to_config(spec: pb.ExperimentSpec) -> ExperimentConfig:
     mode = _check_enum(spec.allocation_mode, _MODE, "spec.allocation_mode")
     if spec.weights and kind != PolicyKind.FIXED_SPLIT:
         raise InvalidArgument("spec.weights", "only POLICY_FIXED_SPLIT takes weights")
-    for field in (
-        "prior_alpha",
-        "prior_beta",
-        "prior_mean",
-        "prior_kappa",
-        "prior_shape",
-        "prior_rate",
-        "epsilon",
-        "discount",
-    ):
+    for field in _REAL_FIELDS:
         if spec.HasField(field) and not math.isfinite(getattr(spec, field)):
             raise InvalidArgument(f"spec.{field}", "must be a finite number")
     # The engine checks the two together; each is a uint32, so 0 is the one bad value.

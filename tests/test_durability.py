@@ -999,6 +999,39 @@ def test_a_commit_error_fails_only_its_own_job_and_keeps_sql_out_of_the_answer(
         store.close()
 
 
+def _rows(
+    experiment_id: int, arms: Sequence[int], values: Sequence[float] | None = None
+) -> list[RewardRow]:
+    """Logged rewards (keys k0, k1, ...), value 1 unless ``values`` are given."""
+    return [
+        RewardRow(
+            dedup_key=f"k{i}",
+            experiment_id=experiment_id,
+            arm=arm,
+            value=v,
+            epoch=0,
+            received_at=1.0,
+        )
+        for i, (arm, v) in enumerate(zip(arms, values or [1.0] * len(arms), strict=True))
+    ]
+
+
+def _log_rows(
+    url: str,
+    replica: str,
+    experiment_id: int,
+    arms: Sequence[int],
+    values: Sequence[float] | None = None,
+) -> None:
+    """Write rows straight into the log of the (stopped) server at ``url``, as ``replica``:
+    what another replica, or an earlier version, logged."""
+    store = SqlStore.open(url)
+    try:
+        store.append_rewards(replica, _rows(experiment_id, arms, values))
+    finally:
+        store.close()
+
+
 def test_a_logged_reward_refused_today_does_not_stop_recovery(tmp_path: Path) -> None:
     """A value an earlier version accepted and logged (here 1e60, beyond today's 1e50) is
     skipped, with an error in the log, when the log is replayed: the server starts and the
@@ -1011,24 +1044,7 @@ def test_a_logged_reward_refused_today_does_not_stop_recovery(tmp_path: Path) ->
         exp_id = first.app.records[EXPERIMENT].id
     finally:
         first.stop(grace=1.0)
-    store = SqlStore.open(url)
-    try:
-        store.append_rewards(
-            "old-version",
-            [
-                RewardRow(
-                    dedup_key=f"k{i}",
-                    experiment_id=exp_id,
-                    arm=1,
-                    value=v,
-                    epoch=0,
-                    received_at=1.0,
-                )
-                for i, v in enumerate([2.0, 1e60, 3.0])
-            ],
-        )
-    finally:
-        store.close()
+    _log_rows(url, "old-version", exp_id, arms=[1, 1, 1], values=[2.0, 1e60, 3.0])
     again = create_server(config)
     try:
         np.testing.assert_array_equal(again.app.engine.view(EXPERIMENT).stats[1], [2, 5, 13])
@@ -1079,18 +1095,7 @@ def test_the_pull_waits_for_a_variant_it_does_not_know_yet(pg_url: str) -> None:
             ids=lambda: {EXPERIMENT: exp_id},
             positions={},
         )
-        rows = [
-            RewardRow(
-                dedup_key=f"k{i}",
-                experiment_id=exp_id,
-                arm=arm,
-                value=1.0,
-                epoch=0,
-                received_at=1.0,
-            )
-            for i, arm in enumerate([0, 2, 1])
-        ]
-        store.append_rewards("r2", rows)
+        store.append_rewards("r2", _rows(exp_id, arms=[0, 2, 1]))
         assert writer.pull() == 1
         assert writer.positions == {"r2": 1}
         engine.add_variant(EXPERIMENT, "c")
@@ -1134,24 +1139,7 @@ def test_recovery_stops_before_rows_of_a_variant_not_listed(tmp_path: Path) -> N
         exp_id = first.app.records[EXPERIMENT].id
     finally:
         first.stop(grace=1.0)
-    store = SqlStore.open(url)
-    try:
-        store.append_rewards(
-            "other",
-            [
-                RewardRow(
-                    dedup_key=f"u{i}",
-                    experiment_id=exp_id,
-                    arm=arm,
-                    value=1.0,
-                    epoch=0,
-                    received_at=1.0,
-                )
-                for i, arm in enumerate([0, 3, 1])
-            ],
-        )
-    finally:
-        store.close()
+    _log_rows(url, "other", exp_id, arms=[0, 3, 1])
     again = create_server(config)
     try:
         np.testing.assert_array_equal(again.app.engine.view(EXPERIMENT).stats[:, 0], [1, 0, 0])
