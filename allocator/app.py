@@ -880,8 +880,10 @@ class Allocator:
             if rec is None:
                 return now
             window = min(rec.window_s, self.signer.ttl_seconds)
-            # Grace: a real reward verified just inside the window may still be queued.
-            return now - window - min(60.0, 0.1 * window)
+            # Grace: a real reward verified just inside the window may still be on its way
+            # to a commit (up to the 30 s a reward request waits), on a replica whose clock
+            # runs behind ours; a real reward must always win.
+            return now - window - max(self.config.default_grace_s, min(60.0, 0.1 * window))
 
         submitted = 0
         for item in self.defaults.due(deadline):

@@ -31,6 +31,7 @@ class ServerConfig:
     admin_token: str = ""
     token_secret: str = ""
     attribution_window_s: int = 86_400
+    default_grace_s: float = 35.0
     replica_id: str = ""
     sync_interval_s: float = 0.5
     snapshot_interval_s: float = 5.0
@@ -67,7 +68,7 @@ class ServerConfig:
             raise ValueError("tls_cert and tls_key go together")
         if self.tls_client_ca and not self.tls_cert:
             raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
-        for name in ("grace_s", "shutdown_delay_s"):
+        for name in ("grace_s", "shutdown_delay_s", "default_grace_s"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
@@ -112,6 +113,9 @@ class ServerConfig:
             "(empty: admin RPCs refused)",
             "token_secret": "HMAC secret for decision ids (empty: generated once, kept in the DB)",
             "attribution_window_s": "rewards for decisions older than this are expired",
+            "default_grace_s": "least seconds past a decision's window before its default "
+            "reward is written (a real reward checked in time may take 30 s to commit, plus "
+            "clock skew between replicas); 10%% of longer windows, up to 60 s",
             "replica_id": "name of this replica in the reward log (default host:pid)",
             "sync_interval_s": "how often to pull other replicas' rewards (PostgreSQL)",
             "snapshot_interval_s": "how often to snapshot posteriors to the store",

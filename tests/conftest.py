@@ -41,6 +41,7 @@ def server_config(database_url: str, **overrides: object) -> ServerConfig:
         replica_id="test-replica",
         sync_interval_s=0.1,
         snapshot_interval_s=0.5,
+        default_grace_s=0.1,  # tests with 2 s windows need not wait the 35 s
         log_json=False,
     )
     return replace(base, **overrides)  # type: ignore[arg-type]

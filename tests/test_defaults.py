@@ -213,3 +213,26 @@ def test_due_pops_across_lock_chunks_in_order() -> None:
     assert [p.token for p in out if p.experiment == "a"] == [f"a{i}" for i in range(n - 3)]
     assert [p.token for p in out if p.experiment == "b"] == [f"b{i}" for i in range(_DUE_CHUNK)]
     assert tracker.size == 3 + (n - _DUE_CHUNK)
+
+
+def test_a_default_waits_out_the_grace_a_late_real_reward_may_need(tmp_path: Path) -> None:
+    """With a short window the grace is --default-grace-s (35 s by default), not 10% of
+    the window: a real reward checked just inside it has that long to commit first."""
+    config = server_config(
+        f"sqlite:///{tmp_path / 'g.sqlite'}", default_grace_s=35.0, promotion_interval_s=3600.0
+    )
+    running = create_server(config, registry=CollectorRegistry())
+    try:
+        app = running.app
+        app.create(
+            pb.ExperimentSpec(
+                name="dr", variants=["a", "b"], default_reward=0.0, attribution_window_seconds=2
+            )
+        )
+        start = app.clock()
+        app.assign("dr")
+        for later, due in ((2 + 34.0, 0), (2 + 36.0, 1)):
+            app.clock = lambda later=later: start + later  # type: ignore[misc]
+            assert app.apply_defaults() == due
+    finally:
+        running.stop(1.0)

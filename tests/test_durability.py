@@ -134,6 +134,8 @@ class ServerProcess:
             "0.1",
             "--snapshot-interval-s",
             "0.5",
+            "--default-grace-s",
+            "0.1",
             *self.extra,
         ]
 
