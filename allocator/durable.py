@@ -223,7 +223,7 @@ def apply_logged(
             if len(keep) < len(values):
                 # Logged by an earlier version (or another replica's) before the bound: one
                 # such row must not keep the server from starting, nor the pull from moving.
-                bad = [values[i] for i in range(len(values)) if abs(values[i]) > MAX_ABS_REWARD]
+                bad = [v for v in values if abs(v) > MAX_ABS_REWARD]
                 log.error(
                     "experiment %s: logged rewards %r beyond the bound skipped", run_name, bad
                 )

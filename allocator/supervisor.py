@@ -686,7 +686,7 @@ class Supervisor:
         if self.app.leader():
             # Once per promotion: a regression found again after a restart (its reaction
             # never ran, its state was not saved since) is not reported twice.
-            if self.app.has_stored_event(rec, event.type, {"promotion": promotion}):
+            if self._stored(rec, event.type, promotion):
                 return
             details = {**event.details, "promotion": promotion}
             self.app.emit(rec, event.type, event.reason, event.variant, details)
@@ -695,16 +695,20 @@ class Supervisor:
         """The DRIFT_DETECTED and RETRAIN_REQUESTED of ``reg`` not in the store yet: the
         monitor's own emission can fail (the store away) or be skipped (it ran on a
         follower, which then became the leader)."""
-        promotion = {"promotion": watch.key["promotion"]}
-        details = {**reg.details(), **promotion}
-        # Stored by an earlier version (no promotion in its details): one since this
-        # promotion began is this regression's (a monitor reports once per promotion).
-        since = _promotion_at(rec.lifecycle, watch.key["promotion"])
+        promotion = watch.key["promotion"]
+        details = {**reg.details(), "promotion": promotion}
         return [
             Event(t, rec.name, reg.variant, reg.at, reg.reason, details)
             for t in (EventType.DRIFT_DETECTED, EventType.RETRAIN_REQUESTED)
-            if not self.app.has_stored_event(rec, t, promotion, legacy_since=since)
+            if not self._stored(rec, t, promotion)
         ]
+
+    def _stored(self, rec: Record, type_: EventType, promotion: object) -> bool:
+        """Whether this promotion's event of ``type_`` is in the store. One an earlier
+        version stored (no promotion in its details) counts if it is newer than the
+        promotion: a monitor reports once per promotion."""
+        since = _promotion_at(rec.lifecycle, promotion)
+        return self.app.has_stored_event(rec, type_, {"promotion": promotion}, legacy_since=since)
 
     def _react(self, rec: Record) -> None:
         """Apply a detected regression's action. It stays pending until the transition is
