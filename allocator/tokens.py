@@ -242,6 +242,10 @@ class TokenSigner:
         self._instance = os.urandom(_INSTANCE_BYTES)
         self._counter = itertools.count()
         self._parse_batch = functools.lru_cache(maxsize=64)(self._parse_batch_uncached)
+        # Every id of an epoch starts with the same bytes, built once (an Assign is
+        # microseconds: building them per call was a third of signing). ``typed``: True
+        # and 1 are equal keys, and True must still be refused.
+        self._prefix = functools.lru_cache(maxsize=1024, typed=True)(self._prefix_uncached)
 
     def issue(self, experiment: int | str, variant: int, epoch: int, now: float) -> str:
         """Sign one decision."""
@@ -305,9 +309,17 @@ class TokenSigner:
         return batch
 
     def _head(self, experiment: int | str, epoch: int, now: float, *, batch: bool) -> bytearray:
-        _check_uint("epoch", epoch, 2**63 - 1)
         if not (math.isfinite(now) and now >= 0):
             raise ValueError(f"now must be a finite non-negative time, got {now}")
+        out = bytearray(self._prefix(experiment, epoch, batch))
+        _put_uvarint(out, round(now * 1000.0))
+        out += self._instance
+        _put_uvarint(out, next(self._counter))
+        return out
+
+    def _prefix_uncached(self, experiment: int | str, epoch: int, batch: bool) -> bytes:
+        """Header byte, experiment and epoch: the same for every id of an epoch."""
+        _check_uint("epoch", epoch, 2**63 - 1)
         flags = _FLAG_BATCH if batch else 0
         out = bytearray(1)
         if isinstance(experiment, str):
@@ -322,10 +334,7 @@ class TokenSigner:
             _put_uvarint(out, experiment)
         out[0] = FORMAT_VERSION << 4 | flags
         _put_uvarint(out, epoch)
-        _put_uvarint(out, round(now * 1000.0))
-        out += self._instance
-        _put_uvarint(out, next(self._counter))
-        return out
+        return bytes(out)
 
     def _seal(self, out: bytearray) -> str:
         out += self._mac.digest(out)[:TAG_BYTES]
@@ -446,8 +455,12 @@ def _batch_item_key(tag: bytes, index: int) -> str:
     return f"{_b64(tag)}.{index}"
 
 
+_URLSAFE = bytes.maketrans(b"+/", b"-_")
+
+
 def _b64(raw: bytes | bytearray) -> str:
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+    # base64.urlsafe_b64encode, without its two Python-level calls per id.
+    return binascii.b2a_base64(raw, newline=False).translate(_URLSAFE).rstrip(b"=").decode()
 
 
 def _decode(body: str) -> bytes:

@@ -172,8 +172,13 @@ def test_single_token_with_index_is_rejected(signer: TokenSigner) -> None:
 def test_wrong_argument_types_raise_type_error(signer: TokenSigner) -> None:
     with pytest.raises(TypeError):
         signer.verify(b"abc", NOW)  # type: ignore[arg-type]
+    # After ids of experiment 1, epoch 0 were issued (their prefix is cached, and True == 1
+    # as a key): True is still refused, and epoch False too.
+    signer.issue(1, variant=1, epoch=0, now=NOW)
     with pytest.raises(TypeError):
         signer.issue(True, variant=1, epoch=0, now=NOW)
+    with pytest.raises(TypeError):
+        signer.issue(1, variant=1, epoch=False, now=NOW)
     with pytest.raises(TypeError):
         signer.issue(1, variant=1.0, epoch=0, now=NOW)  # type: ignore[arg-type]
 
