@@ -173,6 +173,11 @@ def _client_loop(conn: Connection, task: Callable[..., dict[str, Any]]) -> None:
     ``mark()`` sends ("mark", None) when the task's clock starts; then ("ok", stats) or
     ("error", repr) follows.
     """
+    # The client stands in for other machines' processes: default scheduling, whatever
+    # the parent (a server that gives its threads SCHED_BATCH, allocator.sched) runs with.
+    # Threads it starts inherit this.
+    if hasattr(os, "SCHED_OTHER"):
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
     while True:
         msg = conn.recv()
         if msg is None:

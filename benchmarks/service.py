@@ -30,6 +30,7 @@ histogram covers the engine call only, not parsing, signing or gRPC).
 from __future__ import annotations
 
 import functools
+import gc
 import math
 import os
 import sys
@@ -541,7 +542,7 @@ def run(settings: ServiceSettings, phases: Sequence[str] = SCENARIOS) -> dict[st
     from prometheus_client import CollectorRegistry
 
     from allocator.config import ServerConfig
-    from allocator.server import create_server
+    from allocator.server import create_server, freeze_heap
 
     t_start = time.perf_counter()
     load_before = _loadavg()
@@ -558,6 +559,7 @@ def run(settings: ServiceSettings, phases: Sequence[str] = SCENARIOS) -> dict[st
         )
         registry = CollectorRegistry()
         running = create_server(config, registry=registry)
+        freeze_heap()  # as ``allocator serve`` does
         echo_server: EchoServer | None = None
         try:
             target = f"127.0.0.1:{running.port}"
@@ -623,6 +625,9 @@ def run(settings: ServiceSettings, phases: Sequence[str] = SCENARIOS) -> dict[st
             if echo_server is not None:
                 echo_server.stop()
             running.stop(grace=2.0)
+            # Objects this run froze are collectable again (a test run calls ``run`` in
+            # its own process, and its garbage must not stay pinned).
+            gc.unfreeze()
     results: list[dict[str, Any]] = [
         {"name": p, **_merge_phase(measured[p])} for p in SCENARIOS if p in measured
     ]

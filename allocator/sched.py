@@ -1,0 +1,62 @@
+"""Keep the event-loop thread on its core: the process's other threads don't preempt it.
+
+Every unary Assign runs on one thread, the grpc.aio event loop, and that thread is the
+server's bottleneck. The process's other threads (grpc's completion-queue poller and
+event-engine workers, the store writer, the refresher, the handler pool) wake up tens of
+thousands of times a second under load, and by default each wake-up may preempt the loop
+in the middle of a request, which then resumes with cold caches: under the service
+benchmark the loop thread was switched out involuntarily ~20,000 times a second and spent
+a quarter to a third of its time waiting for a core.
+
+Linux's ``SCHED_BATCH`` policy is ``SCHED_OTHER`` (same fair share, same nice value) minus
+wake-up preemption: such a thread, woken, waits for the running one's slice to end
+instead of taking its core. Giving it to every thread but the loop's is a hint that needs
+no privilege and changes no thread's share of the CPU (sched(7)). Elsewhere this does
+nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger("allocator.sched")
+
+_BATCH = getattr(os, "SCHED_BATCH", None)
+_OTHER = getattr(os, "SCHED_OTHER", None)
+_TASKS = "/proc/self/task"
+
+
+def batch_current_thread() -> None:
+    """``SCHED_BATCH`` for the calling thread (a pool initializer; threads it starts inherit
+    it)."""
+    if _BATCH is None or _OTHER is None:
+        return
+    try:
+        if os.sched_getscheduler(0) == _OTHER:
+            os.sched_setscheduler(0, _BATCH, os.sched_param(0))
+    except OSError as err:  # not allowed (a seccomp profile, say): only a hint
+        log.debug("SCHED_BATCH refused: %s", err)
+
+
+def batch_all_but(keep: int) -> int:
+    """``SCHED_BATCH`` for every thread of this process running ``SCHED_OTHER`` except the
+    one whose native id is ``keep``, which gets ``SCHED_OTHER`` back if it inherited
+    ``SCHED_BATCH`` (from a parent process that ran this); returns how many threads changed.
+
+    Threads with another policy (real-time, idle) are left as someone set them. A thread
+    that exits while this runs is skipped.
+    """
+    if _BATCH is None or _OTHER is None or not os.path.isdir(_TASKS):
+        return 0
+    changed = 0
+    for entry in os.listdir(_TASKS):
+        tid = int(entry)
+        was, now = (_BATCH, _OTHER) if tid == keep else (_OTHER, _BATCH)
+        try:
+            if os.sched_getscheduler(tid) == was:
+                os.sched_setscheduler(tid, now, os.sched_param(0))
+                changed += 1
+        except OSError:  # gone, or not allowed
+            continue
+    return changed
