@@ -526,8 +526,11 @@ def _parse(raw: bytes) -> _Parsed:
     return _Parsed(experiment, epoch, issued_ms, variant, variants, raw[end:])
 
 
+_INTEGERS = (int, np.integer)
+
+
 def _check_uint(field: str, value: int, limit: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+    if isinstance(value, bool) or not isinstance(value, _INTEGERS):
         raise TypeError(f"{field} must be an int, got {type(value).__name__}")
     if not 0 <= value <= limit:
         raise ValueError(f"{field} must be in [0, {limit}], got {value}")
