@@ -674,8 +674,8 @@ def _raw_unary(port: int, method: str, request: Any, authorization: bytes) -> No
                 return
 
 
-def _admin_codes(registry: CollectorRegistry, rpc: str) -> dict[str, float]:
-    codes = ("OK", "PERMISSION_DENIED", "UNAUTHENTICATED", "INTERNAL")
+def _rpc_codes(registry: CollectorRegistry, rpc: str) -> dict[str, float]:
+    codes = ("OK", "PERMISSION_DENIED", "UNAUTHENTICATED", "INTERNAL", "CANCELLED")
     out = {
         c: registry.get_sample_value("allocator_requests_total", {"rpc": rpc, "code": c})
         for c in codes
@@ -703,9 +703,9 @@ def test_a_non_ascii_admin_token_is_compared_not_an_internal_error(
             assert running.app.records["exp"].lifecycle.state.value == "RUNNING"
             # The token itself, as UTF-8 (which the Python client cannot send).
             _raw_unary(running.port, "Pause", req, f"Bearer {token}".encode())
-            wait_until(lambda: "OK" in _admin_codes(registry, "Pause"), 5, "Pause to finish")
+            wait_until(lambda: "OK" in _rpc_codes(registry, "Pause"), 5, "Pause to finish")
         assert running.app.records["exp"].lifecycle.state.value == "PAUSED"
-        assert "INTERNAL" not in _admin_codes(registry, "Pause")
+        assert "INTERNAL" not in _rpc_codes(registry, "Pause")
     finally:
         running.stop(1.0)
 
@@ -716,8 +716,8 @@ def test_a_non_ascii_bearer_is_permission_denied(
     stub.CreateExperiment(pb.CreateExperimentRequest(spec=_spec()))
     req = pb.PauseRequest(experiment="exp")
     _raw_unary(server.port, "Pause", req, "Bearer t\u00f6ken".encode())
-    wait_until(lambda: bool(_admin_codes(registry, "Pause")), 5, "Pause to finish")
-    assert _admin_codes(registry, "Pause") == {"PERMISSION_DENIED": 1.0}
+    wait_until(lambda: bool(_rpc_codes(registry, "Pause")), 5, "Pause to finish")
+    assert _rpc_codes(registry, "Pause") == {"PERMISSION_DENIED": 1.0}
     assert server.app.records["exp"].lifecycle.state.value == "RUNNING"
 
 
@@ -1620,6 +1620,9 @@ def test_a_cancelled_watcher_is_unsubscribed(server: Running, stub: pb_grpc.Allo
             break
         time.sleep(0.05)
     assert not hub._subs
+    # Counted as what they were: cancelled by the client, not served to the end.
+    codes = _rpc_codes(server.app.metrics.registry, "WatchEvents")
+    assert codes == {"CANCELLED": 3.0}, codes
 
 
 def test_a_resuming_watcher_survives_a_server_restart(
