@@ -1339,7 +1339,10 @@ class Allocator:
         """Other replicas' rewards reach the hooks (monitors) and the score windows too."""
         by_exp: dict[int, list[LoggedReward]] = {}
         for row in rows:
-            by_exp.setdefault(row.experiment_id, []).append(row)
+            # What apply_logged skipped (logged before the bound existed) is no reward the
+            # posterior saw, so no monitor may see it either.
+            if abs(row.value) <= MAX_ABS_REWARD:
+                by_exp.setdefault(row.experiment_id, []).append(row)
         for exp_id, items in by_exp.items():
             rec = self.by_id.get(exp_id)
             if rec is None:

@@ -1054,6 +1054,24 @@ def test_a_logged_reward_refused_today_does_not_stop_recovery(tmp_path: Path) ->
         again.stop(grace=1.0)
 
 
+def test_a_pulled_reward_beyond_the_bound_reaches_no_monitor(pg_url: str) -> None:
+    """Another replica's (older version's) row beyond +-1e50 is skipped by the pull, and
+    the listeners of pulled rewards (the post-promotion monitors) never see it either."""
+    running = create_server(server_config(pg_url, http_port=-1, sync_interval_s=0.05))
+    try:
+        running.app.create(_normal_spec(EXPERIMENT))
+        exp_id = running.app.records[EXPERIMENT].id
+        seen: list[float] = []
+        running.app.hooks.append(lambda rec, arms, values: seen.extend(values.tolist()))
+        _log_rows(pg_url, "old-version", exp_id, arms=[1, 1, 1], values=[2.0, 1e60, 3.0])
+        wait_until(lambda: len(seen) >= 2, 10, "the pull")
+        time.sleep(0.3)  # a few more pulls: nothing else arrives
+        assert seen == [2.0, 3.0]
+        np.testing.assert_array_equal(running.app.engine.view(EXPERIMENT).stats[1], [2, 5, 13])
+    finally:
+        running.stop(grace=1.0)
+
+
 def test_a_snapshot_covers_the_rows_its_restored_state_held(tmp_path: Path) -> None:
     """After a recovery that stopped early, the engine holds rows up to the skip marks of
     the snapshot it was restored from while the pull is still behind them: a snapshot
