@@ -520,12 +520,20 @@ RPC_HISTOGRAM = "allocator_request_duration_seconds"
 _RPC_OF = {"assign_unary": "Assign", "assign_batch": "AssignBatch", "reward_batch": "RewardBatch"}
 
 
+# Integers of a phase that are settings of it, the same in every round, not counts.
+_PER_PHASE = frozenset({"items_per_call"})
+
+
 def _mean_rounds(rounds: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """One result from several rounds of a phase: numbers averaged, the rest from round 1."""
+    """One result from several rounds of a phase: rates and times (floats) averaged, counts
+    (ints) summed, per-phase settings (``items_per_call``) kept, the rest from round 1."""
     out = dict(rounds[0])
     for key, value in rounds[0].items():
         values = [r.get(key) for r in rounds]
-        if isinstance(value, float) and all(isinstance(v, float) for v in values):
+        if key in _PER_PHASE:
+            if len(set(values)) > 1:
+                raise ValueError(f"{key} differs between rounds: {values}")
+        elif isinstance(value, float) and all(isinstance(v, float) for v in values):
             out[key] = sum(float(v or 0.0) for v in values) / len(values)
         elif isinstance(value, int) and not isinstance(value, bool):
             out[key] = int(sum(v or 0 for v in values))

@@ -17,6 +17,7 @@ from benchmarks.service import (
     SCENARIOS,
     Samples,
     ServiceSettings,
+    _mean_rounds,
     _pool,
     evaluate_targets,
     histogram_quantile,
@@ -158,6 +159,20 @@ def test_rounds_pool_their_bucket_differences() -> None:
     before, after = _pool([r1, r2])
     assert [c for _, c in before] == [0.0] * 5
     assert [c for _, c in after] == [1.0, 3.0, 6.0, 6.0, 6.0]
+
+
+def test_rounds_average_rates_sum_counts_and_keep_the_items_per_call() -> None:
+    merged = _mean_rounds(
+        [
+            {"per_s": 2.0, "calls": 10, "items_per_call": 1, "p99_ms": 1.0},
+            {"per_s": 4.0, "calls": 30, "items_per_call": 1, "p99_ms": 3.0},
+        ]
+    )
+    assert merged["per_s"] == 3.0 and merged["p99_ms"] == 2.0
+    assert merged["calls"] == 40
+    assert merged["items_per_call"] == 1  # was summed: 4 in a 4-round run
+    with pytest.raises(ValueError, match="items_per_call differs"):
+        _mean_rounds([{"items_per_call": 1}, {"items_per_call": 2}])
 
 
 @pytest.mark.parametrize("q", [0.0, 1.0, -0.1, 1.5])
