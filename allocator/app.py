@@ -1339,8 +1339,9 @@ class Allocator:
         """Other replicas' rewards reach the hooks (monitors) and the score windows too."""
         by_exp: dict[int, list[LoggedReward]] = {}
         for row in rows:
-            # What apply_logged skipped (logged before the bound existed) is no reward the
-            # posterior saw, so no monitor may see it either.
+            # A row beyond the bound (logged before it existed) is skipped by apply_logged:
+            # no reward the posterior saw, so no monitor may see it either. (Rows skipped
+            # as already in a restored snapshot are rewards the monitors still need.)
             if abs(row.value) <= MAX_ABS_REWARD:
                 by_exp.setdefault(row.experiment_id, []).append(row)
         for exp_id, items in by_exp.items():

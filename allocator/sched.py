@@ -22,8 +22,9 @@ import os
 
 log = logging.getLogger("allocator.sched")
 
-_BATCH = getattr(os, "SCHED_BATCH", None)
-_OTHER = getattr(os, "SCHED_OTHER", None)
+# Both None where the calls do not exist (macOS has the constants but not the calls).
+_BATCH = getattr(os, "SCHED_BATCH", None) if hasattr(os, "sched_setscheduler") else None
+_OTHER = getattr(os, "SCHED_OTHER", None) if hasattr(os, "sched_setscheduler") else None
 _TASKS = "/proc/self/task"
 
 
@@ -35,8 +36,21 @@ def batch_current_thread() -> None:
     try:
         if os.sched_getscheduler(0) == _OTHER:
             os.sched_setscheduler(0, _BATCH, os.sched_param(0))
-    except OSError as err:  # not allowed (a seccomp profile, say): only a hint
+    except (AttributeError, OSError) as err:  # not allowed (a seccomp profile, say): only a hint
         log.debug("SCHED_BATCH refused: %s", err)
+
+
+def unbatch_current_thread() -> None:
+    """``SCHED_OTHER`` again for the calling thread if it inherited ``SCHED_BATCH`` (a
+    process spawned by a server, standing in for another machine's); any other policy is
+    left as it is."""
+    if _BATCH is None or _OTHER is None:
+        return
+    try:
+        if os.sched_getscheduler(0) == _BATCH:
+            os.sched_setscheduler(0, _OTHER, os.sched_param(0))
+    except (AttributeError, OSError) as err:  # no such call here, or not allowed
+        log.debug("SCHED_OTHER refused: %s", err)
 
 
 def batch_all_but(keep: int) -> int:

@@ -279,7 +279,9 @@ def create_server(
             ) from err
     http_port = http.server_address[1] if http is not None else 0
     # Now that grpc's threads (poller, event engine) and ours have started; threads they
-    # start later inherit the policy.
+    # start later inherit the policy. Threads the loop thread itself starts later would
+    # not: the handler pool's batch themselves (its initializer), and nothing else on the
+    # loop starts threads (no default executor is used).
     batch_all_but(loop.native_id)
     if config.exposed_plaintext_admin:
         log.warning(

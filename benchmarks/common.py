@@ -35,6 +35,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from allocator.sched import unbatch_current_thread
+
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
 SUMMARY_PATH = RESULTS_DIR / "summary.md"
@@ -174,10 +176,9 @@ def _client_loop(conn: Connection, task: Callable[..., dict[str, Any]]) -> None:
     ("error", repr) follows.
     """
     # The client stands in for other machines' processes: default scheduling, whatever
-    # the parent (a server that gives its threads SCHED_BATCH, allocator.sched) runs with.
-    # Threads it starts inherit this.
-    if hasattr(os, "SCHED_OTHER"):
-        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    # the parent (a server that gives its threads SCHED_BATCH) runs with. Threads it
+    # starts inherit this.
+    unbatch_current_thread()
     while True:
         msg = conn.recv()
         if msg is None:

@@ -25,8 +25,17 @@ def _policy(tid: int) -> int:
     return os.sched_getscheduler(tid)
 
 
-def _threads() -> list[int]:
-    return [int(t) for t in os.listdir("/proc/self/task")]
+def _threads(pid: int | str = "self") -> dict[int, tuple[str, int]]:
+    """Name and policy of each thread of ``pid``; threads that exit meanwhile (earlier
+    tests' servers wind down) are left out."""
+    out = {}
+    for entry in os.listdir(f"/proc/{pid}/task"):
+        try:
+            comm = Path(f"/proc/{pid}/task/{entry}/comm").read_text().strip()
+            out[int(entry)] = (comm, os.sched_getscheduler(int(entry)))
+        except OSError:
+            continue
+    return out
 
 
 def test_a_running_server_leaves_only_its_event_loop_to_preempt(
@@ -39,11 +48,10 @@ def test_a_running_server_leaves_only_its_event_loop_to_preempt(
     assert _policy(loop) == os.SCHED_OTHER
     pool = [t.native_id for t in threading.enumerate() if t.name.startswith("rpc")]
     assert pool, "the handler pool started no thread"
-    others = {tid: _policy(tid) for tid in _threads() if tid != loop}
+    others = {tid: t for tid, t in _threads().items() if tid != loop}
     # grpc's own threads (poller, event engine) too, not only ours.
-    comms = {tid: Path(f"/proc/self/task/{tid}/comm").read_text().strip() for tid in others}
-    assert "event_engine" in comms.values()
-    assert {tid: p for tid, p in others.items() if p != os.SCHED_BATCH} == {}
+    assert "event_engine" in {comm for comm, _ in others.values()}
+    assert {tid: t for tid, t in others.items() if t[1] != os.SCHED_BATCH} == {}
 
 
 def test_threads_with_another_policy_are_left_alone() -> None:
@@ -107,7 +115,7 @@ def test_allocator_serve_freezes_its_start_up_heap_and_favours_its_loop(tmp_path
             c.assign("t")  # loop
         assert server.proc is not None
         pid = server.proc.pid
-        policies = [os.sched_getscheduler(int(t)) for t in os.listdir(f"/proc/{pid}/task")]
+        policies = [policy for _, policy in _threads(pid).values()]
         # One thread keeps SCHED_OTHER: the event loop.
         assert policies.count(os.SCHED_OTHER) == 1, policies
         assert len(policies) > 5  # grpc's threads and ours, all the others batch
