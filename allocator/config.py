@@ -64,6 +64,15 @@ class ServerConfig:
             raise ValueError("sync_interval_s and snapshot_interval_s must be > 0")
         if self.flush_max_rows < 1 or self.max_queue < self.flush_max_rows:
             raise ValueError("need 1 <= flush_max_rows <= max_queue")
+        bad = next((i for i, ch in enumerate(self.admin_token) if not "!" <= ch <= "~"), None)
+        if bad is not None:
+            # Sent as the gRPC metadata value "Bearer <token>", which clients only send as
+            # printable ASCII (grpcio refuses anything else; whitespace may be trimmed): such
+            # a token could never be presented. Its position only: the token is a secret.
+            raise ValueError(
+                f"admin_token must be printable ASCII without spaces (it travels in gRPC "
+                f"metadata): character {bad + 1} is not"
+            )
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key go together")
         if self.tls_client_ca and not self.tls_cert:

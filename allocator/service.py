@@ -265,7 +265,7 @@ class AllocatorServicer(pb_grpc.AllocatorServicer):
         if scheme.lower() != "bearer" or not token:
             raise Unauthenticated("admin RPC: authorization must be 'Bearer <token>'")
         # As bytes: compare_digest refuses str with non-ASCII characters (a TypeError, so
-        # INTERNAL), and either side may have them.
+        # INTERNAL), and a raw HTTP/2 client may send them (the configured token is ASCII).
         if not self.admin_token or not hmac.compare_digest(
             token.encode(), self.admin_token.encode()
         ):
