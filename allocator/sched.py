@@ -31,26 +31,16 @@ _TASKS = "/proc/self/task"
 def batch_current_thread() -> None:
     """``SCHED_BATCH`` for the calling thread (a pool initializer; threads it starts inherit
     it)."""
-    if _BATCH is None or _OTHER is None:
-        return
-    try:
-        if os.sched_getscheduler(0) == _OTHER:
-            os.sched_setscheduler(0, _BATCH, os.sched_param(0))
-    except (AttributeError, OSError) as err:  # not allowed (a seccomp profile, say): only a hint
-        log.debug("SCHED_BATCH refused: %s", err)
+    if _BATCH is not None and _OTHER is not None:
+        _switch(0, _OTHER, _BATCH)
 
 
 def unbatch_current_thread() -> None:
     """``SCHED_OTHER`` again for the calling thread if it inherited ``SCHED_BATCH`` (a
     process spawned by a server, standing in for another machine's); any other policy is
     left as it is."""
-    if _BATCH is None or _OTHER is None:
-        return
-    try:
-        if os.sched_getscheduler(0) == _BATCH:
-            os.sched_setscheduler(0, _OTHER, os.sched_param(0))
-    except (AttributeError, OSError) as err:  # no such call here, or not allowed
-        log.debug("SCHED_OTHER refused: %s", err)
+    if _BATCH is not None and _OTHER is not None:
+        _switch(0, _BATCH, _OTHER)
 
 
 def batch_all_but(keep: int) -> int:
@@ -67,10 +57,18 @@ def batch_all_but(keep: int) -> int:
     for entry in os.listdir(_TASKS):
         tid = int(entry)
         was, now = (_BATCH, _OTHER) if tid == keep else (_OTHER, _BATCH)
-        try:
-            if os.sched_getscheduler(tid) == was:
-                os.sched_setscheduler(tid, now, os.sched_param(0))
-                changed += 1
-        except OSError:  # gone, or not allowed
-            continue
+        changed += _switch(tid, was, now)
     return changed
+
+
+def _switch(tid: int, was: int, now: int) -> bool:
+    """Policy ``now`` for thread ``tid`` (0: the caller) if it runs ``was``; whether it
+    changed. A thread that is gone, or a change not allowed (a seccomp profile, say), is
+    no change: this is only a hint."""
+    try:
+        if os.sched_getscheduler(tid) == was:
+            os.sched_setscheduler(tid, now, os.sched_param(0))
+            return True
+    except OSError as err:
+        log.debug("thread %d: scheduling policy left as it is: %s", tid, err)
+    return False

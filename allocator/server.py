@@ -390,9 +390,9 @@ def freeze_heap() -> int:
     many objects that was.
 
     A full collection walks every tracked object, and it runs on whichever thread
-    allocates, usually the event loop: under the service benchmark each of the ~265,000
-    objects of start-up (modules, compiled kernels, descriptors, loaded experiments) made
-    one a 70-120 ms stall of every call in flight; frozen, 2-5 ms. Frozen objects are still
+    allocates, usually the event loop: under the service benchmark the ~265,000 objects of
+    start-up (modules, compiled kernels, descriptors, loaded experiments) made each one a
+    70-120 ms stall of every call in flight; frozen, 2-5 ms. Frozen objects are still
     freed by reference counting; only cycles among them are never collected, and those live
     as long as the process anyway. Call it once, after :func:`create_server` (``serve``
     does; a process starting many servers, a test run, should not, or each would pin the
