@@ -307,12 +307,15 @@ class _GenericHandlersOnly:
     """What the generated ``add_*Servicer_to_server`` functions see of the server.
 
     They register each service twice: as a generic handler and as "registered methods".
-    grpc.aio (1.85) keeps one pending accept per registered method and runs an
-    ``asyncio.wait`` over all of them for every incoming RPC (grpc/grpc#43461), ~30 here
-    with health and reflection. A trivial handler answered 8% fewer calls/s beside 25
-    registered methods than alone (8 alternating rounds); unary Assign went from 0.76-0.79x
-    to 0.80-0.86x the echo ceiling (README, Performance). Generic handlers only: one
-    pending accept, and a dict lookup finds the method.
+    grpc.aio (1.85) keeps one pending accept per registered method (21 here with health
+    and reflection, plus the generic one) and runs an ``asyncio.wait`` over all of them
+    for every incoming RPC (grpc/grpc#43461, an open fix). A trivial handler answered 8%
+    fewer calls/s beside 25 registered methods than alone (8 alternating rounds); unary
+    Assign went from 0.73-0.79x to 0.80-0.86x the echo ceiling in 5 alternating pairs
+    (README, Performance). Generic handlers only: one pending accept, and a dict lookup
+    finds the method. What registration would add: grpc's call tracers (the
+    grpcio-observability / OpenTelemetry plugins, not used here) label unregistered
+    methods "other". Drop this once grpc.aio's accept loop no longer scales with them.
     """
 
     def __init__(self, server: grpc.aio.Server) -> None:

@@ -425,24 +425,28 @@ class _HashState(Protocol):
     def digest(self) -> bytes: ...
 
 
-def _own_sha256() -> Callable[[bytes], _HashState]:
-    """CPython's own SHA-256 (``_sha256`` in 3.11, ``_sha2`` from 3.12), else hashlib's.
+def _own_sha256() -> Callable[[bytes], _HashState] | None:
+    """CPython 3.11's own SHA-256 (``_sha256``); None in FIPS mode or where it is missing.
 
-    hashlib's is OpenSSL's EVP: as fast in a quiet loop (0.6 us per MAC), but every
-    ``copy`` allocates a context through OpenSSL's provider layer, and in the loaded
-    server, whose caches the gRPC threads keep cold, signing one Assign id took a median
-    9.1-11.0 us with CPython's own against 14.1-14.6 us with OpenSSL's (two A/B runs of
-    the unary benchmark, timed inside the handler). Same function, same tags.
+    hashlib's is OpenSSL's EVP: as fast for a short id in a quiet loop (0.6 us per MAC),
+    but in the loaded server, whose caches the gRPC threads keep cold, signing one Assign
+    id took a median 9.1-11.0 us with this one against 14.1-14.6 us with OpenSSL's (two
+    A/B runs of the unary benchmark, timed inside the handler; the cause was not profiled).
+    Only 3.11's: it never releases the GIL, where 3.12's ``_sha2`` does on every update.
+    Not in FIPS mode, where hashlib alone decides which implementation may be used.
     """
-    for module in ("_sha256", "_sha2"):
-        try:
-            return cast(Callable[[bytes], _HashState], importlib.import_module(module).sha256)
-        except (ImportError, AttributeError):  # a build without CPython's own hashes
-            continue
-    return cast(Callable[[bytes], _HashState], hashlib.sha256)
+    try:
+        if importlib.import_module("_hashlib").get_fips_mode():
+            return None
+        return cast(Callable[[bytes], _HashState], importlib.import_module("_sha256").sha256)
+    except (ImportError, AttributeError):  # another Python, or a build without them
+        return None
 
 
-_SHA256 = _own_sha256()
+_OWN_SHA256 = _own_sha256()
+# Messages from this size on are MAC'd with OpenSSL's SHA-256: several times faster on
+# long inputs (a 5 KB batch token: 3.5 against 16 us), and it releases the GIL there.
+_LONG_MSG = 2048
 
 
 class _Sha256Mac:
@@ -452,23 +456,27 @@ class _Sha256Mac:
     around OpenSSL's one-shot HMAC on every call, so in a thread-pool server each issued
     or verified id handed the GIL away and queued to get it back behind the other handler
     threads (unary Assign at 0.68x the echo ceiling from this alone). The pads are hashed
-    once per key instead of per call, with :data:`_SHA256`, which keeps the GIL.
+    once per key instead of per call: with :data:`_OWN_SHA256` for short messages (single
+    ids, small batches; it keeps the GIL), with hashlib's from :data:`_LONG_MSG` bytes on.
     """
 
-    __slots__ = ("_inner", "_outer")
+    __slots__ = ("_long", "_short")
 
     def __init__(self, key: bytes) -> None:
         block = 64  # SHA-256's block size
         if len(key) > block:
-            key = _SHA256(key).digest()
+            key = hashlib.sha256(key).digest()
         key = key.ljust(block, b"\0")
-        self._inner = _SHA256(bytes(b ^ 0x36 for b in key))
-        self._outer = _SHA256(bytes(b ^ 0x5C for b in key))
+        inner, outer = bytes(b ^ 0x36 for b in key), bytes(b ^ 0x5C for b in key)
+        self._long: tuple[_HashState, _HashState] = (hashlib.sha256(inner), hashlib.sha256(outer))
+        own = _OWN_SHA256
+        self._short = self._long if own is None else (own(inner), own(outer))
 
     def digest(self, msg: bytes | bytearray) -> bytes:
-        inner = self._inner.copy()
+        pads = self._short if len(msg) < _LONG_MSG else self._long
+        inner = pads[0].copy()
         inner.update(msg)
-        outer = self._outer.copy()
+        outer = pads[1].copy()
         outer.update(inner.digest())
         return outer.digest()
 

@@ -944,7 +944,7 @@ def test_services_register_no_methods_with_the_aio_server(
     tmp_path: Path, registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """grpc.aio (1.85) waits on one pending accept per registered method for every RPC it
-    takes (grpc/grpc#43461): ~30 of them cost unary Assign ~8% of its calls/s. The
+    takes (grpc/grpc#43461): 25 of them cost a trivial handler 8% of its calls/s. The
     generated add_*_to_server functions register each service both ways; only the generic
     handlers may reach the server, and every service must still answer through them."""
     registered: list[str] = []

@@ -469,12 +469,20 @@ def test_mac_is_rfc2104_hmac_sha256(key: bytes, msg: bytes) -> None:
     assert _Sha256Mac(key).digest(msg) == hmac.digest(key, msg, "sha256")
 
 
-def test_mac_uses_cpythons_own_sha256_where_there_is_one() -> None:
-    # OpenSSL's SHA-256 (hashlib's) made signing ~40% slower in the loaded server.
-    own = next((m for m in ("_sha256", "_sha2") if importlib.util.find_spec(m)), None)
-    if own is None:
-        pytest.skip("this Python was built without its own SHA-256 (hashlib's is used)")
-    assert tokens._SHA256 is importlib.import_module(own).sha256
+def test_mac_uses_cpythons_own_sha256_for_short_messages() -> None:
+    # OpenSSL's SHA-256 (hashlib's) made signing one id ~40% slower in the loaded server.
+    if importlib.util.find_spec("_sha256") is None:
+        pytest.skip("not CPython 3.11 with its own SHA-256 (hashlib's is used throughout)")
+    assert importlib.import_module("_hashlib").get_fips_mode() == 0  # else hashlib's is used
+    assert tokens._OWN_SHA256 is importlib.import_module("_sha256").sha256
+
+
+@pytest.mark.parametrize("size", [0, 1, 63, 64, 2047, 2048, 2049, 60_000])
+def test_mac_is_hmac_sha256_on_both_sides_of_the_long_message_switch(size: int) -> None:
+    # Short messages are hashed with CPython's SHA-256, long ones with OpenSSL's.
+    key, msg = b"k" * 32, bytes(i % 251 for i in range(size))
+    assert _Sha256Mac(key).digest(msg) == hmac.digest(key, msg, "sha256")
+    assert _Sha256Mac(key).digest(bytearray(msg)) == hmac.digest(key, msg, "sha256")
 
 
 def test_tag_is_hmac_of_the_body_so_older_ids_still_verify(signer: TokenSigner) -> None:
@@ -488,7 +496,8 @@ def test_issue_and_verify_keep_the_gil(
 ) -> None:
     # hmac.digest releases the GIL around OpenSSL on every call; in the thread-pool server
     # each Assign then queued behind the other handler threads to get it back. The hot
-    # path must not use it (hashlib keeps the GIL for inputs under 2 KiB).
+    # path must not use it (its short messages are hashed with CPython 3.11's SHA-256,
+    # which never releases the GIL; hashlib's releases it from 2 KiB on).
     def released(*args: object) -> bytes:
         raise AssertionError("hmac.digest on the hot path")
 
